@@ -1,0 +1,21 @@
+//! Job messages: one per dispatch of a run, on
+//! `<prefix>.jobs.<queue>.p<band>.<run_id>` in the work-queue stream.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{AgentName, QueueName, RunId, TenantId};
+
+/// Everything a worker needs to start (or resume) a run without another read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub run_id: RunId,
+    pub tenant: TenantId,
+    pub agent: AgentName,
+    pub queue: QueueName,
+    pub priority: u8,
+    pub input: Value,
+    pub max_attempts: u32,
+    /// When the run was created, µs since the Unix epoch (for latency metrics).
+    pub created_us: i64,
+}

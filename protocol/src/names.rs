@@ -1,0 +1,278 @@
+//! Every subject, stream, consumer, bucket, key, message id and header name.
+//!
+//! All names derive from one configurable [`Prefix`] (default `runfleet`), so
+//! several fleets can share one NATS account. Nothing outside this module
+//! spells a subject.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::{self, QueueName, RunId, TenantId, WorkerId};
+
+/// Header carrying the payload's content type on every runfleet message.
+pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
+/// JetStream de-duplication header.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// JetStream optimistic-concurrency header: the publish is refused unless the
+/// last message on the subject has this stream sequence (0 = no message).
+pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// Set on API replies that carry an error, with the [`crate::ErrorCode`] string.
+pub const HEADER_ERROR_CODE: &str = "Runfleet-Error-Code";
+
+/// The name of the NATS micro-service the coordinator registers.
+pub const SERVICE_NAME: &str = "runfleet";
+/// The queue group coordinator replicas share the API in.
+pub const API_QUEUE_GROUP: &str = "runfleet-coordinator";
+
+/// The API verbs served on `<prefix>.api.<tenant>.<verb>`.
+pub const API_VERBS: &[&str] = &[VERB_SUBMIT, VERB_GET, VERB_LIST, VERB_EVENTS];
+pub const VERB_SUBMIT: &str = "submit";
+pub const VERB_GET: &str = "get";
+pub const VERB_LIST: &str = "list";
+pub const VERB_EVENTS: &str = "events";
+
+/// The first token of every runfleet subject and the stem of stream and bucket
+/// names. Lowercase letters, digits, `-` and `_`.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct Prefix(String);
+
+impl Prefix {
+    pub fn new(value: impl Into<String>) -> Result<Self, ids::Error> {
+        let value = value.into();
+        // Reuse the token rules, then forbid uppercase so that stream names
+        // (uppercased) and bucket names (as is) cannot collide across prefixes.
+        ids::TenantId::new(value.clone()).map_err(|e| match e {
+            ids::Error::Empty { .. } => ids::Error::Empty { kind: "prefix" },
+            ids::Error::TooLong { len, max, .. } => ids::Error::TooLong { kind: "prefix", len, max },
+            ids::Error::InvalidChar { value, found, .. } => {
+                ids::Error::InvalidChar { kind: "prefix", value, found }
+            }
+            other => other,
+        })?;
+        if let Some(found) = value.chars().find(char::is_ascii_uppercase) {
+            return Err(ids::Error::InvalidChar { kind: "prefix", value, found });
+        }
+        Ok(Self(value))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Prefix {
+    fn default() -> Self {
+        Self("runfleet".to_owned())
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Builds every name for one prefix.
+#[derive(Clone, Debug)]
+pub struct Names {
+    prefix: Prefix,
+    upper: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new(Prefix::default())
+    }
+}
+
+impl Names {
+    pub fn new(prefix: Prefix) -> Self {
+        let upper = prefix.as_str().to_ascii_uppercase();
+        Self { prefix, upper }
+    }
+
+    pub fn prefix(&self) -> &Prefix {
+        &self.prefix
+    }
+
+    // ---- API ----
+
+    /// `<prefix>.api.<tenant>.<verb>`
+    pub fn api(&self, tenant: &TenantId, verb: &str) -> String {
+        format!("{}.api.{tenant}.{verb}", self.prefix)
+    }
+
+    /// `<prefix>.api.*.<verb>`: what a coordinator endpoint subscribes to.
+    pub fn api_endpoint(&self, verb: &str) -> String {
+        format!("{}.api.*.{verb}", self.prefix)
+    }
+
+    /// The tenant token of an API subject, unvalidated; `None` if the subject
+    /// is not `<prefix>.api.<tenant>.<verb>`.
+    pub fn api_tenant_token<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".api.")?;
+        let (tenant, _verb) = rest.split_once('.')?;
+        Some(tenant)
+    }
+
+    // ---- jobs ----
+
+    /// The work-queue stream holding job messages.
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.upper)
+    }
+
+    /// `<prefix>.jobs.>`: the jobs stream's subjects.
+    pub fn jobs_stream_subjects(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+
+    /// `<prefix>.jobs.<queue>.p<band>.<run_id>`
+    pub fn job(&self, queue: &QueueName, band: u8, run: RunId) -> String {
+        format!("{}.jobs.{queue}.p{band}.{run}", self.prefix)
+    }
+
+    /// `<prefix>.jobs.<queue>.p<band>.*`: the filter of one band's consumer.
+    pub fn job_band_filter(&self, queue: &QueueName, band: u8) -> String {
+        format!("{}.jobs.{queue}.p{band}.*", self.prefix)
+    }
+
+    /// `<prefix>.jobs.<queue>.>`: every job published to a queue. Idle workers
+    /// subscribe to it (core NATS) as a wake-up signal instead of polling.
+    pub fn jobs_queue_wildcard(&self, queue: &QueueName) -> String {
+        format!("{}.jobs.{queue}.>", self.prefix)
+    }
+
+    /// The durable pull consumer of one (queue, band).
+    pub fn job_consumer(&self, queue: &QueueName, band: u8) -> String {
+        format!("jobs-{queue}-p{band}")
+    }
+
+    /// The de-duplication id of a job publish. `dispatch` distinguishes
+    /// deliberate re-dispatches of the same run from retried publishes.
+    pub fn job_msg_id(&self, run: RunId, dispatch: u32) -> String {
+        format!("{run}:job:{dispatch}")
+    }
+
+    // ---- events ----
+
+    /// The stream holding every run's event log.
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper)
+    }
+
+    /// `<prefix>.runs.>`: the events stream's subjects.
+    pub fn events_stream_subjects(&self) -> String {
+        format!("{}.runs.>", self.prefix)
+    }
+
+    /// `<prefix>.runs.<tenant>.<run_id>.events`
+    pub fn run_events(&self, tenant: &TenantId, run: RunId) -> String {
+        format!("{}.runs.{tenant}.{run}.events", self.prefix)
+    }
+
+    /// `<prefix>.runs.<tenant>.*.events`: every run of one tenant.
+    pub fn tenant_events(&self, tenant: &TenantId) -> String {
+        format!("{}.runs.{tenant}.*.events", self.prefix)
+    }
+
+    /// The de-duplication id of an event: `<run_id>:<seq>`.
+    pub fn event_msg_id(&self, run: RunId, seq: u64) -> String {
+        format!("{run}:{seq}")
+    }
+
+    /// The durable consumer that projects events into the SQL registry.
+    pub fn projector_consumer(&self) -> String {
+        "projector".to_owned()
+    }
+
+    // ---- KV buckets and object store ----
+
+    pub fn leases_bucket(&self) -> String {
+        format!("{}-leases", self.prefix)
+    }
+    pub fn checkpoints_bucket(&self) -> String {
+        format!("{}-checkpoints", self.prefix)
+    }
+    pub fn signals_bucket(&self) -> String {
+        format!("{}-signals", self.prefix)
+    }
+    pub fn control_bucket(&self) -> String {
+        format!("{}-control", self.prefix)
+    }
+    pub fn idempotency_bucket(&self) -> String {
+        format!("{}-idempotency", self.prefix)
+    }
+    pub fn workers_bucket(&self) -> String {
+        format!("{}-workers", self.prefix)
+    }
+    pub fn blobs_bucket(&self) -> String {
+        format!("{}-blobs", self.prefix)
+    }
+
+    /// A run's lease key: `<run_id>`.
+    pub fn lease_key(&self, run: RunId) -> String {
+        run.to_string()
+    }
+
+    /// A step checkpoint key: `<run_id>.<step_index>`.
+    pub fn checkpoint_key(&self, run: RunId, step: u32) -> String {
+        format!("{run}.{step}")
+    }
+
+    /// An idempotency key's KV key: `<tenant>.<sha256(key) hex>`. Hashing
+    /// keeps arbitrary client strings out of subjects.
+    pub fn idempotency_key(&self, tenant: &TenantId, key: &ids::IdempotencyKey) -> String {
+        let digest = Sha256::digest(key.as_str().as_bytes());
+        format!("{tenant}.{}", hex::encode(digest))
+    }
+
+    /// A worker's key in the worker registry.
+    pub fn worker_key(&self, worker: &WorkerId) -> String {
+        worker.to_string()
+    }
+}
+
+/// Parses `<prefix>.runs.<tenant>.<run_id>.events` into its tenant and run.
+pub fn parse_run_events_subject(names: &Names, subject: &str) -> Option<(TenantId, RunId)> {
+    let rest = subject.strip_prefix(names.prefix.as_str())?.strip_prefix(".runs.")?;
+    let mut parts = rest.split('.');
+    let tenant = TenantId::new(parts.next()?).ok()?;
+    let run = parts.next()?.parse().ok()?;
+    (parts.next()? == "events" && parts.next().is_none()).then_some((tenant, run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names() {
+        let n = Names::default();
+        let tenant = TenantId::new("acme").unwrap_or_else(|e| panic!("{e}"));
+        let queue = QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"));
+        let run = RunId::generate();
+        assert_eq!(n.api(&tenant, VERB_SUBMIT), "runfleet.api.acme.submit");
+        assert_eq!(n.api_tenant_token("runfleet.api.acme.submit"), Some("acme"));
+        assert_eq!(n.api_tenant_token("other.api.acme.submit"), None);
+        assert_eq!(n.job(&queue, 2, run), format!("runfleet.jobs.gpu.p2.{run}"));
+        assert_eq!(n.jobs_stream(), "RUNFLEET_JOBS");
+        assert_eq!(n.events_stream(), "RUNFLEET_EVENTS");
+        assert_eq!(n.leases_bucket(), "runfleet-leases");
+        let subject = n.run_events(&tenant, run);
+        assert_eq!(subject, format!("runfleet.runs.acme.{run}.events"));
+        assert_eq!(parse_run_events_subject(&n, &subject), Some((tenant, run)));
+        assert_eq!(parse_run_events_subject(&n, "runfleet.runs.acme.x.events"), None);
+    }
+
+    #[test]
+    fn prefix_is_validated() {
+        assert!(Prefix::new("fleet-b").is_ok());
+        assert!(Prefix::new("Fleet").is_err());
+        assert!(Prefix::new("a.b").is_err());
+        let n = Names::new(Prefix::new("fleet-b").unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(n.jobs_stream(), "FLEET-B_JOBS");
+        assert_eq!(n.workers_bucket(), "fleet-b-workers");
+    }
+}
