@@ -3,7 +3,7 @@
 //! This crate is the only place that defines what crosses the wire: validated
 //! identifiers ([`ids`]), every subject, stream, consumer, bucket and key name
 //! ([`names`]), the versioned MessagePack envelope ([`codec`]), the message types
-//! ([`job`], [`event`], [`lease`], [`api`], [`worker`]) and the typed error codes
+//! ([`job`], [`event`], [`lease`], [`api`], [`worker`], [`idempotency`]) and the typed error codes
 //! ([`error`]). It owns no task, opens no socket and knows no SQL.
 //!
 //! Architecture invariant: a string that becomes a NATS subject token is built
@@ -13,6 +13,7 @@ pub mod api;
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod idempotency;
 pub mod ids;
 pub mod job;
 pub mod lease;

@@ -1,0 +1,248 @@
+//! `submit`: create a run durably, at most once per idempotency key.
+//!
+//! A new run is acknowledged only after JetStream acknowledged both its
+//! `run.created` event (seq 1, published with expected last subject sequence
+//! 0, so a run's log can only start once) and its job. With an idempotency
+//! key, a KV `create` decides which request creates the run; a retry with
+//! the same key and the same request re-publishes the same event and job
+//! (same content, same message ids), which repairs a submitter that crashed
+//! half-way and is otherwise a no-op.
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use runfleet_protocol::api::{SubmitRequest, SubmitResponse, ValidSubmit};
+use runfleet_protocol::event::{Event, EventBody, RunCreated};
+use runfleet_protocol::idempotency::{self, IdempotencyRecord};
+use runfleet_protocol::job::Job;
+use runfleet_protocol::names::{
+    HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID,
+};
+use runfleet_protocol::{
+    codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId,
+};
+use tracing::{info, instrument, warn};
+
+use super::{unavailable, Api};
+
+/// How often a submit retries when its idempotency key vanishes between a
+/// failed create and the read (the key expired or was deleted meanwhile).
+const IDEMPOTENCY_ATTEMPTS: u32 = 3;
+
+/// A run about to be (or already) created: everything its `run.created`
+/// event and job are built from, so both are deterministic.
+struct NewRun {
+    tenant: TenantId,
+    submit: ValidSubmit,
+    record: IdempotencyRecord,
+}
+
+impl NewRun {
+    fn created_event(&self) -> Event {
+        Event {
+            run_id: self.record.run_id,
+            tenant: self.tenant.clone(),
+            seq: 1,
+            ts_ms: self.record.created_ms,
+            attempt: 0,
+            worker_id: None,
+            body: EventBody::Created(RunCreated {
+                agent: self.submit.agent.clone(),
+                queue: self.submit.queue.clone(),
+                priority: self.submit.priority,
+                input: self.submit.input.clone(),
+                max_attempts: self.submit.max_attempts,
+                idempotency_key: self
+                    .submit
+                    .idempotency_key
+                    .as_ref()
+                    .map(|k| k.as_str().to_owned()),
+            }),
+        }
+    }
+
+    fn job(&self) -> Job {
+        Job {
+            run_id: self.record.run_id,
+            tenant: self.tenant.clone(),
+            agent: self.submit.agent.clone(),
+            queue: self.submit.queue.clone(),
+            priority: self.submit.priority,
+            input: self.submit.input.clone(),
+            max_attempts: self.submit.max_attempts,
+            created_us: self.record.created_us,
+        }
+    }
+}
+
+fn fresh_record(fingerprint: String) -> IdempotencyRecord {
+    IdempotencyRecord {
+        run_id: RunId::generate(),
+        fingerprint,
+        created_ms: time::now_ms(),
+        created_us: time::now_us(),
+    }
+}
+
+fn internal(what: &str, error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("{what}: {error}"))
+}
+
+impl Api {
+    #[instrument(skip_all, fields(tenant = %tenant))]
+    pub(super) async fn submit(
+        &self,
+        tenant: TenantId,
+        request: SubmitRequest,
+    ) -> Result<SubmitResponse, ApiError> {
+        let limits = &self.inner.limits;
+        let submit = request.validate(limits.max_input_bytes, limits.default_max_attempts)?;
+        match submit.idempotency_key.clone() {
+            None => {
+                let run = NewRun { tenant, submit, record: fresh_record(String::new()) };
+                self.publish_run(&run).await?;
+                info!(run_id = %run.record.run_id, agent = %run.submit.agent, queue = %run.submit.queue, "run submitted");
+                Ok(SubmitResponse {
+                    run_id: run.record.run_id,
+                    state: RunState::Queued,
+                    created: true,
+                })
+            }
+            Some(key) => self.submit_idempotent(tenant, submit, &key).await,
+        }
+    }
+
+    /// Creates the key's record (then the run), or finds it and answers with
+    /// its run after re-publishing what a crashed submitter may have missed.
+    async fn submit_idempotent(
+        &self,
+        tenant: TenantId,
+        submit: ValidSubmit,
+        key: &IdempotencyKey,
+    ) -> Result<SubmitResponse, ApiError> {
+        let kv_key = self.inner.names.idempotency_key(&tenant, key);
+        let fingerprint =
+            idempotency::fingerprint(&submit).map_err(|e| internal("fingerprint", e))?;
+        for _ in 0..IDEMPOTENCY_ATTEMPTS {
+            let record = fresh_record(fingerprint.clone());
+            let value = codec::encode(&record).map_err(|e| internal("idempotency record", e))?;
+            match self.inner.idempotency.create(&kv_key, Bytes::from(value)).await {
+                Ok(_) => {
+                    let run = NewRun { tenant, submit, record };
+                    self.publish_run(&run).await?;
+                    info!(run_id = %run.record.run_id, "run submitted with idempotency key");
+                    return Ok(SubmitResponse {
+                        run_id: run.record.run_id,
+                        state: RunState::Queued,
+                        created: true,
+                    });
+                }
+                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    let Some(existing) = self.idempotency_record(&kv_key).await? else {
+                        continue; // expired between the create and the read: try again
+                    };
+                    if existing.fingerprint != fingerprint {
+                        return Err(ApiError::new(
+                            ErrorCode::Conflict,
+                            format!(
+                                "idempotency key {:?} is already bound to run {} with a different request; \
+                                 use a new key for a different request",
+                                key.as_str(),
+                                existing.run_id
+                            ),
+                        ));
+                    }
+                    return self.resubmit(NewRun { tenant, submit, record: existing }).await;
+                }
+                Err(error) => {
+                    return Err(unavailable("could not create the idempotency key", error))
+                }
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::Unavailable,
+            format!("idempotency key {:?} kept changing while submitting; retry", key.as_str()),
+        ))
+    }
+
+    /// Answers a retried submit with its existing run, re-publishing its
+    /// event and job if the first submitter did not get that far.
+    async fn resubmit(&self, run: NewRun) -> Result<SubmitResponse, ApiError> {
+        self.publish_run(&run).await?;
+        let subject = self.inner.names.run_events(&run.tenant, run.record.run_id);
+        let state = self
+            .last_event(&subject)
+            .await?
+            .map(|event| event.state_after())
+            .unwrap_or(RunState::Queued);
+        info!(run_id = %run.record.run_id, %state, "idempotent submit matched an existing run");
+        Ok(SubmitResponse { run_id: run.record.run_id, state, created: false })
+    }
+
+    async fn idempotency_record(
+        &self,
+        kv_key: &str,
+    ) -> Result<Option<IdempotencyRecord>, ApiError> {
+        let value = self
+            .inner
+            .idempotency
+            .get(kv_key)
+            .await
+            .map_err(|e| unavailable("could not read the idempotency key", e))?;
+        value
+            .map(|bytes| {
+                codec::decode(&bytes).map_err(|e| internal("stored idempotency record", e))
+            })
+            .transpose()
+    }
+
+    /// Publishes `run.created`, then the job, awaiting each acknowledgement.
+    /// If the run's log already exists the job is not re-published (the run
+    /// is under way and owns its job).
+    async fn publish_run(&self, run: &NewRun) -> Result<(), ApiError> {
+        let names = &self.inner.names;
+        let run_id = run.record.run_id;
+        let event =
+            codec::encode(&run.created_event()).map_err(|e| internal("run.created event", e))?;
+        let mut headers = content_headers(&names.event_msg_id(run_id, 1));
+        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let subject = names.run_events(&run.tenant, run_id);
+        match self.publish(subject, headers, event).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => return Ok(()),
+            Err(error) => {
+                return Err(unavailable(
+                    format!("could not publish run.created for run {run_id}"),
+                    error,
+                ))
+            }
+        }
+        let job = codec::encode(&run.job()).map_err(|e| internal("job", e))?;
+        let subject = names.job(&run.submit.queue, run.submit.priority, run_id);
+        let headers = content_headers(&names.job_msg_id(run_id, 0));
+        if let Err(error) = self.publish(subject, headers, job).await {
+            warn!(run_id = %run_id, error = %error, "run.created is stored but its job is not");
+            return Err(unavailable(format!("could not publish the job of run {run_id}"), error));
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Vec<u8>,
+    ) -> Result<(), async_nats::jetstream::context::PublishError> {
+        let ack =
+            self.inner.js.publish_with_headers(subject, headers, Bytes::from(payload)).await?;
+        ack.await.map(|_| ())
+    }
+}
+
+fn content_headers(msg_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
+    headers.insert(HEADER_MSG_ID, msg_id);
+    headers
+}

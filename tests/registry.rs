@@ -1,0 +1,371 @@
+//! The registry behavioural suite, written once and run against SQLite and
+//! PostgreSQL (`RUNFLEET_TEST_POSTGRES_URL` must name a cluster).
+
+mod harness;
+
+use runfleet_coordinator::registry::Registry;
+use runfleet_protocol::api::{ListFilter, RunView};
+use runfleet_protocol::event::{
+    AgentEvent, Event, EventBody, RunCompleted, RunCreated, RunError, RunFailed, RunStarted,
+};
+use runfleet_protocol::{AgentName, ErrorCode, QueueName, RunId, RunState, TenantId, WorkerId};
+use serde_json::json;
+
+use harness::TestDb;
+
+/// Generates `<name>::sqlite` and `<name>::postgres` for each suite function.
+macro_rules! registry_suite {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn sqlite() {
+                    let db = super::TestDb::sqlite();
+                    let registry = super::connect(&db).await;
+                    super::$name(&registry).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let db = super::TestDb::postgres().await;
+                    let registry = super::connect(&db).await;
+                    super::$name(&registry).await;
+                }
+            }
+        )*
+    };
+}
+
+registry_suite!(
+    apply_then_get,
+    run_follows_its_latest_event,
+    completed_and_failed_runs_keep_output_and_error,
+    list_filters,
+    list_pagination,
+    events_paging,
+    replay_is_idempotent,
+    out_of_order_delivery_converges,
+    tenants_are_isolated,
+);
+
+async fn connect(db: &TestDb) -> Registry {
+    harness::init_tracing();
+    Registry::connect(&db.url).await.unwrap_or_else(|e| panic!("connect {}: {e}", db.url))
+}
+
+fn tenant(name: &str) -> TenantId {
+    TenantId::new(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn worker() -> WorkerId {
+    WorkerId::new("w-1").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn created(tenant: &TenantId, run: RunId, agent: &str, queue: &str) -> Event {
+    Event {
+        run_id: run,
+        tenant: tenant.clone(),
+        seq: 1,
+        ts_ms: 1_000,
+        attempt: 0,
+        worker_id: None,
+        body: EventBody::Created(RunCreated {
+            agent: AgentName::new(agent).unwrap_or_else(|e| panic!("{e}")),
+            queue: QueueName::new(queue).unwrap_or_else(|e| panic!("{e}")),
+            priority: 2,
+            input: json!({"prompt": "hi", "n": 3}),
+            max_attempts: 3,
+            idempotency_key: Some("key-1".into()),
+        }),
+    }
+}
+
+fn next(prev: &Event, body: EventBody) -> Event {
+    Event {
+        run_id: prev.run_id,
+        tenant: prev.tenant.clone(),
+        seq: prev.seq + 1,
+        ts_ms: prev.ts_ms + 10,
+        attempt: 1,
+        worker_id: Some(worker()),
+        body,
+    }
+}
+
+/// created → started → agent event → completed.
+fn full_log(tenant: &TenantId, run: RunId) -> Vec<Event> {
+    let e1 = created(tenant, run, "echo", "default");
+    let e2 = next(&e1, EventBody::Started(RunStarted { delivery: 1 }));
+    let e3 = next(&e2, EventBody::Agent(AgentEvent { name: "progress".into(), data: json!(0.5) }));
+    let e4 = next(&e3, EventBody::Completed(RunCompleted { output: json!({"answer": 42}) }));
+    vec![e1, e2, e3, e4]
+}
+
+async fn apply(registry: &Registry, events: &[Event]) {
+    registry.apply(events).await.unwrap_or_else(|e| panic!("apply: {e}"));
+}
+
+async fn get(registry: &Registry, tenant: &TenantId, run: RunId) -> Option<RunView> {
+    registry.get(tenant, run).await.unwrap_or_else(|e| panic!("get: {e}"))
+}
+
+fn filter(limit: u32) -> ListFilter {
+    ListFilter { state: None, queue: None, agent: None, limit, before: None }
+}
+
+async fn list_ids(
+    registry: &Registry,
+    tenant: &TenantId,
+    filter: &ListFilter,
+) -> (Vec<RunId>, Option<String>) {
+    let page = registry.list(tenant, filter).await.unwrap_or_else(|e| panic!("list: {e}"));
+    (page.runs.iter().map(|r| r.run_id).collect(), page.next_cursor)
+}
+
+async fn apply_then_get(registry: &Registry) {
+    let t = tenant("acme");
+    let run = RunId::generate();
+    assert_eq!(get(registry, &t, run).await, None);
+    apply(registry, &[created(&t, run, "echo", "gpu")]).await;
+    let view = get(registry, &t, run).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(view.run_id, run);
+    assert_eq!(view.tenant, t);
+    assert_eq!(view.agent.as_str(), "echo");
+    assert_eq!(view.queue.as_str(), "gpu");
+    assert_eq!(view.priority, 2);
+    assert_eq!(view.state, RunState::Queued);
+    assert_eq!(view.attempt, 0);
+    assert_eq!(view.max_attempts, 3);
+    assert_eq!(view.input, json!({"prompt": "hi", "n": 3}));
+    assert_eq!(view.output, None);
+    assert_eq!(view.error, None);
+    assert_eq!(view.idempotency_key.as_deref(), Some("key-1"));
+    assert_eq!(view.worker_id, None);
+    assert_eq!((view.created_ms, view.updated_ms, view.last_seq), (1_000, 1_000, 1));
+    apply(registry, &[]).await;
+}
+
+async fn run_follows_its_latest_event(registry: &Registry) {
+    let t = tenant("acme");
+    let run = RunId::generate();
+    let log = full_log(&t, run);
+    apply(registry, &log[..2]).await;
+    let view = get(registry, &t, run).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(view.state, RunState::Running);
+    assert_eq!(view.attempt, 1);
+    assert_eq!(view.worker_id, Some(worker()));
+    assert_eq!((view.last_seq, view.updated_ms, view.created_ms), (2, 1_010, 1_000));
+    apply(registry, &log[2..3]).await;
+    let view = get(registry, &t, run).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!((view.state, view.last_seq), (RunState::Running, 3));
+}
+
+async fn completed_and_failed_runs_keep_output_and_error(registry: &Registry) {
+    let t = tenant("acme");
+    let done = RunId::generate();
+    apply(registry, &full_log(&t, done)).await;
+    let view = get(registry, &t, done).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(view.state, RunState::Completed);
+    assert_eq!(view.output, Some(json!({"answer": 42})));
+    assert_eq!(view.last_seq, 4);
+
+    let null_output = RunId::generate();
+    let e1 = created(&t, null_output, "echo", "default");
+    let e2 = next(&e1, EventBody::Completed(RunCompleted { output: json!(null) }));
+    apply(registry, &[e1, e2]).await;
+    let view = get(registry, &t, null_output).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(view.output, Some(serde_json::Value::Null), "a null output is still an output");
+
+    let failed = RunId::generate();
+    let e1 = created(&t, failed, "echo", "default");
+    let error = RunError { code: ErrorCode::AgentFailed, message: "boom".into() };
+    let e2 = next(&e1, EventBody::Failed(RunFailed { error: error.clone() }));
+    apply(registry, &[e1, e2]).await;
+    let view = get(registry, &t, failed).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(view.state, RunState::Failed);
+    assert_eq!(view.error, Some(error));
+    assert_eq!(view.output, None);
+}
+
+async fn list_filters(registry: &Registry) {
+    let t = tenant("acme");
+    let a = RunId::generate();
+    let b = RunId::generate();
+    let c = RunId::generate();
+    let mut events = vec![created(&t, a, "echo", "default"), created(&t, b, "echo", "gpu")];
+    events.extend(full_log(&t, c)); // c: agent echo, queue default, completed
+    apply(registry, &events).await;
+    let d = RunId::generate();
+    apply(registry, &[created(&t, d, "summarize", "gpu")]).await;
+
+    let (all, cursor) = list_ids(registry, &t, &filter(50)).await;
+    assert_eq!(all, vec![d, c, b, a], "newest first");
+    assert_eq!(cursor, None);
+
+    let by_state = ListFilter { state: Some(RunState::Completed), ..filter(50) };
+    assert_eq!(list_ids(registry, &t, &by_state).await.0, vec![c]);
+    let queued = ListFilter { state: Some(RunState::Queued), ..filter(50) };
+    assert_eq!(list_ids(registry, &t, &queued).await.0, vec![d, b, a]);
+    let by_queue = ListFilter {
+        queue: Some(QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"))),
+        ..filter(50)
+    };
+    assert_eq!(list_ids(registry, &t, &by_queue).await.0, vec![d, b]);
+    let by_agent = ListFilter {
+        agent: Some(AgentName::new("summarize").unwrap_or_else(|e| panic!("{e}"))),
+        ..filter(50)
+    };
+    assert_eq!(list_ids(registry, &t, &by_agent).await.0, vec![d]);
+    let combined = ListFilter {
+        queue: Some(QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"))),
+        agent: Some(AgentName::new("echo").unwrap_or_else(|e| panic!("{e}"))),
+        ..filter(50)
+    };
+    assert_eq!(list_ids(registry, &t, &combined).await.0, vec![b]);
+    let nothing = ListFilter { state: Some(RunState::Cancelled), ..filter(50) };
+    assert_eq!(list_ids(registry, &t, &nothing).await, (vec![], None));
+}
+
+async fn list_pagination(registry: &Registry) {
+    let t = tenant("acme");
+    let runs: Vec<RunId> = (0..7).map(|_| RunId::generate()).collect();
+    let events: Vec<Event> = runs.iter().map(|&r| created(&t, r, "echo", "default")).collect();
+    apply(registry, &events).await;
+    let newest_first: Vec<RunId> = runs.iter().rev().copied().collect();
+
+    let mut seen = Vec::new();
+    let mut page_filter = filter(3);
+    let mut pages = 0;
+    loop {
+        let (ids, cursor) = list_ids(registry, &t, &page_filter).await;
+        pages += 1;
+        seen.extend(ids);
+        match cursor {
+            Some(cursor) => {
+                assert_eq!(cursor, seen.last().map(ToString::to_string).unwrap_or_default());
+                page_filter.before = Some(cursor.parse().unwrap_or_else(|e| panic!("{e}")));
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, newest_first);
+
+    // A page that is exactly full has no next cursor.
+    let (ids, cursor) = list_ids(registry, &t, &filter(7)).await;
+    assert_eq!((ids.len(), cursor), (7, None));
+}
+
+async fn events_paging(registry: &Registry) {
+    let t = tenant("acme");
+    let run = RunId::generate();
+    let log = full_log(&t, run);
+    apply(registry, &log).await;
+
+    let page = registry.events(&t, run, 0, 10).await.unwrap_or_else(|e| panic!("{e}"));
+    let page = page.unwrap_or_else(|| panic!("run should have events"));
+    assert_eq!(page.events, log);
+    assert!(!page.has_more);
+
+    let first = registry.events(&t, run, 0, 2).await.unwrap_or_else(|e| panic!("{e}"));
+    let first = first.unwrap_or_else(|| panic!("run should have events"));
+    assert_eq!(first.events, log[..2].to_vec());
+    assert!(first.has_more);
+    let second = registry.events(&t, run, 2, 2).await.unwrap_or_else(|e| panic!("{e}"));
+    let second = second.unwrap_or_else(|| panic!("run should have events"));
+    assert_eq!(second.events, log[2..].to_vec());
+    assert!(!second.has_more);
+
+    let past_end = registry.events(&t, run, 4, 10).await.unwrap_or_else(|e| panic!("{e}"));
+    let past_end = past_end.unwrap_or_else(|| panic!("a known run is never None"));
+    assert!(past_end.events.is_empty() && !past_end.has_more);
+
+    let unknown =
+        registry.events(&t, RunId::generate(), 0, 10).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(unknown.is_none());
+}
+
+async fn replay_is_idempotent(registry: &Registry) {
+    let t = tenant("acme");
+    let run = RunId::generate();
+    let log = full_log(&t, run);
+    apply(registry, &log).await;
+    let once = get(registry, &t, run).await;
+    let events_once = registry.events(&t, run, 0, 100).await.unwrap_or_else(|e| panic!("{e}"));
+    apply(registry, &log).await;
+    // Duplicates inside one batch, too.
+    let doubled: Vec<Event> = log.iter().chain(log.iter()).cloned().collect();
+    apply(registry, &doubled).await;
+    assert_eq!(get(registry, &t, run).await, once);
+    let events_twice = registry.events(&t, run, 0, 100).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(events_twice, events_once);
+    assert_eq!(list_ids(registry, &t, &filter(50)).await.0, vec![run]);
+}
+
+async fn out_of_order_delivery_converges(registry: &Registry) {
+    let t = tenant("acme");
+    let in_order = RunId::generate();
+    let shuffled = RunId::generate();
+    apply(registry, &full_log(&t, in_order)).await;
+
+    let log = full_log(&t, shuffled);
+    // Later events before run.created, a stale duplicate after the terminal one.
+    apply(registry, &[log[2].clone()]).await;
+    assert_eq!(get(registry, &t, shuffled).await, None, "no row before run.created");
+    apply(registry, &[log[3].clone(), log[0].clone()]).await;
+    apply(registry, &[log[1].clone(), log[0].clone(), log[2].clone()]).await;
+
+    let expected = get(registry, &t, in_order).await.map(|v| RunView { run_id: shuffled, ..v });
+    assert_eq!(get(registry, &t, shuffled).await, expected);
+    let events = registry.events(&t, shuffled, 0, 100).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(events.map(|p| p.events), Some(log));
+}
+
+async fn tenants_are_isolated(registry: &Registry) {
+    let a = tenant("tenant-a");
+    let b = tenant("tenant-b");
+    let run = RunId::generate();
+    apply(registry, &full_log(&a, run)).await;
+    assert!(get(registry, &a, run).await.is_some());
+    assert_eq!(get(registry, &b, run).await, None);
+    assert_eq!(list_ids(registry, &b, &filter(50)).await, (vec![], None));
+    assert!(registry.events(&b, run, 0, 10).await.unwrap_or_else(|e| panic!("{e}")).is_none());
+
+    // An event claiming the same run for another tenant changes nothing.
+    let mut forged = next(&full_log(&a, run)[3], EventBody::Started(RunStarted { delivery: 9 }));
+    forged.tenant = b.clone();
+    let before = get(registry, &a, run).await;
+    apply(registry, &[forged]).await;
+    assert_eq!(get(registry, &a, run).await, before);
+    assert_eq!(get(registry, &b, run).await, None);
+}
+
+/// Replicas start together: several registries connecting (and migrating)
+/// at once to a fresh database all succeed and share the same rows.
+async fn concurrent_connects_migrate_once(db: &TestDb) {
+    harness::init_tracing();
+    let connects = (0..4).map(|_| Registry::connect(&db.url));
+    let registries: Vec<Registry> = futures::future::join_all(connects)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("concurrent connect: {e}")))
+        .collect();
+    let t = tenant("acme");
+    let run = RunId::generate();
+    apply(&registries[0], &[created(&t, run, "echo", "default")]).await;
+    for registry in &registries {
+        assert!(get(registry, &t, run).await.is_some());
+    }
+    let again = connect(db).await;
+    assert!(get(&again, &t, run).await.is_some());
+}
+
+#[tokio::test]
+async fn concurrent_connects_migrate_once_sqlite() {
+    concurrent_connects_migrate_once(&TestDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn concurrent_connects_migrate_once_postgres() {
+    concurrent_connects_migrate_once(&TestDb::postgres().await).await;
+}
