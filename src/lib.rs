@@ -1,1 +1,13 @@
+//! The `runfleet` command line and client library.
+//!
+//! The binary is thin (`main.rs`); everything here is testable: the API
+//! [`client`], layered [`config`], the server commands ([`serve`]), the
+//! embedded single-machine fleet ([`dev`]) and the [`bench`]mark.
 
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod embedded;
+pub mod serve;

@@ -1,1 +1,44 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use runfleet::cli::{self, Cli, Command};
+use runfleet::{bench, dev, serve};
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = cli.config.as_deref();
+    let result = match cli.command {
+        Command::Coordinator(args) => {
+            init_tracing();
+            serve::coordinator(config, args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Worker(args) => {
+            init_tracing();
+            serve::worker(config, args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Dev(args) => {
+            init_tracing();
+            dev::run(config, args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Submit(args) => cli::submit(args).await,
+        Command::Get(args) => cli::get(args).await,
+        Command::List(args) => cli::list(args).await,
+        Command::Watch(args) => cli::watch(args).await,
+        Command::Workers(args) => cli::workers(args).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

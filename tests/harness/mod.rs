@@ -5,6 +5,7 @@
 pub mod db;
 pub mod nats;
 pub mod process;
+pub mod stream;
 
 pub use db::TestDb;
 pub use nats::NatsServer;

@@ -24,13 +24,20 @@ impl RunfleetProcess {
         let stderr = log.reopen().unwrap_or_else(|e| panic!("log file: {e}"));
         let child = Command::new(runfleet_binary())
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn runfleet {args:?}: {e}"));
-        Self { name: name.to_owned(), child: Some(child), log }
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -118,7 +125,13 @@ impl Fleet {
 
     /// A worker command line serving `queues` with `slots` slots.
     pub fn worker_args(nats: &NatsServer, queues: &[&str], slots: u32) -> Vec<String> {
-        let mut args = vec!["worker".into(), "--nats-url".into(), nats.url(), "--slots".into(), slots.to_string()];
+        let mut args = vec![
+            "worker".into(),
+            "--nats-url".into(),
+            nats.url(),
+            "--slots".into(),
+            slots.to_string(),
+        ];
         for q in queues {
             args.push("--queue".into());
             args.push((*q).into());
@@ -128,16 +141,30 @@ impl Fleet {
 
     pub fn start(db: TestDb, workers: usize, slots: u32) -> Self {
         let nats = NatsServer::start();
-        let coordinator = RunfleetProcess::spawn("coordinator", &Self::coordinator_args(&nats, &db));
+        let coordinator =
+            RunfleetProcess::spawn("coordinator", &Self::coordinator_args(&nats, &db));
         let workers = (0..workers)
-            .map(|i| RunfleetProcess::spawn(&format!("worker-{i}"), &Self::worker_args(&nats, &["default"], slots)))
+            .map(|i| {
+                RunfleetProcess::spawn(
+                    &format!("worker-{i}"),
+                    &Self::worker_args(&nats, &["default"], slots),
+                )
+            })
             .collect();
-        Self { workers, coordinator, db, nats }
+        Self {
+            workers,
+            coordinator,
+            db,
+            nats,
+        }
     }
 
     pub fn add_worker(&mut self, queues: &[&str], slots: u32) {
         let name = format!("worker-{}", self.workers.len());
-        self.workers.push(RunfleetProcess::spawn(&name, &Self::worker_args(&self.nats, queues, slots)));
+        self.workers.push(RunfleetProcess::spawn(
+            &name,
+            &Self::worker_args(&self.nats, queues, slots),
+        ));
     }
 
     /// A client command with this fleet's `--nats-url` appended.

@@ -1,0 +1,300 @@
+//! The `runfleet` command line: argument definitions and the client commands.
+//! Server commands (`coordinator`, `worker`, `dev`, `bench`) live in their own
+//! modules; this one only parses and dispatches.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use runfleet_protocol::api::{ListRequest, RunView, SubmitRequest};
+use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::names::Prefix;
+use runfleet_protocol::{Names, RunId, TenantId};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::client::Client;
+
+#[derive(Debug, Parser)]
+#[command(name = "runfleet", version, about = "Durable AI-agent runs on a fleet of workers over NATS JetStream")]
+pub struct Cli {
+    /// TOML configuration file (shared keys at the top, `[coordinator]` and `[worker]` sections).
+    #[arg(long, global = true, env = "RUNFLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator: API service, scheduling and the SQL registry.
+    Coordinator(crate::serve::CoordinatorArgs),
+    /// Run a worker serving one or more queues.
+    Worker(crate::serve::WorkerArgs),
+    /// Run everything on one machine: a child nats-server, a coordinator on SQLite and workers.
+    Dev(crate::dev::DevArgs),
+    /// Submit a run and print its id.
+    Submit(SubmitArgs),
+    /// Show one run.
+    Get(GetArgs),
+    /// List runs, newest first.
+    List(ListArgs),
+    /// Print a run's events from the start, then follow it until it ends.
+    Watch(WatchArgs),
+    /// List the live workers.
+    Workers(ClientArgs),
+    /// Measure throughput and latency of a fleet started for the purpose.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Options every client command takes.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// NATS server URL.
+    #[arg(long, env = "RUNFLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Tenant whose runs to act on.
+    #[arg(long, env = "RUNFLEET_TENANT", default_value = "default")]
+    pub tenant: String,
+    /// Subject/stream prefix of the fleet.
+    #[arg(long, env = "RUNFLEET_PREFIX", default_value = "runfleet")]
+    pub prefix: String,
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientArgs {
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let tenant = TenantId::new(self.tenant.clone()).context("invalid --tenant")?;
+        let prefix = Prefix::new(self.prefix.clone()).context("invalid --prefix")?;
+        Ok(Client::connect(&self.nats_url, tenant, Names::new(prefix)).await?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The agent to run.
+    #[arg(long)]
+    pub agent: String,
+    /// The run's input, as JSON.
+    #[arg(long, default_value = "null")]
+    pub input: String,
+    /// Queue to submit to.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Priority band, 0 = highest.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Submitting twice with the same key and input makes one run.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Executions allowed before the run fails for good.
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Follow the run until it ends; exit non-zero unless it completed.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only runs in this state (queued, running, completed, failed, cancelled).
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long)]
+    pub queue: Option<String>,
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Continue after a previous page (its `next_cursor`).
+    #[arg(long)]
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+}
+
+fn parse_run(run: &str) -> anyhow::Result<RunId> {
+    run.parse().with_context(|| format!("invalid run id {run:?}"))
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// The JSON shape of an event on the command line: the wire fields, flat.
+pub fn event_json(event: &Event) -> serde_json::Value {
+    let mut value = serde_json::to_value(event).unwrap_or_else(|e| json!({"error": e.to_string()}));
+    if let Some(map) = value.as_object_mut() {
+        map.insert("state".into(), json!(event.state_after()));
+    }
+    value
+}
+
+fn describe_event(event: &Event) -> String {
+    let detail = match &event.body {
+        EventBody::Created(c) => format!("agent={} queue={} priority={}", c.agent, c.queue, c.priority),
+        EventBody::Started(_) => format!(
+            "attempt={} worker={}",
+            event.attempt,
+            event.worker_id.as_ref().map(|w| w.to_string()).unwrap_or_default()
+        ),
+        EventBody::Agent(a) => format!("{} {}", a.name, a.data),
+        EventBody::Completed(c) => format!("output={}", c.output),
+        EventBody::Failed(f) => format!("error={}: {}", f.error.code, f.error.message),
+    };
+    format!("{:>4}  {:<14} {}", event.seq, event.body.type_name(), detail)
+}
+
+fn describe_run(run: &RunView) -> String {
+    let mut line = format!(
+        "{}  {:<9}  agent={} queue={} p{} attempt={}/{}",
+        run.run_id, run.state, run.agent, run.queue, run.priority, run.attempt, run.max_attempts
+    );
+    if let Some(output) = &run.output {
+        line.push_str(&format!(" output={output}"));
+    }
+    if let Some(error) = &run.error {
+        line.push_str(&format!(" error={}: {}", error.code, error.message));
+    }
+    line
+}
+
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let input: serde_json::Value =
+        serde_json::from_str(&args.input).context("--input is not valid JSON")?;
+    let client = args.client.connect().await?;
+    let reply = client
+        .submit(SubmitRequest {
+            agent: args.agent,
+            input,
+            queue: args.queue,
+            priority: args.priority,
+            idempotency_key: args.idempotency_key,
+            max_attempts: args.max_attempts,
+        })
+        .await?;
+    if !args.wait {
+        if args.client.json {
+            print_json(&reply)?;
+        } else {
+            println!("{}", reply.run_id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let last = client.wait(reply.run_id).await?;
+    let state = last.state_after();
+    if args.client.json {
+        let mut out = json!({"run_id": reply.run_id, "state": state, "created": reply.created});
+        match &last.body {
+            EventBody::Completed(c) => out["output"] = c.output.clone(),
+            EventBody::Failed(f) => out["error"] = serde_json::to_value(&f.error)?,
+            _ => {}
+        }
+        print_json(&out)?;
+    } else {
+        println!("{}  {}", reply.run_id, describe_event(&last).trim_start());
+    }
+    Ok(if matches!(last.body, EventBody::Completed(_)) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    let view = args.client.connect().await?.get(run).await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        println!("{}", describe_run(&view));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let client = args.client.connect().await?;
+    let page = client
+        .list(ListRequest {
+            state: args.state,
+            queue: args.queue,
+            agent: args.agent,
+            limit: args.limit,
+            cursor: args.cursor,
+        })
+        .await?;
+    if args.client.json {
+        print_json(&page.runs)?;
+    } else {
+        for run in &page.runs {
+            println!("{}", describe_run(run));
+        }
+        if let Some(cursor) = page.next_cursor {
+            println!("(more: --cursor {cursor})");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    let client = args.client.connect().await?;
+    // A run that does not exist would wait forever: ask first.
+    client.get(run).await?;
+    let mut events = Box::pin(client.watch(run).await?);
+    let mut completed = false;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        completed = matches!(event.body, EventBody::Completed(_));
+        if args.client.json {
+            print_json(&event_json(&event))?;
+        } else {
+            println!("{}", describe_event(&event));
+        }
+    }
+    Ok(if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub async fn workers(args: ClientArgs) -> anyhow::Result<ExitCode> {
+    let workers = args.connect().await?.workers().await?;
+    if args.json {
+        print_json(&workers)?;
+    } else {
+        for w in &workers {
+            let queues: Vec<_> = w.queues.iter().map(|q| q.as_str()).collect();
+            println!(
+                "{}  running {}/{}  queues={}  agents={}  v{} {}:{}",
+                w.worker_id,
+                w.running,
+                w.slots,
+                queues.join(","),
+                w.agents.join(","),
+                w.version,
+                w.hostname,
+                w.pid
+            );
+        }
+        if workers.is_empty() {
+            println!("no live workers");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,123 @@
+//! Layered configuration: defaults → TOML file (`--config`) → `RUNFLEET_`
+//! environment → command-line flags, then the component's `validate()`.
+//!
+//! The TOML file has shared top-level keys and one section per component:
+//!
+//! ```toml
+//! nats_url = "nats://nats:4222"   # shared by every component
+//! prefix = "runfleet"
+//!
+//! [coordinator]
+//! database_url = "postgres://runfleet@db/runfleet"
+//!
+//! [worker]
+//! slots = 16
+//! queues = ["default", "gpu"]
+//! ```
+//!
+//! Environment: `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` (shared) and
+//! `RUNFLEET_<SECTION>__<KEY>` (e.g. `RUNFLEET_WORKER__SLOTS=16`).
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Keys every component shares at the top level of the file and environment.
+const SHARED_KEYS: [&str; 2] = ["nats_url", "prefix"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration file {path} does not exist")]
+    MissingFile { path: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Loads a component's configuration from every layer. `section` is the
+/// component's table in the file and its environment infix; `flags` holds only
+/// the flags given on the command line (absent ones must not be serialized).
+pub fn load<C, F>(section: &str, file: Option<&Path>, flags: &F) -> Result<C, Error>
+where
+    C: DeserializeOwned + Serialize + Default,
+    F: Serialize,
+{
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(Error::MissingFile { path: path.display().to_string() });
+        }
+        let file = Figment::from(Toml::file(path));
+        for key in SHARED_KEYS {
+            if let Ok(value) = file.find_value(key) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        if file.find_value(section).is_ok() {
+            figment = figment.merge(file.focus(section));
+        }
+    }
+    figment = figment
+        .merge(Env::prefixed("RUNFLEET_").only(&SHARED_KEYS))
+        .merge(Env::prefixed(&format!("RUNFLEET_{}__", section.to_ascii_uppercase())).split("__"))
+        .merge(Serialized::defaults(flags));
+    figment.extract().map_err(|e| Error::Invalid(describe(&e)))
+}
+
+/// figment's errors name the key and the source; keep every one of them.
+fn describe(error: &figment::Error) -> String {
+    error.clone().into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Sample {
+        nats_url: String,
+        slots: u32,
+        name: String,
+    }
+
+    #[derive(Serialize)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        slots: Option<u32>,
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rf.toml",
+                "nats_url = \"nats://file:1\"\n[sample]\nslots = 2\nname = \"file\"\n",
+            )?;
+            jail.set_env("RUNFLEET_SAMPLE__NAME", "env");
+            let cfg: Sample = load("sample", Some(Path::new("rf.toml")), &Flags { slots: None })
+                .map_err(|e| e.to_string())?;
+            assert_eq!(cfg, Sample { nats_url: "nats://file:1".into(), slots: 2, name: "env".into() });
+            jail.set_env("RUNFLEET_NATS_URL", "nats://env:2");
+            let cfg: Sample = load("sample", Some(Path::new("rf.toml")), &Flags { slots: Some(9) })
+                .map_err(|e| e.to_string())?;
+            assert_eq!(cfg, Sample { nats_url: "nats://env:2".into(), slots: 9, name: "env".into() });
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("RUNFLEET_SAMPLE__SLOTS", "many");
+            let err = load::<Sample, _>("sample", None, &Flags { slots: None })
+                .err()
+                .ok_or("expected an error")?;
+            assert!(err.to_string().to_lowercase().contains("slots"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,104 @@
+//! `runfleet coordinator` and `runfleet worker`: load the layered config,
+//! start the component, run it until SIGINT/SIGTERM.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::Args;
+use runfleet_coordinator::config::CoordinatorConfig;
+use runfleet_coordinator::Coordinator;
+use runfleet_worker::config::WorkerConfig;
+use runfleet_worker::Worker;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+
+/// Flags of `runfleet coordinator`; each overrides the same key of the file and environment.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CoordinatorArgs {
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Registry database: `sqlite:PATH` or `postgres://…` [default: sqlite:runfleet.db].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Subject/stream prefix [default: runfleet].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// Flags of `runfleet worker`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct WorkerArgs {
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Queue to serve; repeat for several [default: default].
+    #[arg(long = "queue")]
+    #[serde(rename = "queues", skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<String>,
+    /// Concurrent runs [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    /// Subject/stream prefix [default: runfleet].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+pub fn coordinator_config(file: Option<&Path>, flags: &CoordinatorArgs) -> anyhow::Result<CoordinatorConfig> {
+    let config: CoordinatorConfig = config::load("coordinator", file, flags)?;
+    config.validate().context("invalid coordinator configuration")?;
+    Ok(config)
+}
+
+pub fn worker_config(file: Option<&Path>, flags: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
+    let config: WorkerConfig = config::load("worker", file, flags)?;
+    config.validate().context("invalid worker configuration")?;
+    Ok(config)
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("could not install signal handlers; stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}
+
+pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::Result<()> {
+    let config = coordinator_config(file, &args)?;
+    let shutdown = shutdown_on_signals();
+    let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
+    coordinator.run(shutdown).await.context("coordinator stopped with an error")?;
+    Ok(())
+}
+
+pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()> {
+    let config = worker_config(file, &args)?;
+    let shutdown = shutdown_on_signals();
+    let worker = Worker::start(config, runfleet_worker::agents::builtin())
+        .await
+        .context("worker failed to start")?;
+    worker.run(shutdown).await.context("worker stopped with an error")?;
+    Ok(())
+}
