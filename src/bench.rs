@@ -112,7 +112,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<BenchResult> {
-    let client = Client::connect(url, runfleet_protocol::TenantId::default_tenant(), runfleet_protocol::Names::default()).await?;
+    let client = Client::connect(
+        url,
+        runfleet_protocol::TenantId::default_tenant(),
+        runfleet_protocol::Names::default(),
+    )
+    .await?;
     let seen = Arc::new(Mutex::new(Seen::default()));
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
 

@@ -18,7 +18,11 @@ use serde_json::json;
 use crate::client::Client;
 
 #[derive(Debug, Parser)]
-#[command(name = "runfleet", version, about = "Durable AI-agent runs on a fleet of workers over NATS JetStream")]
+#[command(
+    name = "runfleet",
+    version,
+    about = "Durable AI-agent runs on a fleet of workers over NATS JetStream"
+)]
 pub struct Cli {
     /// TOML configuration file (shared keys at the top, `[coordinator]` and `[worker]` sections).
     #[arg(long, global = true, env = "RUNFLEET_CONFIG")]
@@ -182,8 +186,7 @@ fn describe_run(run: &RunView) -> String {
 }
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let input: serde_json::Value =
-        serde_json::from_str(&args.input).context("--input is not valid JSON")?;
+    let input: serde_json::Value = serde_json::from_str(&args.input).context("--input is not valid JSON")?;
     let client = args.client.connect().await?;
     let reply = client
         .submit(SubmitRequest {

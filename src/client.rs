@@ -30,8 +30,8 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::{HeaderMap, RequestErrorKind};
 use futures::{Stream, StreamExt, TryStreamExt};
 use runfleet_protocol::api::{
-    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView,
-    SubmitRequest, SubmitResponse,
+    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SubmitRequest,
+    SubmitResponse,
 };
 use runfleet_protocol::event::Event;
 use runfleet_protocol::names::{self, HEADER_CONTENT_TYPE};
@@ -118,14 +118,13 @@ impl Client {
         let subject = self.names.api(&self.tenant, verb);
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, CONTENT_TYPE);
-        let reply = self
-            .nats
-            .request_with_headers(subject.clone(), headers, payload.into())
-            .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::NoResponders => Error::NoCoordinator { subject: subject.clone() },
-                RequestErrorKind::TimedOut => Error::Timeout { subject: subject.clone() },
-                _ => Error::Request { subject: subject.clone(), reason: e.to_string() },
+        let reply =
+            self.nats.request_with_headers(subject.clone(), headers, payload.into()).await.map_err(|e| {
+                match e.kind() {
+                    RequestErrorKind::NoResponders => Error::NoCoordinator { subject: subject.clone() },
+                    RequestErrorKind::TimedOut => Error::Timeout { subject: subject.clone() },
+                    _ => Error::Request { subject: subject.clone(), reason: e.to_string() },
+                }
             })?;
         Ok(reply.payload)
     }
@@ -157,9 +156,13 @@ impl Client {
     }
 
     /// A page of a run's events with `seq > after_seq`, from the registry.
-    pub async fn events(&self, run: RunId, after_seq: u64, limit: Option<u32>) -> Result<EventsResponse, Error> {
-        self.call(names::VERB_EVENTS, &EventsRequest { run_id: run.to_string(), after_seq, limit })
-            .await
+    pub async fn events(
+        &self,
+        run: RunId,
+        after_seq: u64,
+        limit: Option<u32>,
+    ) -> Result<EventsResponse, Error> {
+        self.call(names::VERB_EVENTS, &EventsRequest { run_id: run.to_string(), after_seq, limit }).await
     }
 
     /// Every event of the run from seq 1, then live ones as they are
@@ -188,14 +191,13 @@ impl Client {
         let events = messages
             .map_err(|e| Error::JetStream(e.to_string()))
             .and_then(|message| async move { Ok(codec::decode::<Event>(&message.payload)?) });
-        // Stop after the terminal event, yielding it.
-        let mut done = false;
-        Ok(events.take_while(move |item| {
-            let keep = !done;
-            if let Ok(event) = item {
-                done = event.body.is_terminal();
-            }
-            futures::future::ready(keep)
+        // Yield the terminal event, then end without waiting for another message.
+        let events = Box::pin(events);
+        Ok(futures::stream::unfold(Some(events), |state| async move {
+            let mut events = state?;
+            let item = events.next().await?;
+            let terminal = matches!(&item, Ok(event) if event.body.is_terminal());
+            Some((item, (!terminal).then_some(events)))
         }))
     }
 

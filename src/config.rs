@@ -72,6 +72,7 @@ fn describe(error: &figment::Error) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use serde::Deserialize;
@@ -113,9 +114,8 @@ mod tests {
     fn bad_values_name_the_key() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("RUNFLEET_SAMPLE__SLOTS", "many");
-            let err = load::<Sample, _>("sample", None, &Flags { slots: None })
-                .err()
-                .ok_or("expected an error")?;
+            let err =
+                load::<Sample, _>("sample", None, &Flags { slots: None }).err().ok_or("expected an error")?;
             assert!(err.to_string().to_lowercase().contains("slots"), "{err}");
             Ok(())
         });

@@ -62,11 +62,17 @@ impl DevFleet {
         let config = serve::coordinator_config(config_file, &coordinator_args)?;
         let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
         let token = shutdown.clone();
-        tasks.spawn(async move { ("coordinator".to_owned(), coordinator.run(token).await.map_err(Into::into)) });
+        tasks.spawn(
+            async move { ("coordinator".to_owned(), coordinator.run(token).await.map_err(Into::into)) },
+        );
 
         for i in 0..workers {
-            let worker_args =
-                WorkerArgs { nats_url: Some(nats.url()), queues: Vec::new(), slots: Some(slots), prefix: None };
+            let worker_args = WorkerArgs {
+                nats_url: Some(nats.url()),
+                queues: Vec::new(),
+                slots: Some(slots),
+                prefix: None,
+            };
             let config = serve::worker_config(config_file, &worker_args)?;
             let worker = Worker::start(config, runfleet_worker::agents::builtin())
                 .await
@@ -115,7 +121,8 @@ impl DevFleet {
 
 pub async fn run(config_file: Option<&Path>, args: DevArgs) -> anyhow::Result<()> {
     let shutdown = serve::shutdown_on_signals();
-    let mut fleet = DevFleet::start(config_file, &args.data_dir, args.nats_port, args.workers, args.slots).await?;
+    let mut fleet =
+        DevFleet::start(config_file, &args.data_dir, args.nats_port, args.workers, args.slots).await?;
     eprintln!(
         "runfleet dev ready\n  nats      {}\n  registry  {}\n  workers   {} x {} slots\n  data      {}\nPress Ctrl-C to stop.",
         fleet.nats.url(),

@@ -48,8 +48,8 @@ impl EmbeddedNats {
         std::fs::create_dir_all(data_dir.join("nats"))
             .with_context(|| format!("could not create {}", data_dir.display()))?;
         let log = data_dir.join("nats-server.log");
-        let log_file = std::fs::File::create(&log)
-            .with_context(|| format!("could not create {}", log.display()))?;
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("could not create {}", log.display()))?;
         let mut child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(data_dir.join("nats"))
@@ -69,7 +69,10 @@ impl EmbeddedNats {
                 return Ok(Self { child, port, log });
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("nats-server did not accept connections on port {port} within 20s; see {}", log.display());
+                bail!(
+                    "nats-server did not accept connections on port {port} within 20s; see {}",
+                    log.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

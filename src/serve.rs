@@ -70,8 +70,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let cancel = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
         else {
             tracing::error!("could not install signal handlers; stop with SIGKILL");
             return;
@@ -96,9 +95,8 @@ pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::
 pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()> {
     let config = worker_config(file, &args)?;
     let shutdown = shutdown_on_signals();
-    let worker = Worker::start(config, runfleet_worker::agents::builtin())
-        .await
-        .context("worker failed to start")?;
+    let worker =
+        Worker::start(config, runfleet_worker::agents::builtin()).await.context("worker failed to start")?;
     worker.run(shutdown).await.context("worker stopped with an error")?;
     Ok(())
 }

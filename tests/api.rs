@@ -15,7 +15,14 @@ use runfleet_protocol::{codec, ErrorCode, Names, RunId, TenantId};
 use serde_json::json;
 
 fn submit(agent: &str, input: serde_json::Value) -> SubmitRequest {
-    SubmitRequest { agent: agent.into(), input, queue: None, priority: None, idempotency_key: None, max_attempts: None }
+    SubmitRequest {
+        agent: agent.into(),
+        input,
+        queue: None,
+        priority: None,
+        idempotency_key: None,
+        max_attempts: None,
+    }
 }
 
 async fn client_for(fleet: &Fleet, tenant: &str) -> Client {
@@ -41,9 +48,10 @@ fn api_code(result: Result<impl std::fmt::Debug, Error>) -> (ErrorCode, Option<S
 #[tokio::test(flavor = "multi_thread")]
 async fn idempotent_submit_makes_one_run_and_conflicts_on_other_input() {
     harness::init_tracing();
-    let fleet = Fleet::start(TestDb::sqlite(), 1, 2);
+    let fleet = Fleet::start(TestDb::sqlite(), 1, 2).await;
     let client = client_for(&fleet, "default").await;
-    let keyed = SubmitRequest { idempotency_key: Some("order-42".into()), ..submit("echo", json!({"n": 42})) };
+    let keyed =
+        SubmitRequest { idempotency_key: Some("order-42".into()), ..submit("echo", json!({"n": 42})) };
 
     let replies: Vec<SubmitResponse> = futures::future::join_all((0..20).map(|_| {
         let client = client.clone();
@@ -55,9 +63,8 @@ async fn idempotent_submit_makes_one_run_and_conflicts_on_other_input() {
     assert!(replies.iter().all(|r| r.run_id == run), "every retry must name the same run");
     assert_eq!(replies.iter().filter(|r| r.created).count(), 1, "exactly one submit creates the run");
 
-    let (code, field) = api_code(
-        client.submit(SubmitRequest { input: json!({"n": 43}), ..keyed.clone() }).await,
-    );
+    let (code, field) =
+        api_code(client.submit(SubmitRequest { input: json!({"n": 43}), ..keyed.clone() }).await);
     assert_eq!(code, ErrorCode::Conflict);
     assert_eq!(field.as_deref(), Some("idempotency_key"));
 
@@ -78,14 +85,18 @@ async fn idempotent_submit_makes_one_run_and_conflicts_on_other_input() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_typed_errors_and_damages_nothing() {
     harness::init_tracing();
-    let fleet = Fleet::start(TestDb::sqlite(), 1, 2);
+    let fleet = Fleet::start(TestDb::sqlite(), 1, 2).await;
     let client = client_for(&fleet, "default").await;
 
     // A run accepted before the onslaught must come through untouched.
-    let before = client.submit(submit("sleep", json!({"steps": 3, "ms": 200}))).await.unwrap_or_else(|e| panic!("{e}"));
+    let before = client
+        .submit(submit("sleep", json!({"steps": 3, "ms": 200})))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Malformed msgpack (and well-formed msgpack of the wrong shape) to every verb.
-    let wrong_shape = codec::encode(&json!({"unexpected": true})).unwrap_or_else(|e| panic!("{e}"));
+    let wrong_shape = codec::encode(&json!({"agent": 5, "run_id": 5, "state": 7, "limit": "ten"}))
+        .unwrap_or_else(|e| panic!("{e}"));
     for verb in API_VERBS {
         for payload in [b"\xc1\xc1 not msgpack".to_vec(), Vec::new(), wrong_shape.clone()] {
             let raw = client.request_raw(verb, payload).await.unwrap_or_else(|e| panic!("{verb}: {e}"));
@@ -112,9 +123,11 @@ async fn bad_input_gets_typed_errors_and_damages_nothing() {
         let (code, field) = api_code(client.submit(request).await);
         assert_eq!((code, field.as_deref()), (ErrorCode::InvalidArgument, Some("queue")), "queue {bad:?}");
     }
-    let (code, field) = api_code(client.submit(SubmitRequest { priority: Some(9), ..submit("echo", json!(null)) }).await);
+    let (code, field) =
+        api_code(client.submit(SubmitRequest { priority: Some(9), ..submit("echo", json!(null)) }).await);
     assert_eq!((code, field.as_deref()), (ErrorCode::InvalidArgument, Some("priority")));
-    let (code, _) = api_code(client.submit(SubmitRequest { max_attempts: Some(0), ..submit("echo", json!(null)) }).await);
+    let (code, _) =
+        api_code(client.submit(SubmitRequest { max_attempts: Some(0), ..submit("echo", json!(null)) }).await);
     assert_eq!(code, ErrorCode::InvalidArgument);
 
     // Invalid tenants: the ones NATS can carry reach the coordinator and are refused there…
@@ -123,7 +136,9 @@ async fn bad_input_gets_typed_errors_and_damages_nothing() {
         let payload = codec::encode(&submit("echo", json!(null))).unwrap_or_else(|e| panic!("{e}"));
         let reply = client.nats().request(subject, payload.into()).await.unwrap_or_else(|e| panic!("{e}"));
         match codec::decode::<Reply<serde_json::Value>>(&reply.payload) {
-            Ok(Reply::Err(e)) => assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidArgument, Some("tenant"))),
+            Ok(Reply::Err(e)) => {
+                assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidArgument, Some("tenant")))
+            }
             other => panic!("tenant {bad:?}: expected invalid_argument, got {other:?}"),
         }
     }
@@ -142,10 +157,13 @@ async fn bad_input_gets_typed_errors_and_damages_nothing() {
     assert_eq!(code, ErrorCode::NotFound);
     let (code, _) = api_code(client.events(RunId::generate(), 0, None).await);
     assert_eq!(code, ErrorCode::NotFound);
-    let get = codec::encode(&runfleet_protocol::api::GetRequest { run_id: "not-a-run".into() }).unwrap_or_else(|e| panic!("{e}"));
+    let get = codec::encode(&runfleet_protocol::api::GetRequest { run_id: "not-a-run".into() })
+        .unwrap_or_else(|e| panic!("{e}"));
     let raw = client.request_raw("get", get).await.unwrap_or_else(|e| panic!("{e}"));
     match codec::decode::<Reply<serde_json::Value>>(&raw) {
-        Ok(Reply::Err(e)) => assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidArgument, Some("run_id"))),
+        Ok(Reply::Err(e)) => {
+            assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidArgument, Some("run_id")))
+        }
         other => panic!("expected invalid_argument, got {other:?}"),
     }
     // Another tenant cannot see this tenant's run.
@@ -173,7 +191,10 @@ async fn bad_input_gets_typed_errors_and_damages_nothing() {
     let runs = eventually(Duration::from_secs(30), "registry to show both runs completed", || {
         let client = client.clone();
         async move {
-            let page = client.list(ListRequest { state: Some("completed".into()), ..Default::default() }).await.ok()?;
+            let page = client
+                .list(ListRequest { state: Some("completed".into()), ..Default::default() })
+                .await
+                .ok()?;
             (page.runs.len() == 2).then_some(page.runs)
         }
     })

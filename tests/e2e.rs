@@ -28,10 +28,11 @@ fn stdout_lines(output: &std::process::Output) -> Vec<Value> {
 
 async fn run_path_end_to_end(db: TestDb) {
     harness::init_tracing();
-    let fleet = Fleet::start(db, 1, 4);
+    let fleet = Fleet::start(db, 1, 4).await;
 
     // submit --wait --json: the terminal state and the output.
-    let out = fleet.cli(&["submit", "--agent", "echo", "--input", r#"{"hello":"world"}"#, "--wait", "--json"]);
+    let out =
+        fleet.cli(&["submit", "--agent", "echo", "--input", r#"{"hello":"world"}"#, "--wait", "--json"]);
     assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
     let reply = stdout_json(&out);
     assert_eq!(reply["state"], "completed");
@@ -54,7 +55,14 @@ async fn run_path_end_to_end(db: TestDb) {
         let run_id = run_id.clone();
         let nats_url = nats_url.clone();
         async move {
-            let out = harness::process::run_cli(&["list".into(), "--json".into(), "--state".into(), "completed".into(), "--nats-url".into(), nats_url]);
+            let out = harness::process::run_cli(&[
+                "list".into(),
+                "--json".into(),
+                "--state".into(),
+                "completed".into(),
+                "--nats-url".into(),
+                nats_url,
+            ]);
             let runs = stdout_json(&out);
             runs.as_array()?.iter().find(|r| r["run_id"] == run_id.as_str()).cloned()
         }
@@ -67,7 +75,8 @@ async fn run_path_end_to_end(db: TestDb) {
     assert_eq!(stdout_json(&out)["state"], "completed");
 
     // A failing agent: --wait exits non-zero and reports the typed error.
-    let out = fleet.cli(&["submit", "--agent", "fail", "--input", r#"{"message":"boom"}"#, "--wait", "--json"]);
+    let out =
+        fleet.cli(&["submit", "--agent", "fail", "--input", r#"{"message":"boom"}"#, "--wait", "--json"]);
     assert!(!out.status.success(), "a failed run must exit non-zero");
     let reply = stdout_json(&out);
     assert_eq!(reply["state"], "failed");
@@ -83,11 +92,13 @@ async fn run_path_end_to_end(db: TestDb) {
     assert!(message.contains("nope") && message.contains("w-"), "{message}");
 
     // sleep streams progress events while it runs.
-    let out = fleet.cli(&["submit", "--agent", "sleep", "--input", r#"{"steps":3,"ms":50}"#, "--wait", "--json"]);
+    let out =
+        fleet.cli(&["submit", "--agent", "sleep", "--input", r#"{"steps":3,"ms":50}"#, "--wait", "--json"]);
     assert!(out.status.success());
     let run_id = stdout_json(&out)["run_id"].as_str().unwrap_or("").to_owned();
     let events = stdout_lines(&fleet.cli(&["watch", &run_id, "--json"]));
-    let progress = events.iter().filter(|e| e["type"] == "agent.event" && e["data"]["name"] == "progress").count();
+    let progress =
+        events.iter().filter(|e| e["type"] == "agent.event" && e["data"]["name"] == "progress").count();
     assert_eq!(progress, 3);
 
     // The worker registry lists the live worker with its slots.
@@ -115,7 +126,7 @@ async fn run_path_end_to_end_postgres() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_errors_are_one_line_and_non_zero() {
-    let fleet = Fleet::start(TestDb::sqlite(), 0, 1);
+    let fleet = Fleet::start(TestDb::sqlite(), 0, 1).await;
     let cases: [&[&str]; 4] = [
         &["get", "not-a-uuid"],
         &["get", &RunId::generate().to_string()],
@@ -139,11 +150,8 @@ async fn client_commands_fail_fast_without_a_server() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         l.local_addr().unwrap_or_else(|e| panic!("{e}")).port()
     };
-    let out = harness::process::run_cli(&[
-        "list".into(),
-        "--nats-url".into(),
-        format!("nats://127.0.0.1:{port}"),
-    ]);
+    let out =
+        harness::process::run_cli(&["list".into(), "--nats-url".into(), format!("nats://127.0.0.1:{port}")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("could not connect"));
 }

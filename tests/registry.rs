@@ -206,10 +206,8 @@ async fn list_filters(registry: &Registry) {
     assert_eq!(list_ids(registry, &t, &by_state).await.0, vec![c]);
     let queued = ListFilter { state: Some(RunState::Queued), ..filter(50) };
     assert_eq!(list_ids(registry, &t, &queued).await.0, vec![d, b, a]);
-    let by_queue = ListFilter {
-        queue: Some(QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"))),
-        ..filter(50)
-    };
+    let by_queue =
+        ListFilter { queue: Some(QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"))), ..filter(50) };
     assert_eq!(list_ids(registry, &t, &by_queue).await.0, vec![d, b]);
     let by_agent = ListFilter {
         agent: Some(AgentName::new("summarize").unwrap_or_else(|e| panic!("{e}"))),
@@ -280,8 +278,7 @@ async fn events_paging(registry: &Registry) {
     let past_end = past_end.unwrap_or_else(|| panic!("a known run is never None"));
     assert!(past_end.events.is_empty() && !past_end.has_more);
 
-    let unknown =
-        registry.events(&t, RunId::generate(), 0, 10).await.unwrap_or_else(|e| panic!("{e}"));
+    let unknown = registry.events(&t, RunId::generate(), 0, 10).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(unknown.is_none());
 }
 

@@ -27,8 +27,9 @@ fn request(agent: &str, input: serde_json::Value, priority: u8) -> SubmitRequest
 }
 
 async fn client(fleet: &Fleet) -> Client {
-    let client = Client::connect(&fleet.nats_url(), TenantId::default_tenant(), Default::default());
-    let client = client.await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let client = Client::connect(&fleet.nats_url(), TenantId::default_tenant(), Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
     // The coordinator process may still be starting.
     eventually(Duration::from_secs(30), "the coordinator to answer", || {
         let client = client.clone();
@@ -41,7 +42,7 @@ async fn client(fleet: &Fleet) -> Client {
 #[tokio::test(flavor = "multi_thread")]
 async fn higher_bands_start_first() {
     harness::init_tracing();
-    let fleet = Fleet::start(TestDb::sqlite(), 1, 1);
+    let fleet = Fleet::start(TestDb::sqlite(), 1, 1).await;
     let client = client(&fleet).await;
 
     // Occupy the only slot, and wait until the run holds it.
@@ -58,11 +59,13 @@ async fn higher_bands_start_first() {
 
     let mut band_of: HashMap<RunId, u8> = HashMap::new();
     for i in 0..50 {
-        let reply = client.submit(request("echo", json!({"low": i}), 2)).await.unwrap_or_else(|e| panic!("{e}"));
+        let reply =
+            client.submit(request("echo", json!({"low": i}), 2)).await.unwrap_or_else(|e| panic!("{e}"));
         band_of.insert(reply.run_id, 2);
     }
     for i in 0..5 {
-        let reply = client.submit(request("echo", json!({"high": i}), 0)).await.unwrap_or_else(|e| panic!("{e}"));
+        let reply =
+            client.submit(request("echo", json!({"high": i}), 0)).await.unwrap_or_else(|e| panic!("{e}"));
         band_of.insert(reply.run_id, 0);
     }
     let completed = client.wait(blocker.run_id).await.unwrap_or_else(|e| panic!("{e}"));
@@ -81,14 +84,18 @@ async fn higher_bands_start_first() {
         .filter_map(|(_, e)| band_of.get(&e.run_id).copied())
         .collect();
     assert_eq!(start_order.len(), 55);
-    assert_eq!(&start_order[..5], &[0, 0, 0, 0, 0], "band-0 runs must start before any further band-2 run: {start_order:?}");
+    assert_eq!(
+        &start_order[..5],
+        &[0, 0, 0, 0, 0],
+        "band-0 runs must start before any further band-2 run: {start_order:?}"
+    );
     assert!(start_order[5..].iter().all(|b| *b == 2));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn many_runs_over_three_worker_processes_complete_exactly_once() {
     harness::init_tracing();
-    let fleet = Fleet::start(TestDb::postgres().await, 3, 8);
+    let fleet = Fleet::start(TestDb::postgres().await, 3, 8).await;
     let client = client(&fleet).await;
 
     let runs: Vec<RunId> = futures::stream::iter(0..500)
@@ -97,7 +104,11 @@ async fn many_runs_over_three_worker_processes_complete_exactly_once() {
             async move {
                 let agent = if i % 5 == 0 { "sleep" } else { "echo" };
                 let input = if agent == "sleep" { json!({"steps": 2, "ms": 5}) } else { json!({"i": i}) };
-                client.submit(request(agent, input, (i % 5) as u8)).await.unwrap_or_else(|e| panic!("submit {i}: {e}")).run_id
+                client
+                    .submit(request(agent, input, (i % 5) as u8))
+                    .await
+                    .unwrap_or_else(|e| panic!("submit {i}: {e}"))
+                    .run_id
             }
         })
         .buffer_unordered(32)
@@ -133,7 +144,12 @@ async fn many_runs_over_three_worker_processes_complete_exactly_once() {
             let mut cursor = None;
             loop {
                 let page = client
-                    .list(ListRequest { state: Some("completed".into()), limit: Some(200), cursor, ..Default::default() })
+                    .list(ListRequest {
+                        state: Some("completed".into()),
+                        limit: Some(200),
+                        cursor,
+                        ..Default::default()
+                    })
                     .await
                     .ok()?;
                 seen += page.runs.len();

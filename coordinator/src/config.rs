@@ -114,29 +114,21 @@ impl CoordinatorConfig {
         if !(1..=limits::MAX_ATTEMPTS_LIMIT).contains(&self.default_max_attempts) {
             return Err(invalid(
                 "default_max_attempts",
-                format!(
-                    "{} is outside 1..={}",
-                    self.default_max_attempts,
-                    limits::MAX_ATTEMPTS_LIMIT
-                ),
+                format!("{} is outside 1..={}", self.default_max_attempts, limits::MAX_ATTEMPTS_LIMIT),
             ));
         }
         if self.api_concurrency == 0 {
             return Err(invalid("api_concurrency", "must be at least 1"));
         }
         if !(1..=10_000).contains(&self.projector_batch) {
-            return Err(invalid(
-                "projector_batch",
-                format!("{} is outside 1..=10000", self.projector_batch),
-            ));
+            return Err(invalid("projector_batch", format!("{} is outside 1..=10000", self.projector_batch)));
         }
         Ok(())
     }
 
     /// The validated prefix's names.
     pub fn names(&self) -> Result<Names, Error> {
-        let prefix =
-            Prefix::new(self.prefix.clone()).map_err(|e| invalid("prefix", e.to_string()))?;
+        let prefix = Prefix::new(self.prefix.clone()).map_err(|e| invalid("prefix", e.to_string()))?;
         Ok(Names::new(prefix))
     }
 }
@@ -160,25 +152,13 @@ mod tests {
     #[test]
     fn rejects_nonsense_naming_the_key() {
         let cases: Vec<(&str, CoordinatorConfig)> = vec![
-            (
-                "lease_ttl",
-                CoordinatorConfig { lease_ttl: Duration::from_millis(10), ..Default::default() },
-            ),
+            ("lease_ttl", CoordinatorConfig { lease_ttl: Duration::from_millis(10), ..Default::default() }),
             ("max_input_bytes", CoordinatorConfig { max_input_bytes: 0, ..Default::default() }),
-            (
-                "max_input_bytes",
-                CoordinatorConfig { max_input_bytes: 9 << 20, ..Default::default() },
-            ),
+            ("max_input_bytes", CoordinatorConfig { max_input_bytes: 9 << 20, ..Default::default() }),
             ("prefix", CoordinatorConfig { prefix: "a.b".into(), ..Default::default() }),
-            (
-                "database_url",
-                CoordinatorConfig { database_url: "mysql://x".into(), ..Default::default() },
-            ),
+            ("database_url", CoordinatorConfig { database_url: "mysql://x".into(), ..Default::default() }),
             ("api_concurrency", CoordinatorConfig { api_concurrency: 0, ..Default::default() }),
-            (
-                "default_max_attempts",
-                CoordinatorConfig { default_max_attempts: 0, ..Default::default() },
-            ),
+            ("default_max_attempts", CoordinatorConfig { default_max_attempts: 0, ..Default::default() }),
         ];
         for (key, config) in cases {
             match config.validate() {
@@ -191,8 +171,7 @@ mod tests {
     #[test]
     fn durations_are_humantime_strings() {
         let json = serde_json::json!({"lease_ttl": "20s", "events_max_age": "7days"});
-        let config: CoordinatorConfig =
-            serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+        let config: CoordinatorConfig = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.lease_ttl, Duration::from_secs(20));
         assert_eq!(config.events_max_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.worker_ttl, Duration::from_secs(15));

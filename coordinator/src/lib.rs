@@ -84,13 +84,8 @@ impl Coordinator {
         let js = jetstream::new(client.clone());
         let topology = setup::ensure(&js, &names, &config).await?;
         let registry = Registry::connect(&config.database_url).await?;
-        let projector = Projector::new(
-            &topology.events,
-            names.clone(),
-            registry.clone(),
-            config.projector_batch,
-        )
-        .await?;
+        let projector =
+            Projector::new(&topology.events, names.clone(), registry.clone(), config.projector_batch).await?;
         let limits = ApiLimits {
             max_input_bytes: config.max_input_bytes,
             default_max_attempts: config.default_max_attempts,

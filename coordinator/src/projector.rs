@@ -161,10 +161,7 @@ impl Projector {
         let subject = message.subject.as_str();
         let stream_seq = message.info().map(|info| info.stream_sequence).unwrap_or_default();
         let Some((tenant, run)) = parse_run_events_subject(&self.names, subject) else {
-            warn!(
-                subject,
-                stream_seq, "skipping message on a subject that is not a run's event log"
-            );
+            warn!(subject, stream_seq, "skipping message on a subject that is not a run's event log");
             return None;
         };
         match codec::decode::<Event>(&message.payload) {

@@ -65,10 +65,7 @@ pub async fn ensure(
     .await?;
     ensure_bucket(
         js,
-        kv::Config {
-            max_age: config.worker_ttl,
-            ..bucket(names.workers_bucket(), "worker registry")
-        },
+        kv::Config { max_age: config.worker_ttl, ..bucket(names.workers_bucket(), "worker registry") },
     )
     .await?;
     ensure_object_store(js, names.blobs_bucket()).await?;
@@ -132,20 +129,13 @@ where
                 attempt += 1;
             }
             Err(error) => {
-                return Err(Error::Resource {
-                    what,
-                    name: name.to_owned(),
-                    source: Box::new(error),
-                })
+                return Err(Error::Resource { what, name: name.to_owned(), source: Box::new(error) })
             }
         }
     }
 }
 
-async fn ensure_stream(
-    js: &jetstream::Context,
-    config: stream::Config,
-) -> Result<stream::Stream, Error> {
+async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, Error> {
     let name = config.name.clone();
     with_retries("stream", &name, || js.create_or_update_stream(config.clone())).await?;
     with_retries("stream", &name, || js.get_stream(&name)).await

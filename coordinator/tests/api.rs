@@ -12,14 +12,14 @@ use futures::future::join_all;
 use nats::NatsServer;
 use runfleet_coordinator::{Coordinator, CoordinatorConfig};
 use runfleet_protocol::api::{
-    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView,
-    SubmitRequest, SubmitResponse,
+    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SubmitRequest,
+    SubmitResponse,
 };
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{
-    API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, HEADER_MSG_ID, VERB_EVENTS, VERB_GET,
-    VERB_LIST, VERB_SUBMIT,
+    API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, HEADER_MSG_ID, VERB_EVENTS, VERB_GET, VERB_LIST,
+    VERB_SUBMIT,
 };
 use runfleet_protocol::{codec, ApiError, ErrorCode, Names, RunId, RunState, TenantId};
 use serde::de::DeserializeOwned;
@@ -58,15 +58,7 @@ impl Fixture {
         let coordinator = tokio::spawn(coordinator.run(shutdown.clone()));
         let client = server.client().await;
         let js = jetstream::new(client.clone());
-        Self {
-            _server: server,
-            _db: db,
-            client,
-            js,
-            names: Names::default(),
-            shutdown,
-            coordinator,
-        }
+        Self { _server: server, _db: db, client, js, names: Names::default(), shutdown, coordinator }
     }
 
     fn subject(&self, tenant: &str, verb: &str) -> String {
@@ -93,11 +85,7 @@ impl Fixture {
         decode_reply(&reply)
     }
 
-    async fn submit(
-        &self,
-        tenant: &str,
-        request: &SubmitRequest,
-    ) -> Result<SubmitResponse, ApiError> {
+    async fn submit(&self, tenant: &str, request: &SubmitRequest) -> Result<SubmitResponse, ApiError> {
         self.call(tenant, VERB_SUBMIT, request).await
     }
 
@@ -145,11 +133,7 @@ fn tenant(name: &str) -> TenantId {
 }
 
 async fn events_of(fixture: &Fixture, subject: &str) -> Vec<Event> {
-    let stream = fixture
-        .js
-        .get_stream(fixture.names.events_stream())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let stream = fixture.js.get_stream(fixture.names.events_stream()).await.unwrap_or_else(|e| panic!("{e}"));
     let mut events = Vec::new();
     let mut seq = 0;
     while let Ok(message) = stream.direct_get_next_for_subject(subject, Some(seq)).await {
@@ -265,11 +249,7 @@ async fn invalid_identifiers_are_invalid_arguments_naming_the_field() {
     let long = "x".repeat(65);
     for bad_tenant in [long.as_str(), "a*b", "t%nt", "é"] {
         let result = f.submit(bad_tenant, &submit_request(json!(1))).await;
-        assert_eq!(
-            code(result),
-            (ErrorCode::InvalidArgument, Some("tenant".into())),
-            "{bad_tenant}"
-        );
+        assert_eq!(code(result), (ErrorCode::InvalidArgument, Some("tenant".into())), "{bad_tenant}");
     }
     for bad in ["a.b", "a*", "a>", "", "a b", long.as_str()] {
         let mut request = submit_request(json!(1));
@@ -285,8 +265,7 @@ async fn invalid_identifiers_are_invalid_arguments_naming_the_field() {
             (ErrorCode::InvalidArgument, Some("agent".into()))
         );
     }
-    let result: Result<RunView, _> =
-        f.call("acme", VERB_GET, &GetRequest { run_id: "nope".into() }).await;
+    let result: Result<RunView, _> = f.call("acme", VERB_GET, &GetRequest { run_id: "nope".into() }).await;
     assert_eq!(code(result), (ErrorCode::InvalidArgument, Some("run_id".into())));
     let list = ListRequest { queue: Some("a.b".into()), ..Default::default() };
     let result: Result<ListResponse, _> = f.call("acme", VERB_LIST, &list).await;
@@ -307,16 +286,14 @@ async fn input_over_the_limit_is_payload_too_large() {
 async fn unknown_runs_are_not_found() {
     let f = Fixture::start().await;
     let run_id = RunId::generate().to_string();
-    let result: Result<RunView, _> =
-        f.call("acme", VERB_GET, &GetRequest { run_id: run_id.clone() }).await;
+    let result: Result<RunView, _> = f.call("acme", VERB_GET, &GetRequest { run_id: run_id.clone() }).await;
     assert_eq!(code(result).0, ErrorCode::NotFound);
     let events = EventsRequest { run_id, after_seq: 0, limit: None };
     let result: Result<EventsResponse, _> = f.call("acme", VERB_EVENTS, &events).await;
     assert_eq!(code(result).0, ErrorCode::NotFound);
 
     // Another tenant's run does not exist either.
-    let submitted =
-        f.submit("acme", &submit_request(json!(1))).await.unwrap_or_else(|e| panic!("{e}"));
+    let submitted = f.submit("acme", &submit_request(json!(1))).await.unwrap_or_else(|e| panic!("{e}"));
     let get = GetRequest { run_id: submitted.run_id.to_string() };
     let result: Result<RunView, _> = f.call("globex", VERB_GET, &get).await;
     assert_eq!(code(result).0, ErrorCode::NotFound);
@@ -329,10 +306,8 @@ async fn unknown_runs_are_not_found() {
 async fn wait_listed(f: &Fixture, tenant: &str, run: RunId) -> ListResponse {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let page: ListResponse = f
-            .call(tenant, VERB_LIST, &ListRequest::default())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let page: ListResponse =
+            f.call(tenant, VERB_LIST, &ListRequest::default()).await.unwrap_or_else(|e| panic!("{e}"));
         if page.runs.iter().any(|r| r.run_id == run) {
             return page;
         }
@@ -344,8 +319,7 @@ async fn wait_listed(f: &Fixture, tenant: &str, run: RunId) -> ListResponse {
 #[tokio::test]
 async fn projector_projects_runs_and_skips_garbage() {
     let f = Fixture::start().await;
-    let first =
-        f.submit("acme", &submit_request(json!({"a": 1}))).await.unwrap_or_else(|e| panic!("{e}"));
+    let first = f.submit("acme", &submit_request(json!({"a": 1}))).await.unwrap_or_else(|e| panic!("{e}"));
     let page = wait_listed(&f, "acme", first.run_id).await;
     assert_eq!(page.runs[0].input, json!({"a": 1}));
 
@@ -354,19 +328,15 @@ async fn projector_projects_runs_and_skips_garbage() {
     let garbage_subject = f.names.run_events(&t, RunId::generate());
     for subject in [garbage_subject, format!("{}.runs.x", f.names.prefix())] {
         let ack =
-            f.js.publish(subject, Bytes::from_static(b"\xc1garbage"))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            f.js.publish(subject, Bytes::from_static(b"\xc1garbage")).await.unwrap_or_else(|e| panic!("{e}"));
         ack.await.unwrap_or_else(|e| panic!("{e}"));
     }
-    let second =
-        f.submit("acme", &submit_request(json!({"b": 2}))).await.unwrap_or_else(|e| panic!("{e}"));
+    let second = f.submit("acme", &submit_request(json!({"b": 2}))).await.unwrap_or_else(|e| panic!("{e}"));
     let page = wait_listed(&f, "acme", second.run_id).await;
     assert_eq!(page.runs.len(), 2);
 
     let events = EventsRequest { run_id: second.run_id.to_string(), after_seq: 0, limit: None };
-    let events: EventsResponse =
-        f.call("acme", VERB_EVENTS, &events).await.unwrap_or_else(|e| panic!("{e}"));
+    let events: EventsResponse = f.call("acme", VERB_EVENTS, &events).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(events.events.len(), 1);
     assert!(!events.has_more);
     f.stop().await;
@@ -385,8 +355,7 @@ async fn two_coordinators_start_together() {
         database_url: format!("sqlite:{}", db.path().join(name).display()),
         ..Default::default()
     };
-    let (a, b) =
-        tokio::join!(Coordinator::start(config("a.db")), Coordinator::start(config("b.db")));
+    let (a, b) = tokio::join!(Coordinator::start(config("a.db")), Coordinator::start(config("b.db")));
     a.unwrap_or_else(|e| panic!("{e}"));
     b.unwrap_or_else(|e| panic!("{e}"));
 }

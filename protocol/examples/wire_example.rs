@@ -16,12 +16,10 @@ use std::error::Error;
 use std::fmt::Write as _;
 
 use runfleet_protocol::api::{
-    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView,
-    SubmitRequest, SubmitResponse,
+    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SubmitRequest,
+    SubmitResponse,
 };
-use runfleet_protocol::event::{
-    AgentEvent, Event, EventBody, RunCompleted, RunCreated, RunStarted,
-};
+use runfleet_protocol::event::{AgentEvent, Event, EventBody, RunCompleted, RunCreated, RunStarted};
 use runfleet_protocol::ids::IdempotencyKey;
 use runfleet_protocol::job::Job;
 use runfleet_protocol::lease::Lease;
@@ -31,8 +29,7 @@ use runfleet_protocol::names::{
     VERB_EVENTS, VERB_GET, VERB_LIST, VERB_SUBMIT,
 };
 use runfleet_protocol::{
-    decode, encode, AgentName, ApiError, ErrorCode, Names, RunId, RunState, TenantId, WorkerId,
-    CONTENT_TYPE,
+    decode, encode, AgentName, ApiError, ErrorCode, Names, RunId, RunState, TenantId, WorkerId, CONTENT_TYPE,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -68,10 +65,7 @@ fn main() -> Result<()> {
         max_attempts: None,
     };
     // The example must be a request the coordinator accepts.
-    let valid = submit.clone().validate(
-        limits::DEFAULT_MAX_INPUT_BYTES,
-        limits::DEFAULT_MAX_ATTEMPTS,
-    )?;
+    let valid = submit.clone().validate(limits::DEFAULT_MAX_INPUT_BYTES, limits::DEFAULT_MAX_ATTEMPTS)?;
     let request_subject = names.api(&tenant, VERB_SUBMIT);
     show(
         "submit request (client -> coordinator, core NATS request)",
@@ -81,11 +75,8 @@ fn main() -> Result<()> {
         true,
     )?;
 
-    let reply: Reply<SubmitResponse> = Reply::Ok(SubmitResponse {
-        run_id,
-        state: RunState::Queued,
-        created: true,
-    });
+    let reply: Reply<SubmitResponse> =
+        Reply::Ok(SubmitResponse { run_id, state: RunState::Queued, created: true });
     show(
         "submit reply (coordinator -> client, on the request's reply inbox)",
         "_INBOX.<client inbox>",
@@ -96,11 +87,7 @@ fn main() -> Result<()> {
 
     let idem = IdempotencyKey::new(key)?;
     println!("== idempotency KV key for tenant acme, key {key:?}");
-    println!(
-        "bucket {}  key {}",
-        names.idempotency_bucket(),
-        names.idempotency_key(&tenant, &idem)
-    );
+    println!("bucket {}  key {}", names.idempotency_bucket(), names.idempotency_key(&tenant, &idem));
     println!();
 
     // ---- what the coordinator stored before replying ----
@@ -144,10 +131,7 @@ fn main() -> Result<()> {
     show(
         "job (coordinator -> JetStream RUNFLEET_JOBS)",
         &names.job(&valid.queue, valid.priority, run_id),
-        &[
-            (HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()),
-            (HEADER_MSG_ID, names.job_msg_id(run_id, 1)),
-        ],
+        &[(HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()), (HEADER_MSG_ID, names.job_msg_id(run_id, 1))],
         &job,
         false,
     )?;
@@ -160,11 +144,7 @@ fn main() -> Result<()> {
         acquired_ms: T0_MS + 11,
         renewed_ms: T0_MS + 11,
     };
-    println!(
-        "== lease (worker -> KV {}, key {}, KV create)",
-        names.leases_bucket(),
-        names.lease_key(run_id)
-    );
+    println!("== lease (worker -> KV {}, key {}, KV create)", names.leases_bucket(), names.lease_key(run_id));
     println!("{}", json_view(&encode(&lease)?)?);
     println!();
 
@@ -192,10 +172,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS + 1500,
         attempt: 1,
         worker_id: Some(worker.clone()),
-        body: EventBody::Agent(AgentEvent {
-            name: "progress".to_owned(),
-            data: json!({"pct": 50}),
-        }),
+        body: EventBody::Agent(AgentEvent { name: "progress".to_owned(), data: json!({"pct": 50}) }),
     };
     show(
         "event seq 3: agent.event (worker -> JetStream)",
@@ -213,9 +190,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS + 4210,
         attempt: 1,
         worker_id: Some(worker.clone()),
-        body: EventBody::Completed(RunCompleted {
-            output: output.clone(),
-        }),
+        body: EventBody::Completed(RunCompleted { output: output.clone() }),
     };
     show(
         "event seq 4: run.completed (worker -> JetStream), terminal",
@@ -226,9 +201,7 @@ fn main() -> Result<()> {
     )?;
 
     // ---- reads ----
-    let get = GetRequest {
-        run_id: run_id.to_string(),
-    };
+    let get = GetRequest { run_id: run_id.to_string() };
     show(
         "get request",
         &names.api(&tenant, VERB_GET),
@@ -262,11 +235,7 @@ fn main() -> Result<()> {
         false,
     )?;
 
-    let list = ListRequest {
-        state: Some("completed".to_owned()),
-        limit: Some(1),
-        ..ListRequest::default()
-    };
+    let list = ListRequest { state: Some("completed".to_owned()), limit: Some(1), ..ListRequest::default() };
     list.clone().validate()?;
     show(
         "list request",
@@ -279,18 +248,11 @@ fn main() -> Result<()> {
         "list reply (one page of one run; pass next_cursor as cursor for the next page)",
         "_INBOX.<client inbox>",
         &[(HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned())],
-        &Reply::Ok(ListResponse {
-            runs: vec![view],
-            next_cursor: Some(run_id.to_string()),
-        }),
+        &Reply::Ok(ListResponse { runs: vec![view], next_cursor: Some(run_id.to_string()) }),
         false,
     )?;
 
-    let events = EventsRequest {
-        run_id: run_id.to_string(),
-        after_seq: 2,
-        limit: Some(100),
-    };
+    let events = EventsRequest { run_id: run_id.to_string(), after_seq: 2, limit: Some(100) };
     events.clone().validate()?;
     show(
         "events request",
@@ -303,10 +265,7 @@ fn main() -> Result<()> {
         "events reply",
         "_INBOX.<client inbox>",
         &[(HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned())],
-        &Reply::Ok(EventsResponse {
-            events: vec![progress, completed],
-            has_more: false,
-        }),
+        &Reply::Ok(EventsResponse { events: vec![progress, completed], has_more: false }),
         false,
     )?;
 
@@ -327,20 +286,14 @@ fn main() -> Result<()> {
     )?;
     let invalid: Reply<SubmitResponse> = Reply::Err(ApiError::invalid(
         "priority",
-        format!(
-            "priority band 7 does not exist; use 0 (highest) to {}",
-            limits::PRIORITY_BANDS - 1
-        ),
+        format!("priority band 7 does not exist; use 0 (highest) to {}", limits::PRIORITY_BANDS - 1),
     ));
     show(
         "error reply: a field failed validation",
         "_INBOX.<client inbox>",
         &[
             (HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()),
-            (
-                HEADER_ERROR_CODE,
-                ErrorCode::InvalidArgument.as_str().to_owned(),
-            ),
+            (HEADER_ERROR_CODE, ErrorCode::InvalidArgument.as_str().to_owned()),
         ],
         &invalid,
         false,
@@ -348,29 +301,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn event_headers(
-    names: &Names,
-    event: &Event,
-    previous_stream_seq: u64,
-) -> Vec<(&'static str, String)> {
+fn event_headers(names: &Names, event: &Event, previous_stream_seq: u64) -> Vec<(&'static str, String)> {
     vec![
         (HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()),
         (HEADER_MSG_ID, names.event_msg_id(event.run_id, event.seq)),
-        (
-            HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            previous_stream_seq.to_string(),
-        ),
+        (HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, previous_stream_seq.to_string()),
     ]
 }
 
 /// Prints one message, after checking that its bytes decode back to the value.
-fn show<T>(
-    title: &str,
-    subject: &str,
-    headers: &[(&str, String)],
-    value: &T,
-    hex: bool,
-) -> Result<()>
+fn show<T>(title: &str, subject: &str, headers: &[(&str, String)], value: &T, hex: bool) -> Result<()>
 where
     T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
@@ -410,13 +350,7 @@ fn hex_dump(bytes: &[u8]) -> String {
             }
         }
         out.push(' ');
-        out.extend(chunk.iter().map(|&b| {
-            if (0x20..0x7f).contains(&b) {
-                b as char
-            } else {
-                '.'
-            }
-        }));
+        out.extend(chunk.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' }));
         out.push('\n');
     }
     out.truncate(out.trim_end().len());
@@ -441,21 +375,14 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len())
-            .ok_or("truncated")?;
+        let end = self.pos.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or("truncated")?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(slice)
     }
 
     fn uint(&mut self, n: usize) -> Result<u64> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        Ok(self.take(n)?.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     }
 
     fn value(&mut self, out: &mut String, depth: usize) -> Result<()> {
@@ -495,11 +422,7 @@ impl Reader<'_> {
                 self.map(out, depth, n)?;
             }
             0xe0..=0xff => write!(out, "{}", marker as i8)?,
-            other => {
-                return Err(
-                    format!("marker 0x{other:02x} does not occur in runfleet payloads").into(),
-                )
-            }
+            other => return Err(format!("marker 0x{other:02x} does not occur in runfleet payloads").into()),
         }
         Ok(())
     }

@@ -147,8 +147,8 @@ impl SubmitRequest {
             .map(IdempotencyKey::new)
             .transpose()
             .map_err(|e| invalid("idempotency_key", e))?;
-        let input_len = codec::encoded_len(&self.input)
-            .map_err(|e| ApiError::invalid("input", e.to_string()))?;
+        let input_len =
+            codec::encoded_len(&self.input).map_err(|e| ApiError::invalid("input", e.to_string()))?;
         if input_len > max_input_bytes {
             return Err(ApiError {
                 code: ErrorCode::PayloadTooLarge,

@@ -52,13 +52,11 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 /// Decodes an envelope, checking its version first so a newer peer's message
 /// is reported as such rather than as garbage.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let probe: VersionProbe =
-        rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+    let probe: VersionProbe = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
     if probe.v != PROTOCOL_VERSION {
         return Err(Error::UnsupportedVersion { found: probe.v, supported: PROTOCOL_VERSION });
     }
-    let envelope: Envelope<T> =
-        rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+    let envelope: Envelope<T> = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
     debug_assert_eq!(envelope.v, PROTOCOL_VERSION);
     Ok(envelope.data)
 }
@@ -77,19 +75,15 @@ mod tests {
     fn rejects_garbage_and_future_versions() {
         assert!(matches!(decode::<u32>(b"\xc1\xff garbage"), Err(Error::Decode(_))));
         assert!(matches!(decode::<u32>(b""), Err(Error::Decode(_))));
-        let future = rmp_serde::to_vec_named(&EnvelopeRef { v: 2, data: &5u32 })
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(
-            decode::<u32>(&future),
-            Err(Error::UnsupportedVersion { found: 2, supported: 1 })
-        ));
+        let future =
+            rmp_serde::to_vec_named(&EnvelopeRef { v: 2, data: &5u32 }).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(decode::<u32>(&future), Err(Error::UnsupportedVersion { found: 2, supported: 1 })));
     }
 
     #[test]
     fn envelope_is_a_named_map() {
         let bytes = encode(&7u8).unwrap_or_else(|e| panic!("{e}"));
-        let value: serde_json::Value =
-            rmp_serde::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(value, serde_json::json!({"v": 1, "data": 7}));
     }
 }

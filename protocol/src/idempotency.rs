@@ -29,13 +29,8 @@ pub struct IdempotencyRecord {
 /// run: agent, input, queue, priority and max_attempts. JSON object keys are
 /// sorted, so two equal requests always have the same fingerprint.
 pub fn fingerprint(submit: &ValidSubmit) -> Result<String, codec::Error> {
-    let canonical = codec::encode(&(
-        &submit.agent,
-        &submit.input,
-        &submit.queue,
-        submit.priority,
-        submit.max_attempts,
-    ))?;
+    let canonical =
+        codec::encode(&(&submit.agent, &submit.input, &submit.queue, submit.priority, submit.max_attempts))?;
     Ok(hex::encode(Sha256::digest(&canonical)))
 }
 

@@ -40,10 +40,7 @@ fn validate_token(kind: &'static str, value: &str) -> Result<(), Error> {
     if value.len() > MAX_NAME_LEN {
         return Err(Error::TooLong { kind, len: value.len(), max: MAX_NAME_LEN });
     }
-    if let Some(found) = value
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-    {
+    if let Some(found) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
         return Err(Error::InvalidChar { kind, value: value.to_owned(), found });
     }
     Ok(())

@@ -48,9 +48,6 @@ pub struct UnknownState(pub String);
 impl FromStr for RunState {
     type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, UnknownState> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownState(s.to_owned()))
+        Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
     }
 }

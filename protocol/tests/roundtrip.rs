@@ -80,7 +80,14 @@ fn body() -> impl Strategy<Value = EventBody> {
     prop_oneof![
         (agent(), queue(), 0u8..5, json(), 1u32..100, proptest::option::of("\\PC{1,20}")).prop_map(
             |(agent, queue, priority, input, max_attempts, idempotency_key)| {
-                EventBody::Created(RunCreated { agent, queue, priority, input, max_attempts, idempotency_key })
+                EventBody::Created(RunCreated {
+                    agent,
+                    queue,
+                    priority,
+                    input,
+                    max_attempts,
+                    idempotency_key,
+                })
             }
         ),
         any::<u64>().prop_map(|delivery| EventBody::Started(RunStarted { delivery })),
@@ -107,7 +114,13 @@ fn run_view() -> impl Strategy<Value = RunView> {
     (
         (run_id(), tenant(), agent(), queue(), 0u8..5, state(), any::<u32>(), any::<u32>()),
         (json(), proptest::option::of(json()), proptest::option::of(run_error())),
-        (proptest::option::of("\\PC{1,20}"), proptest::option::of(worker_id()), any::<i64>(), any::<i64>(), any::<u64>()),
+        (
+            proptest::option::of("\\PC{1,20}"),
+            proptest::option::of(worker_id()),
+            any::<i64>(),
+            any::<i64>(),
+            any::<u64>(),
+        ),
     )
         .prop_map(
             |(

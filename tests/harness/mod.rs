@@ -1,6 +1,6 @@
 //! The integration-test harness: real `nats-server` processes, real SQLite
 //! and PostgreSQL databases, and real `runfleet` processes. Nothing is faked.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod db;
 pub mod nats;

@@ -36,12 +36,8 @@ impl NatsServer {
     /// Starts with extra command-line arguments.
     pub fn start_with_args(extra: &[&str]) -> Self {
         let store = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
-        let mut server = Self {
-            child: None,
-            port: 0,
-            store,
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut server =
+            Self { child: None, port: 0, store, extra_args: extra.iter().map(|s| s.to_string()).collect() };
         server.spawn(None);
         server
     }

@@ -24,20 +24,13 @@ impl RunfleetProcess {
         let stderr = log.reopen().unwrap_or_else(|e| panic!("log file: {e}"));
         let child = Command::new(runfleet_binary())
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn runfleet {args:?}: {e}"));
-        Self {
-            name: name.to_owned(),
-            child: Some(child),
-            log,
-        }
+        Self { name: name.to_owned(), child: Some(child), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -114,24 +107,13 @@ impl Fleet {
 
     /// The coordinator command line for this fleet.
     pub fn coordinator_args(nats: &NatsServer, db: &TestDb) -> Vec<String> {
-        vec![
-            "coordinator".into(),
-            "--nats-url".into(),
-            nats.url(),
-            "--database-url".into(),
-            db.url.clone(),
-        ]
+        vec!["coordinator".into(), "--nats-url".into(), nats.url(), "--database-url".into(), db.url.clone()]
     }
 
     /// A worker command line serving `queues` with `slots` slots.
     pub fn worker_args(nats: &NatsServer, queues: &[&str], slots: u32) -> Vec<String> {
-        let mut args = vec![
-            "worker".into(),
-            "--nats-url".into(),
-            nats.url(),
-            "--slots".into(),
-            slots.to_string(),
-        ];
+        let mut args =
+            vec!["worker".into(), "--nats-url".into(), nats.url(), "--slots".into(), slots.to_string()];
         for q in queues {
             args.push("--queue".into());
             args.push((*q).into());
@@ -139,32 +121,44 @@ impl Fleet {
         args
     }
 
-    pub fn start(db: TestDb, workers: usize, slots: u32) -> Self {
+    /// Starts nats-server, the coordinator and `workers` workers serving the
+    /// `default` queue, and waits until the coordinator answers and every
+    /// worker has registered.
+    pub async fn start(db: TestDb, workers: usize, slots: u32) -> Self {
         let nats = NatsServer::start();
-        let coordinator =
-            RunfleetProcess::spawn("coordinator", &Self::coordinator_args(&nats, &db));
+        let coordinator = RunfleetProcess::spawn("coordinator", &Self::coordinator_args(&nats, &db));
         let workers = (0..workers)
             .map(|i| {
-                RunfleetProcess::spawn(
-                    &format!("worker-{i}"),
-                    &Self::worker_args(&nats, &["default"], slots),
-                )
+                RunfleetProcess::spawn(&format!("worker-{i}"), &Self::worker_args(&nats, &["default"], slots))
             })
             .collect();
-        Self {
-            workers,
-            coordinator,
-            db,
-            nats,
-        }
+        let fleet = Self { workers, coordinator, db, nats };
+        fleet.wait_ready().await;
+        fleet
+    }
+
+    /// Waits (up to 60 s) until the coordinator answers and all workers are registered.
+    pub async fn wait_ready(&self) {
+        use runfleet::client::Client;
+        use runfleet_protocol::{api::ListRequest, Names, TenantId};
+        let client = Client::connect(&self.nats.url(), TenantId::default_tenant(), Names::default())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let expected = self.workers.len();
+        super::stream::eventually(Duration::from_secs(60), "the fleet to be ready", || {
+            let client = client.clone();
+            async move {
+                client.list(ListRequest::default()).await.ok()?;
+                let live = if expected == 0 { 0 } else { client.workers().await.ok()?.len() };
+                (live >= expected).then_some(())
+            }
+        })
+        .await;
     }
 
     pub fn add_worker(&mut self, queues: &[&str], slots: u32) {
         let name = format!("worker-{}", self.workers.len());
-        self.workers.push(RunfleetProcess::spawn(
-            &name,
-            &Self::worker_args(&self.nats, queues, slots),
-        ));
+        self.workers.push(RunfleetProcess::spawn(&name, &Self::worker_args(&self.nats, queues, slots)));
     }
 
     /// A client command with this fleet's `--nats-url` appended.

@@ -16,15 +16,10 @@ use runfleet_protocol::{codec, Names, RunId, TenantId};
 pub async fn tenant_events(client: &async_nats::Client, tenant: &TenantId) -> Vec<(u64, Event)> {
     let names = Names::default();
     let js = jetstream::new(client.clone());
-    let mut stream = js
-        .get_stream(names.events_stream())
-        .await
-        .unwrap_or_else(|e| panic!("events stream: {e}"));
+    let mut stream =
+        js.get_stream(names.events_stream()).await.unwrap_or_else(|e| panic!("events stream: {e}"));
     let filter = names.tenant_events(tenant);
-    let info = stream
-        .info()
-        .await
-        .unwrap_or_else(|e| panic!("stream info: {e}"));
+    let info = stream.info().await.unwrap_or_else(|e| panic!("stream info: {e}"));
     if info.state.messages == 0 {
         return Vec::new();
     }
@@ -37,10 +32,7 @@ pub async fn tenant_events(client: &async_nats::Client, tenant: &TenantId) -> Ve
         })
         .await
         .unwrap_or_else(|e| panic!("ordered consumer: {e}"));
-    let mut messages = consumer
-        .messages()
-        .await
-        .unwrap_or_else(|e| panic!("messages: {e}"));
+    let mut messages = consumer.messages().await.unwrap_or_else(|e| panic!("messages: {e}"));
     let mut out = Vec::new();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
@@ -71,10 +63,7 @@ pub fn check_run_log(run: RunId, events: &[Event]) -> Result<(), String> {
     for (i, event) in events.iter().enumerate() {
         let expected = i as u64 + 1;
         if event.seq != expected {
-            return Err(format!(
-                "run {run}: event #{i} has seq {}, expected {expected}",
-                event.seq
-            ));
+            return Err(format!("run {run}: event #{i} has seq {}, expected {expected}", event.seq));
         }
     }
     if !matches!(events.first().map(|e| &e.body), Some(EventBody::Created(_))) {

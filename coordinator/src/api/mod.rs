@@ -24,8 +24,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use runfleet_protocol::api::{self, Reply};
 use runfleet_protocol::names::{
-    API_QUEUE_GROUP, API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, SERVICE_NAME, VERB_EVENTS,
-    VERB_GET, VERB_LIST, VERB_SUBMIT,
+    API_QUEUE_GROUP, API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, SERVICE_NAME, VERB_EVENTS, VERB_GET,
+    VERB_LIST, VERB_SUBMIT,
 };
 use runfleet_protocol::{codec, ApiError, ErrorCode, Names, TenantId};
 use serde::de::DeserializeOwned;
@@ -215,8 +215,7 @@ impl Api {
         Fut: std::future::Future<Output = Result<Resp, ApiError>>,
     {
         let tenant = api::validate_tenant(tenant_token)?;
-        let request =
-            codec::decode::<Req>(payload).map_err(|e| api::request_decode_error(verb, e))?;
+        let request = codec::decode::<Req>(payload).map_err(|e| api::request_decode_error(verb, e))?;
         action(self, tenant, request).await
     }
 }
@@ -227,8 +226,7 @@ fn encode_reply<T: Serialize>(result: Result<T, ApiError>) -> (Bytes, Option<Err
     match codec::encode(&Reply::from(result)) {
         Ok(bytes) => (Bytes::from(bytes), code),
         Err(error) => {
-            let internal =
-                ApiError::new(ErrorCode::Internal, format!("reply could not be encoded: {error}"));
+            let internal = ApiError::new(ErrorCode::Internal, format!("reply could not be encoded: {error}"));
             let bytes = codec::encode(&Reply::<()>::Err(internal)).unwrap_or_default();
             (Bytes::from(bytes), Some(ErrorCode::Internal))
         }

@@ -25,11 +25,7 @@ fn not_found(run: RunId) -> ApiError {
 }
 
 impl Api {
-    pub(super) async fn get(
-        &self,
-        tenant: TenantId,
-        request: GetRequest,
-    ) -> Result<RunView, ApiError> {
+    pub(super) async fn get(&self, tenant: TenantId, request: GetRequest) -> Result<RunView, ApiError> {
         let run = api::validate_run_id("run_id", &request.run_id)?;
         let row = self
             .inner
@@ -44,9 +40,7 @@ impl Api {
             (Some(view), _) => Ok(view),
             (None, Some(last)) => {
                 let first = self.first_event(&subject).await?;
-                first
-                    .and_then(|first| view_from_events(&first, &last))
-                    .ok_or_else(|| not_found(run))
+                first.and_then(|first| view_from_events(&first, &last)).ok_or_else(|| not_found(run))
             }
             (None, None) => Err(not_found(run)),
         }
@@ -98,9 +92,7 @@ impl Api {
         let mut next_stream_seq = 0;
         let mut found_any = false;
         while events.len() <= limit {
-            let Some(message) =
-                self.direct_get(&subject, Lookup::NextFrom(next_stream_seq)).await?
-            else {
+            let Some(message) = self.direct_get(&subject, Lookup::NextFrom(next_stream_seq)).await? else {
                 break;
             };
             found_any = true;
@@ -128,11 +120,7 @@ impl Api {
         Ok(self.direct_get(subject, Lookup::NextFrom(0)).await?.as_ref().and_then(decode_stored))
     }
 
-    async fn direct_get(
-        &self,
-        subject: &str,
-        lookup: Lookup,
-    ) -> Result<Option<StreamMessage>, ApiError> {
+    async fn direct_get(&self, subject: &str, lookup: Lookup) -> Result<Option<StreamMessage>, ApiError> {
         let events = &self.inner.events;
         let result = match lookup {
             Lookup::Last => events.direct_get_last_for_subject(subject).await,
@@ -141,9 +129,7 @@ impl Api {
         match result {
             Ok(message) => Ok(Some(message)),
             Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(error) => {
-                Err(unavailable("could not read the run's events from the stream", error))
-            }
+            Err(error) => Err(unavailable("could not read the run's events from the stream", error)),
         }
     }
 }

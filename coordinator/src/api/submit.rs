@@ -16,12 +16,8 @@ use runfleet_protocol::api::{SubmitRequest, SubmitResponse, ValidSubmit};
 use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::idempotency::{self, IdempotencyRecord};
 use runfleet_protocol::job::Job;
-use runfleet_protocol::names::{
-    HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID,
-};
-use runfleet_protocol::{
-    codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId,
-};
+use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
+use runfleet_protocol::{codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId};
 use tracing::{info, instrument, warn};
 
 use super::{unavailable, Api};
@@ -53,11 +49,7 @@ impl NewRun {
                 priority: self.submit.priority,
                 input: self.submit.input.clone(),
                 max_attempts: self.submit.max_attempts,
-                idempotency_key: self
-                    .submit
-                    .idempotency_key
-                    .as_ref()
-                    .map(|k| k.as_str().to_owned()),
+                idempotency_key: self.submit.idempotency_key.as_ref().map(|k| k.as_str().to_owned()),
             }),
         }
     }
@@ -103,11 +95,7 @@ impl Api {
                 let run = NewRun { tenant, submit, record: fresh_record(String::new()) };
                 self.publish_run(&run).await?;
                 info!(run_id = %run.record.run_id, agent = %run.submit.agent, queue = %run.submit.queue, "run submitted");
-                Ok(SubmitResponse {
-                    run_id: run.record.run_id,
-                    state: RunState::Queued,
-                    created: true,
-                })
+                Ok(SubmitResponse { run_id: run.record.run_id, state: RunState::Queued, created: true })
             }
             Some(key) => self.submit_idempotent(tenant, submit, &key).await,
         }
@@ -122,8 +110,7 @@ impl Api {
         key: &IdempotencyKey,
     ) -> Result<SubmitResponse, ApiError> {
         let kv_key = self.inner.names.idempotency_key(&tenant, key);
-        let fingerprint =
-            idempotency::fingerprint(&submit).map_err(|e| internal("fingerprint", e))?;
+        let fingerprint = idempotency::fingerprint(&submit).map_err(|e| internal("fingerprint", e))?;
         for _ in 0..IDEMPOTENCY_ATTEMPTS {
             let record = fresh_record(fingerprint.clone());
             let value = codec::encode(&record).map_err(|e| internal("idempotency record", e))?;
@@ -143,21 +130,20 @@ impl Api {
                         continue; // expired between the create and the read: try again
                     };
                     if existing.fingerprint != fingerprint {
-                        return Err(ApiError::new(
-                            ErrorCode::Conflict,
-                            format!(
+                        return Err(ApiError {
+                            code: ErrorCode::Conflict,
+                            message: format!(
                                 "idempotency key {:?} is already bound to run {} with a different request; \
                                  use a new key for a different request",
                                 key.as_str(),
                                 existing.run_id
                             ),
-                        ));
+                            field: Some("idempotency_key".to_owned()),
+                        });
                     }
                     return self.resubmit(NewRun { tenant, submit, record: existing }).await;
                 }
-                Err(error) => {
-                    return Err(unavailable("could not create the idempotency key", error))
-                }
+                Err(error) => return Err(unavailable("could not create the idempotency key", error)),
             }
         }
         Err(ApiError::new(
@@ -171,19 +157,13 @@ impl Api {
     async fn resubmit(&self, run: NewRun) -> Result<SubmitResponse, ApiError> {
         self.publish_run(&run).await?;
         let subject = self.inner.names.run_events(&run.tenant, run.record.run_id);
-        let state = self
-            .last_event(&subject)
-            .await?
-            .map(|event| event.state_after())
-            .unwrap_or(RunState::Queued);
+        let state =
+            self.last_event(&subject).await?.map(|event| event.state_after()).unwrap_or(RunState::Queued);
         info!(run_id = %run.record.run_id, %state, "idempotent submit matched an existing run");
         Ok(SubmitResponse { run_id: run.record.run_id, state, created: false })
     }
 
-    async fn idempotency_record(
-        &self,
-        kv_key: &str,
-    ) -> Result<Option<IdempotencyRecord>, ApiError> {
+    async fn idempotency_record(&self, kv_key: &str) -> Result<Option<IdempotencyRecord>, ApiError> {
         let value = self
             .inner
             .idempotency
@@ -191,31 +171,36 @@ impl Api {
             .await
             .map_err(|e| unavailable("could not read the idempotency key", e))?;
         value
-            .map(|bytes| {
-                codec::decode(&bytes).map_err(|e| internal("stored idempotency record", e))
-            })
+            .map(|bytes| codec::decode(&bytes).map_err(|e| internal("stored idempotency record", e)))
             .transpose()
     }
 
     /// Publishes `run.created`, then the job, awaiting each acknowledgement.
-    /// If the run's log already exists the job is not re-published (the run
-    /// is under way and owns its job).
+    /// If the run's log already exists and the run has started, the job is
+    /// not re-published (the run is under way and owns its job).
     async fn publish_run(&self, run: &NewRun) -> Result<(), ApiError> {
         let names = &self.inner.names;
         let run_id = run.record.run_id;
-        let event =
-            codec::encode(&run.created_event()).map_err(|e| internal("run.created event", e))?;
+        let event = codec::encode(&run.created_event()).map_err(|e| internal("run.created event", e))?;
         let mut headers = content_headers(&names.event_msg_id(run_id, 1));
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);
-        match self.publish(subject, headers, event).await {
+        match self.publish(subject.clone(), headers, event).await {
             Ok(()) => {}
-            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => return Ok(()),
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                // The log exists. If nothing moved the run past `run.created`,
+                // its job may be what a crashed submitter never published:
+                // publish it again. Within the duplicate window the msg id
+                // makes this a no-op; after it, a second job for a queued run
+                // is harmless (its claimant finds the lease held or the run
+                // terminal and only acks).
+                let started = self.last_event(&subject).await?.is_some_and(|last| last.seq > 1);
+                if started {
+                    return Ok(());
+                }
+            }
             Err(error) => {
-                return Err(unavailable(
-                    format!("could not publish run.created for run {run_id}"),
-                    error,
-                ))
+                return Err(unavailable(format!("could not publish run.created for run {run_id}"), error))
             }
         }
         let job = codec::encode(&run.job()).map_err(|e| internal("job", e))?;
@@ -234,8 +219,7 @@ impl Api {
         headers: HeaderMap,
         payload: Vec<u8>,
     ) -> Result<(), async_nats::jetstream::context::PublishError> {
-        let ack =
-            self.inner.js.publish_with_headers(subject, headers, Bytes::from(payload)).await?;
+        let ack = self.inner.js.publish_with_headers(subject, headers, Bytes::from(payload)).await?;
         ack.await.map(|_| ())
     }
 }

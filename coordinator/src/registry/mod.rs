@@ -176,11 +176,7 @@ impl Registry {
 
     /// One page of `tenant`'s runs matching `filter`, newest first.
     /// `next_cursor` (the last run id of the page) is set only if more follow.
-    pub async fn list(
-        &self,
-        tenant: &TenantId,
-        filter: &ListFilter,
-    ) -> Result<ListResponse, Error> {
+    pub async fn list(&self, tenant: &TenantId, filter: &ListFilter) -> Result<ListResponse, Error> {
         let mut conditions = vec!["tenant = $1".to_owned()];
         let mut binds = vec![tenant.to_string()];
         let mut filter_on = |column: &str, value: String| {
@@ -251,8 +247,7 @@ impl Registry {
         if rows.is_empty() && !self.has_events(tenant, run).await? {
             return Ok(None);
         }
-        let mut events =
-            rows.iter().map(|row| event_from_row(row, run)).collect::<Result<Vec<_>, _>>()?;
+        let mut events = rows.iter().map(|row| event_from_row(row, run)).collect::<Result<Vec<_>, _>>()?;
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let has_more = events.len() > limit;
         events.truncate(limit);
@@ -260,13 +255,12 @@ impl Registry {
     }
 
     async fn has_events(&self, tenant: &TenantId, run: RunId) -> Result<bool, Error> {
-        let row =
-            sqlx::query("SELECT seq FROM run_events WHERE tenant = $1 AND run_id = $2 LIMIT 1")
-                .bind(tenant.as_str())
-                .bind(run.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(query_error("reading events"))?;
+        let row = sqlx::query("SELECT seq FROM run_events WHERE tenant = $1 AND run_id = $2 LIMIT 1")
+            .bind(tenant.as_str())
+            .bind(run.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("reading events"))?;
         Ok(row.is_some())
     }
 }
@@ -351,16 +345,11 @@ async fn stored_event(
         .bind(run.to_string())
         .bind(tenant.as_str()),
     };
-    let row =
-        query.fetch_optional(&mut **tx).await.map_err(query_error("reading stored events"))?;
+    let row = query.fetch_optional(&mut **tx).await.map_err(query_error("reading stored events"))?;
     row.as_ref().map(|row| event_from_row(row, run)).transpose()
 }
 
-async fn insert_run(
-    tx: &mut Transaction<'_, Any>,
-    event: &Event,
-    body: &RunCreated,
-) -> Result<(), Error> {
+async fn insert_run(tx: &mut Transaction<'_, Any>, event: &Event, body: &RunCreated) -> Result<(), Error> {
     let sql = format!(
         "INSERT INTO runs ({RUN_COLUMNS}) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10, NULL, $11, $11, $12) \

@@ -1,0 +1,208 @@
+//! Appending to one run's event log.
+//!
+//! Every append carries `Nats-Msg-Id: <run_id>:<seq>` and
+//! `Nats-Expected-Last-Subject-Sequence` set to the stream sequence of the
+//! run's previous event, so the server refuses the append if anyone else wrote
+//! to the log since this worker read it: at most one worker commits for a run.
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
+use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
+
+/// Why an event could not be appended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Someone else appended to the run's log (the server refused our expected
+    /// last sequence, or our sequence number was already taken): this worker
+    /// no longer owns the run and must write nothing more.
+    #[error("run {run_id} was written by someone else at seq {seq}: the lease is lost")]
+    LeaseLost { run_id: RunId, seq: u64 },
+    /// An earlier append failed, so the log's position is unknown; nothing more
+    /// may be appended through this log.
+    #[error("run {run_id}'s event log is closed after an earlier failure")]
+    Closed { run_id: RunId },
+    /// The event could not be encoded (a bug or an unserializable output).
+    #[error("event for run {run_id} could not be encoded: {source}")]
+    Encode { run_id: RunId, source: codec::Error },
+    /// The publish failed or was not acknowledged in time. The event may or
+    /// may not have been written; the log is closed.
+    #[error("event for run {run_id} could not be published: {source}")]
+    Publish { run_id: RunId, source: jetstream::context::PublishError },
+    /// The run's last event could not be read.
+    #[error("last event of run {run_id} could not be read: {source}")]
+    Read { run_id: RunId, source: stream::DirectGetError },
+    /// The run's last event is not a decodable runfleet event.
+    #[error("last event of run {run_id} (stream seq {stream_seq}) is not decodable: {source}")]
+    Decode { run_id: RunId, stream_seq: u64, source: codec::Error },
+}
+
+impl Error {
+    /// Whether this error means the run belongs to someone else now.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Self::LeaseLost { .. })
+    }
+}
+
+/// The last event of a run as read from the stream.
+#[derive(Debug, Clone)]
+pub struct LastEvent {
+    pub event: Event,
+    /// Its stream sequence: what `Nats-Expected-Last-Subject-Sequence` compares.
+    pub stream_seq: u64,
+}
+
+/// Reads a run's last event directly from the events stream; `Ok(None)` if
+/// the run has no event.
+pub async fn read_last(
+    events: &stream::Stream,
+    names: &Names,
+    tenant: &TenantId,
+    run_id: RunId,
+) -> Result<Option<LastEvent>, Error> {
+    let subject = names.run_events(tenant, run_id);
+    match events.direct_get_last_for_subject(subject).await {
+        Ok(message) => {
+            let event = codec::decode::<Event>(&message.payload).map_err(|source| Error::Decode {
+                run_id,
+                stream_seq: message.sequence,
+                source,
+            })?;
+            Ok(Some(LastEvent { event, stream_seq: message.sequence }))
+        }
+        Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Read { run_id, source }),
+    }
+}
+
+/// The append side of one run's log, owned by the attempt that holds the
+/// run's lease.
+///
+/// Not cancellation safe in the sense that a dropped [`EventLog::append`] may
+/// or may not have written its event; the log stays usable only after an
+/// append returned `Ok`.
+#[derive(Debug)]
+pub struct EventLog {
+    js: jetstream::Context,
+    names: Names,
+    subject: String,
+    run_id: RunId,
+    tenant: TenantId,
+    worker_id: WorkerId,
+    attempt: u32,
+    /// The seq the next event gets.
+    next_seq: u64,
+    /// The stream sequence of the run's last event.
+    last_stream_seq: u64,
+    closed: bool,
+}
+
+impl EventLog {
+    /// A log that continues after `last`, written by `attempt`.
+    pub fn new(
+        js: jetstream::Context,
+        names: Names,
+        worker_id: WorkerId,
+        attempt: u32,
+        last: &LastEvent,
+    ) -> Self {
+        let run_id = last.event.run_id;
+        let tenant = last.event.tenant.clone();
+        Self {
+            subject: names.run_events(&tenant, run_id),
+            js,
+            names,
+            run_id,
+            tenant,
+            worker_id,
+            attempt,
+            next_seq: last.event.seq + 1,
+            last_stream_seq: last.stream_seq,
+            closed: false,
+        }
+    }
+
+    pub fn run_id(&self) -> RunId {
+        self.run_id
+    }
+
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn worker_id(&self) -> &WorkerId {
+        &self.worker_id
+    }
+
+    /// The seq of the last event appended (or read).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Whether an earlier failure closed the log.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Closes the log so nothing more is appended (used when the lease is lost).
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
+    /// Appends one event and waits for JetStream to acknowledge it. Returns
+    /// the event's seq. Any error closes the log.
+    pub async fn append(&mut self, body: EventBody) -> Result<u64, Error> {
+        if self.closed {
+            return Err(Error::Closed { run_id: self.run_id });
+        }
+        let result = self.try_append(body).await;
+        if result.is_err() {
+            self.closed = true;
+        }
+        result
+    }
+
+    async fn try_append(&mut self, body: EventBody) -> Result<u64, Error> {
+        let seq = self.next_seq;
+        let run_id = self.run_id;
+        let event = Event {
+            run_id,
+            tenant: self.tenant.clone(),
+            seq,
+            ts_ms: time::now_ms(),
+            attempt: self.attempt,
+            worker_id: Some(self.worker_id.clone()),
+            body,
+        };
+        let payload = codec::encode(&event).map_err(|source| Error::Encode { run_id, source })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
+        headers.insert(HEADER_MSG_ID, self.names.event_msg_id(run_id, seq).as_str());
+        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.last_stream_seq.to_string().as_str());
+        let ack = async {
+            self.js.publish_with_headers(self.subject.clone(), headers, payload.into()).await?.await
+        }
+        .await;
+        match ack {
+            // A duplicate means an event with our msg id (`<run_id>:<seq>`)
+            // is already in the stream and we never publish the same seq
+            // twice: someone else wrote this seq.
+            Ok(ack) if ack.duplicate => Err(Error::LeaseLost { run_id, seq }),
+            Ok(ack) => {
+                self.next_seq = seq + 1;
+                self.last_stream_seq = ack.sequence;
+                Ok(seq)
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(Error::LeaseLost { run_id, seq })
+            }
+            Err(source) => Err(Error::Publish { run_id, source }),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The worker's one heartbeat task: renews every held lease and keeps every
+//! running job's message alive.
+//!
+//! Every period it CAS-updates each held lease on the revision this worker
+//! last wrote and sends an in-progress ack for the run's job. A failed CAS
+//! means the lease is lost: the run is stopped at once (its agent future is
+//! dropped) and writes nothing more. The cost is O(running runs) KV updates
+//! per period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::message::AckKind;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::lease::{self, Held};
+use super::Shared;
+
+/// The heartbeat period: a third of the shorter of the lease TTL and the
+/// job ack wait, so a lease survives two missed beats and a job's ack wait
+/// never runs out while its run is alive.
+pub(crate) fn period(lease_ttl: Duration, ack_wait: Duration) -> Duration {
+    (lease_ttl.min(ack_wait) / 3).max(Duration::from_millis(10))
+}
+
+/// Runs until `shutdown` is cancelled. Cancel it only after every run ended,
+/// so draining runs stay leased.
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let period = period(shared.lease_ttl, shared.config.ack_wait);
+    debug!(period_ms = period.as_millis() as u64, "heartbeat started");
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick completes at once; a fresh lease needs no renewal.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let held = shared.held_runs();
+        futures::future::join_all(held.iter().map(|h| beat(&shared, h))).await;
+    }
+}
+
+async fn beat(shared: &Shared, held: &Arc<Held>) {
+    match held.renew(&shared.leases).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(lease::Error::Lost { .. }) => {
+            warn!(run_id = %held.run_id, "lease lost (changed by someone else); stopping the run");
+            held.mark_lost();
+            return;
+        }
+        // A transient failure: the lease survives until its TTL, the next
+        // beat retries. Keep the job alive meanwhile.
+        Err(e) => warn!(run_id = %held.run_id, error = %e, "lease renewal failed; retrying next beat"),
+    }
+    if let Err(e) = held.acker.ack_with(AckKind::Progress).await {
+        warn!(run_id = %held.run_id, error = %e, "in-progress ack failed");
+    }
+}

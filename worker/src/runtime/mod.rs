@@ -1,0 +1,418 @@
+//! The worker runtime: one pull loop, slots, leases, heartbeats, event
+//! publishing and drain.
+//!
+//! Shape: [`Worker::start`] connects and prepares (consumers, wake-up
+//! subscriptions, registry entry); [`Worker::run`] runs the pull loop until
+//! its cancellation token fires, then drains. Besides the pull loop the
+//! worker owns exactly two tasks, the heartbeat (`heartbeat.rs`) and the
+//! registry refresh (`registry.rs`), plus one task per running run.
+
+pub mod events;
+mod heartbeat;
+pub mod lease;
+mod registry;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{ConnectOptions, Subscriber};
+use futures::stream::SelectAll;
+use futures::{FutureExt, StreamExt};
+use runfleet_protocol::limits::PRIORITY_BANDS;
+use runfleet_protocol::{time, Names, QueueName, RunId, WorkerId};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{self, WorkerConfig};
+use crate::sdk::Agents;
+use lease::Held;
+
+/// The lease TTL assumed when the leases bucket has no `max_age`.
+const FALLBACK_LEASE_TTL: Duration = Duration::from_secs(15);
+/// The registry TTL assumed when the workers bucket has no `max_age`.
+const FALLBACK_WORKERS_TTL: Duration = Duration::from_secs(30);
+/// `max_ack_pending` of the job consumers: large, because the real bound is
+/// every worker's slot count.
+const MAX_ACK_PENDING: i64 = 100_000;
+/// Upper bound on one no-wait fetch round trip, so a lost reply cannot stall
+/// the pull loop.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause between checks for the coordinator's streams and buckets.
+const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why the worker could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error("could not connect to NATS at {url}: {source}")]
+    Connect { url: String, source: async_nats::ConnectError },
+    #[error("stream {stream} does not allow direct gets; the coordinator must create it with allow_direct")]
+    DirectGetDisabled { stream: String },
+    #[error("could not create or update job consumer {name}: {source}")]
+    Consumer { name: String, source: jetstream::stream::ConsumerError },
+    #[error("could not subscribe to {subject}: {source}")]
+    Subscribe { subject: String, source: async_nats::SubscribeError },
+    #[error("could not register the worker: {0}")]
+    Register(#[from] registry::Error),
+}
+
+/// State shared by the pull loop, the run tasks and the two background tasks.
+pub(crate) struct Shared {
+    pub id: WorkerId,
+    pub config: WorkerConfig,
+    pub names: Names,
+    pub js: jetstream::Context,
+    pub events: stream::Stream,
+    pub leases: kv::Store,
+    pub workers: kv::Store,
+    pub agents: Agents,
+    pub lease_ttl: Duration,
+    pub workers_ttl: Duration,
+    pub started_ms: i64,
+    held: Mutex<HashMap<RunId, Arc<Held>>>,
+}
+
+impl Shared {
+    /// Registers a held run with the heartbeat until the guard is dropped.
+    pub(crate) fn hold(&self, held: Arc<Held>) -> HoldGuard<'_> {
+        let run_id = held.run_id;
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).insert(run_id, held);
+        HoldGuard { shared: self, run_id }
+    }
+
+    pub(crate) fn held_runs(&self) -> Vec<Arc<Held>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    pub(crate) fn held_count(&self) -> usize {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// Removes a run from the held table when its task is done with it.
+pub(crate) struct HoldGuard<'a> {
+    shared: &'a Shared,
+    run_id: RunId,
+}
+
+impl Drop for HoldGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.run_id);
+    }
+}
+
+/// A started worker. See the crate docs for the run path.
+pub struct Worker {
+    shared: Arc<Shared>,
+    /// Job consumers by band (index = band), each with its queue.
+    bands: Vec<Vec<(QueueName, PullConsumer)>>,
+    /// Core-NATS subscriptions to every served queue's job subjects: wake-ups
+    /// for an idle pull loop.
+    wake: Vec<Subscriber>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.shared.id)
+            .field("queues", &self.shared.config.queues)
+            .field("slots", &self.shared.config.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Validates `config`, connects to NATS, waits until the coordinator has
+    /// created the jobs and events streams and the leases and workers buckets
+    /// (logging while it waits, retrying forever), creates or updates the job
+    /// consumers (one per served queue and priority band; several workers may
+    /// do this at once), subscribes to job wake-ups and registers the worker
+    /// in the workers bucket.
+    ///
+    /// Cancellation safe: dropping the future (for example on Ctrl-C while
+    /// waiting for the coordinator) leaves nothing behind but a closed
+    /// connection.
+    ///
+    /// # Errors
+    ///
+    /// Invalid configuration, an unreachable NATS server, an events stream
+    /// without direct gets, or a consumer, subscription or registry write
+    /// the server refused.
+    pub async fn start(config: WorkerConfig, agents: Agents) -> Result<Self, Error> {
+        config.validate()?;
+        let names = Names::new(config.prefix()?);
+        let id = config.worker_id.clone().unwrap_or_else(WorkerId::generate);
+        let client = ConnectOptions::new()
+            .name(format!("runfleet-worker {id}"))
+            .connect(config.nats_url.as_str())
+            .await
+            .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
+        let js = jetstream::new(client.clone());
+
+        let (jobs, events, leases, workers) = wait_for_infrastructure(&js, &names).await;
+        if !events.cached_info().config.allow_direct {
+            return Err(Error::DirectGetDisabled { stream: names.events_stream() });
+        }
+        let lease_ttl = nonzero_or(leases.stream.cached_info().config.max_age, FALLBACK_LEASE_TTL);
+        let workers_ttl = nonzero_or(workers.stream.cached_info().config.max_age, FALLBACK_WORKERS_TTL);
+
+        let mut bands = Vec::with_capacity(usize::from(PRIORITY_BANDS));
+        for band in 0..PRIORITY_BANDS {
+            let mut consumers = Vec::with_capacity(config.queues.len());
+            for queue in &config.queues {
+                let name = names.job_consumer(queue, band);
+                let consumer = jobs
+                    .create_consumer(pull::Config {
+                        durable_name: Some(name.clone()),
+                        filter_subject: names.job_band_filter(queue, band),
+                        ack_policy: AckPolicy::Explicit,
+                        ack_wait: config.ack_wait,
+                        max_ack_pending: MAX_ACK_PENDING,
+                        max_deliver: -1,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|source| Error::Consumer { name, source })?;
+                consumers.push((queue.clone(), consumer));
+            }
+            bands.push(consumers);
+        }
+
+        let mut wake = Vec::with_capacity(config.queues.len());
+        for queue in &config.queues {
+            let subject = names.jobs_queue_wildcard(queue);
+            let subscriber = client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|source| Error::Subscribe { subject, source })?;
+            wake.push(subscriber);
+        }
+
+        let shared = Arc::new(Shared {
+            id,
+            config,
+            names,
+            js,
+            events,
+            leases,
+            workers,
+            agents,
+            lease_ttl,
+            workers_ttl,
+            started_ms: time::now_ms(),
+            held: Mutex::new(HashMap::new()),
+        });
+        registry::put(&shared).await?;
+        info!(
+            worker_id = %shared.id,
+            queues = ?shared.config.queues,
+            slots = shared.config.slots,
+            agents = ?shared.agents,
+            lease_ttl_ms = shared.lease_ttl.as_millis() as u64,
+            "worker started"
+        );
+        Ok(Self { shared, bands, wake })
+    }
+
+    /// This worker's identity (in leases, events and the registry).
+    pub fn id(&self) -> &WorkerId {
+        &self.shared.id
+    }
+
+    /// Runs the pull loop until `shutdown` is cancelled, then drains: stops
+    /// fetching, lets running runs finish for up to `shutdown_grace`, hands
+    /// the rest off (stops them, releases their leases, NAKs their jobs for
+    /// immediate redelivery), stops the heartbeat and deregisters.
+    ///
+    /// Transient NATS failures are logged and retried; they do not end the
+    /// loop.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Self { shared, bands, wake } = self;
+        let background = CancellationToken::new();
+        let handoff = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), background.clone()));
+        let registry = tokio::spawn(registry::run(shared.clone(), background.clone()));
+
+        let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
+        let mut wake: Option<SelectAll<Subscriber>> = Some(futures::stream::select_all(wake));
+        let mut runs: JoinSet<()> = JoinSet::new();
+
+        loop {
+            while let Some(done) = runs.try_join_next() {
+                report_join(done);
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let free = slots.saturating_sub(runs.len());
+            if free == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    Some(done) = runs.join_next() => report_join(done),
+                }
+                continue;
+            }
+
+            // Wake-ups seen so far are covered by the fetch below.
+            if let Some(w) = wake.as_mut() {
+                while let Some(next) = w.next().now_or_never() {
+                    if next.is_none() {
+                        warn!("job wake-up subscriptions closed; polling every idle_poll");
+                        wake = None;
+                        break;
+                    }
+                }
+            }
+
+            let messages = fetch(&bands, free).await;
+            if !messages.is_empty() {
+                debug!(count = messages.len(), free, "jobs fetched");
+                for message in messages {
+                    runs.spawn(run::handle(shared.clone(), message, handoff.clone()));
+                }
+                continue;
+            }
+
+            // Nothing to do: sleep until a job is published, a run ends, the
+            // idle poll is due (redeliveries publish nothing) or shutdown.
+            let woken = async {
+                match wake.as_mut() {
+                    Some(w) => {
+                        w.next().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = woken => {}
+                Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
+                () = tokio::time::sleep(shared.config.idle_poll) => {}
+            }
+        }
+
+        drop(wake);
+        let grace = shared.config.shutdown_grace;
+        info!(worker_id = %shared.id, running = runs.len(), grace_ms = grace.as_millis() as u64, "worker stopping; draining runs");
+        let deadline = tokio::time::sleep(grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                done = runs.join_next() => match done {
+                    Some(done) => report_join(done),
+                    None => break,
+                },
+                () = &mut deadline, if !handoff.is_cancelled() => {
+                    info!(worker_id = %shared.id, running = runs.len(), "shutdown grace over; handing off remaining runs");
+                    handoff.cancel();
+                }
+            }
+        }
+
+        background.cancel();
+        for task in [heartbeat, registry] {
+            if let Err(e) = task.await {
+                error!(worker_id = %shared.id, error = %e, "worker background task failed");
+            }
+        }
+        // Deliver any acks still buffered before the connection goes away.
+        if let Err(e) = shared.js.client().flush().await {
+            warn!(worker_id = %shared.id, error = %e, "could not flush the NATS connection");
+        }
+        info!(worker_id = %shared.id, "worker stopped");
+        Ok(())
+    }
+}
+
+/// Fetches at most `free` jobs, strictly highest band first: bands are tried
+/// in order, each queue of a band with a no-wait fetch of the slots still
+/// free, and the first band that yields anything ends the round (the next
+/// round starts again at band 0).
+async fn fetch(bands: &[Vec<(QueueName, PullConsumer)>], free: usize) -> Vec<jetstream::Message> {
+    let mut fetched = Vec::new();
+    'bands: for (band, consumers) in bands.iter().enumerate() {
+        for (queue, consumer) in consumers {
+            let want = free.saturating_sub(fetched.len());
+            if want == 0 {
+                break 'bands;
+            }
+            let round = async {
+                let mut batch = consumer.fetch().max_messages(want).messages().await?;
+                while let Some(message) = batch.next().await {
+                    fetched.push(message?);
+                }
+                Ok::<(), async_nats::Error>(())
+            };
+            match tokio::time::timeout(FETCH_TIMEOUT, round).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(queue = %queue, band, error = %e, "job fetch failed"),
+                Err(_) => warn!(queue = %queue, band, "job fetch timed out"),
+            }
+        }
+        if !fetched.is_empty() {
+            break;
+        }
+    }
+    fetched
+}
+
+fn report_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        // Agent panics are caught inside the run; this is a runtime bug.
+        error!(error = %e, "run task failed");
+    }
+}
+
+fn nonzero_or(value: Duration, fallback: Duration) -> Duration {
+    if value.is_zero() {
+        fallback
+    } else {
+        value
+    }
+}
+
+/// Waits until the coordinator has created what the worker needs, logging
+/// what is missing. Retries forever; cancel by dropping the future.
+async fn wait_for_infrastructure(
+    js: &jetstream::Context,
+    names: &Names,
+) -> (stream::Stream, stream::Stream, kv::Store, kv::Store) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let missing = match tokio::try_join!(
+            async {
+                js.get_stream(names.jobs_stream()).await.map_err(|e| (names.jobs_stream(), e.to_string()))
+            },
+            async {
+                js.get_stream(names.events_stream()).await.map_err(|e| (names.events_stream(), e.to_string()))
+            },
+            async {
+                js.get_key_value(names.leases_bucket())
+                    .await
+                    .map_err(|e| (names.leases_bucket(), e.to_string()))
+            },
+            async {
+                js.get_key_value(names.workers_bucket())
+                    .await
+                    .map_err(|e| (names.workers_bucket(), e.to_string()))
+            },
+        ) {
+            Ok(found) => return found,
+            Err(missing) => missing,
+        };
+        info!(
+            missing = %missing.0,
+            error = %missing.1,
+            retry_in_ms = backoff.as_millis() as u64,
+            "waiting for the coordinator to create the runfleet streams and buckets"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_STARTUP_BACKOFF);
+    }
+}

@@ -1,0 +1,379 @@
+//! The worker against a real nats-server: the run path, priorities, leases,
+//! heartbeats and hand-off.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::PullConsumer;
+use runfleet_protocol::event::{Event, EventBody, RunCompleted};
+use runfleet_protocol::lease::Lease;
+use runfleet_protocol::worker::WorkerInfo;
+use runfleet_protocol::{codec, time, AgentName, ErrorCode, QueueName, RunId, WorkerId};
+use runfleet_worker::agents;
+use runfleet_worker::sdk::{async_trait, Agent, AgentError, RunContext};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+use common::{assert_gapless, types, wait_until, Env, DEADLINE};
+
+const LEASE_TTL: Duration = Duration::from_secs(15);
+
+fn failed_code(event: &Event) -> Option<ErrorCode> {
+    match &event.body {
+        EventBody::Failed(f) => Some(f.error.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn echo_completes_with_gapless_events() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let run = env.submit("echo", json!({"hello": "world"}), 2).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    assert_gapless(&events);
+    assert_eq!(events[2].body, EventBody::Completed(RunCompleted { output: json!({"hello": "world"}) }));
+    for event in &events[1..] {
+        assert_eq!(event.attempt, 1);
+        assert_eq!(event.worker_id.as_ref(), Some(&worker.id));
+    }
+    assert!(matches!(&events[1].body, EventBody::Started(s) if s.delivery == 1));
+
+    // The job is acked (gone from the work queue) and the lease released.
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    wait_until(DEADLINE, || async {
+        Ok(env.leases.get(env.names.lease_key(run)).await?.is_none().then_some(()))
+    })
+    .await?;
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn sleep_emits_progress_events() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let run = env.submit("sleep", json!({"steps": 3, "ms": 50}), 2).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(
+        types(&events),
+        ["run.created", "run.started", "agent.event", "agent.event", "agent.event", "run.completed"]
+    );
+    assert_gapless(&events);
+    for (i, event) in events[2..5].iter().enumerate() {
+        match &event.body {
+            EventBody::Agent(a) => {
+                assert_eq!(a.name, "progress");
+                assert_eq!(a.data, json!({"step": i + 1, "steps": 3}));
+            }
+            other => panic!("expected agent.event, got {other:?}"),
+        }
+    }
+    assert_eq!(events[5].body, EventBody::Completed(RunCompleted { output: json!({"steps": 3}) }));
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn failing_agents_fail_the_run_with_typed_codes() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(4), agents::builtin()).await?;
+    let failed = env.submit("fail", json!({"message": "boom"}), 2).await?;
+    let bad_sleep = env.submit("sleep", json!({"steps": "many"}), 2).await?;
+    let bad_fail = env.submit("fail", json!(42), 2).await?;
+
+    let events = env.wait_terminal(failed).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.failed"]);
+    assert_eq!(failed_code(&events[2]), Some(ErrorCode::AgentFailed));
+    match &events[2].body {
+        EventBody::Failed(f) => assert_eq!(f.error.message, "boom"),
+        other => panic!("expected run.failed, got {other:?}"),
+    }
+    for run in [bad_sleep, bad_fail] {
+        let events = env.wait_terminal(run).await?;
+        assert_gapless(&events);
+        assert_eq!(failed_code(events.last().context("no events")?), Some(ErrorCode::InvalidInput));
+    }
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn unknown_agent_fails_naming_agent_and_worker() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(1), agents::builtin()).await?;
+    let run = env.submit("no_such_agent", json!({}), 2).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.failed"]);
+    assert_gapless(&events);
+    let EventBody::Failed(failed) = &events[1].body else { panic!("expected run.failed") };
+    assert_eq!(failed.error.code, ErrorCode::UnknownAgent);
+    assert!(failed.error.message.contains("no_such_agent"));
+    assert!(failed.error.message.contains(worker.id.as_str()));
+    assert!(failed.error.message.contains("echo"));
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    worker.stop().await
+}
+
+struct Panics;
+
+#[async_trait]
+impl Agent for Panics {
+    async fn run(&self, _ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+        panic!("agent bug");
+    }
+}
+
+#[tokio::test]
+async fn panicking_agent_fails_the_run_and_the_worker_survives() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("panics")?, Panics);
+    let worker = env.worker(env.config(1), agents).await?;
+    let run = env.submit("panics", json!({}), 2).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.failed"]);
+    assert_eq!(failed_code(&events[2]), Some(ErrorCode::AgentPanicked));
+
+    // The worker still serves jobs.
+    let next = env.submit("echo", json!(1), 2).await?;
+    let events = env.wait_terminal(next).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    worker.stop().await
+}
+
+/// Holds its slot until the test opens the gate.
+struct Gate(Arc<Notify>);
+
+#[async_trait]
+impl Agent for Gate {
+    async fn run(&self, _ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+        self.0.notified().await;
+        Ok(Value::Null)
+    }
+}
+
+#[tokio::test]
+async fn highest_band_is_served_first() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let gate = Arc::new(Notify::new());
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("gate")?, Gate(gate.clone()));
+    let worker = env.worker(env.config(1), agents).await?;
+
+    let blocker = env.submit("gate", json!({}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(blocker).await?.len() >= 2).then_some(())) }).await?;
+
+    let mut low = Vec::new();
+    for i in 0..5 {
+        low.push(env.submit("echo", json!(i), 2).await?);
+    }
+    let mut high = Vec::new();
+    for i in 0..2 {
+        high.push(env.submit("echo", json!(i), 0).await?);
+    }
+    gate.notify_one();
+
+    let started = |events: Vec<(u64, Event)>| -> anyhow::Result<u64> {
+        events
+            .into_iter()
+            .find(|(_, e)| matches!(e.body, EventBody::Started(_)))
+            .map(|(seq, _)| seq)
+            .context("no run.started")
+    };
+    let mut high_started = Vec::new();
+    for run in &high {
+        env.wait_terminal(*run).await?;
+        high_started.push(started(env.events(*run).await?)?);
+    }
+    let mut low_started = Vec::new();
+    for run in &low {
+        env.wait_terminal(*run).await?;
+        low_started.push(started(env.events(*run).await?)?);
+    }
+    let last_high = high_started.iter().max().context("no high")?;
+    let first_low = low_started.iter().min().context("no low")?;
+    assert!(
+        last_high < first_low,
+        "band-0 runs must start before band-2 runs: band 0 started at {high_started:?}, band 2 at {low_started:?}"
+    );
+    worker.stop().await
+}
+
+fn foreign_lease(run_id: RunId) -> anyhow::Result<Vec<u8>> {
+    let lease = Lease {
+        run_id,
+        worker_id: WorkerId::new("w-other")?,
+        attempt: 1,
+        acquired_ms: time::now_ms(),
+        renewed_ms: time::now_ms(),
+    };
+    Ok(codec::encode(&lease)?)
+}
+
+#[tokio::test]
+async fn job_of_a_run_leased_elsewhere_is_left_alone() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+
+    // Another worker holds the lease when the job arrives.
+    let job = env.create_run("echo", json!("x"), 2).await?;
+    let run = job.run_id;
+    env.leases.create(env.names.lease_key(run), foreign_lease(run)?.into()).await?;
+    env.publish_job(&job).await?;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = env.events(run).await?;
+    assert_eq!(events.len(), 1, "the run must not be started while leased elsewhere: {events:?}");
+    assert_eq!(env.jobs_in_stream().await?, 1, "the job must stay in the queue");
+    let consumer_name = env.names.job_consumer(&QueueName::default_queue(), 2);
+    let mut consumer: PullConsumer =
+        env.jobs.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!(e))?;
+    let deliveries = consumer.info().await?.delivered.consumer_sequence;
+    // NAKs carry a delay (500ms in this config): a handful of deliveries in
+    // 3s, not a hot loop.
+    assert!((1..50).contains(&deliveries), "deliveries: {deliveries}");
+
+    // Once the other worker lets go, the run proceeds.
+    env.leases.delete(env.names.lease_key(run)).await?;
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    assert_gapless(&events);
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn redelivered_job_of_a_terminal_run_is_only_acked() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+
+    // A previous worker completed the run but crashed before acking the job.
+    let job = env.create_run("echo", json!("x"), 2).await?;
+    let run = job.run_id;
+    let created_seq = env.events(run).await?.first().map(|(s, _)| *s).context("no run.created")?;
+    let completed = Event {
+        run_id: run,
+        tenant: env.tenant.clone(),
+        seq: 2,
+        ts_ms: time::now_ms(),
+        attempt: 1,
+        worker_id: Some(WorkerId::new("w-crashed")?),
+        body: EventBody::Completed(RunCompleted { output: json!("done") }),
+    };
+    env.append_event(&completed, created_seq).await?;
+    env.publish_job(&job).await?;
+
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    let events: Vec<Event> = env.events(run).await?.into_iter().map(|(_, e)| e).collect();
+    assert_eq!(types(&events), ["run.created", "run.completed"]);
+    assert_eq!(events[1], completed);
+    assert!(env.leases.get(env.names.lease_key(run)).await?.is_none());
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn long_run_outlives_ack_wait_and_completes_once() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let config = runfleet_worker::WorkerConfig { ack_wait: Duration::from_secs(2), ..env.config(2) };
+    let worker = env.worker(config, agents::builtin()).await?;
+    let run = env.submit("sleep", json!({"steps": 5, "ms": 1000}), 2).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_gapless(&events);
+    let started: Vec<&Event> = events.iter().filter(|e| matches!(e.body, EventBody::Started(_))).collect();
+    assert_eq!(started.len(), 1, "exactly one attempt: {:?}", types(&events));
+    assert!(matches!(&started[0].body, EventBody::Started(s) if s.delivery == 1));
+    assert_eq!(events.iter().filter(|e| e.body.is_terminal()).count(), 1);
+    assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Completed(_))));
+    assert!(events[1..].iter().all(|e| e.attempt == 1));
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    // In-progress acks kept the job from being redelivered at all.
+    let consumer_name = env.names.job_consumer(&QueueName::default_queue(), 2);
+    let mut consumer: PullConsumer =
+        env.jobs.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(consumer.info().await?.delivered.consumer_sequence, 1, "the job was redelivered");
+
+    // No redelivery follows: the log stays as it is.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.events(run).await?.len(), events.len());
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn stolen_lease_stops_the_run_without_further_writes() -> anyhow::Result<()> {
+    // Short TTLs so the heartbeat notices quickly and the thief's lease
+    // ages out, after which the run is resumed by a new attempt.
+    let env = Env::start(Duration::from_secs(3)).await?;
+    let config = runfleet_worker::WorkerConfig { ack_wait: Duration::from_secs(2), ..env.config(1) };
+    let worker = env.worker(config, agents::builtin()).await?;
+    let steps = 20;
+    let run = env.submit("sleep", json!({"steps": steps, "ms": 500}), 2).await?;
+
+    // Steal the lease once the run is under way.
+    wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+    env.leases.put(env.names.lease_key(run), foreign_lease(run)?.into()).await?;
+
+    // The thief never writes; its lease ages out, the job is redelivered and
+    // a second attempt finishes the run.
+    let events = env.wait_terminal(run).await?;
+    assert_gapless(&events);
+    let first: Vec<&Event> = events.iter().filter(|e| e.attempt == 1).collect();
+    assert!(
+        first.iter().all(|e| !e.body.is_terminal()),
+        "attempt 1 must not finish after losing its lease: {:?}",
+        types(&events)
+    );
+    let first_progress = first.iter().filter(|e| matches!(e.body, EventBody::Agent(_))).count();
+    assert!(first_progress < steps, "attempt 1 must stop early, wrote {first_progress} progress events");
+    let last = events.last().context("no events")?;
+    assert!(last.attempt >= 2, "a later attempt completes the run");
+    assert!(matches!(last.body, EventBody::Completed(_)));
+    // Attempts never interleave.
+    let attempts: Vec<u32> = events.iter().map(|e| e.attempt).collect();
+    let mut sorted = attempts.clone();
+    sorted.sort_unstable();
+    assert_eq!(attempts, sorted);
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn shutdown_hands_unfinished_runs_to_another_worker() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let config =
+        runfleet_worker::WorkerConfig { shutdown_grace: Duration::from_millis(500), ..env.config(1) };
+    let first = env.worker(config.clone(), agents::builtin()).await?;
+    let first_id = first.id.clone();
+
+    // The worker is registered while it runs.
+    let info = env.workers.get(env.names.worker_key(&first_id)).await?.context("not registered")?;
+    let info: WorkerInfo = codec::decode(&info)?;
+    assert_eq!(info.worker_id, first_id);
+    assert_eq!(info.slots, 1);
+    assert!(info.agents.iter().any(|a| a == "sleep"));
+
+    let run = env.submit("sleep", json!({"steps": 10, "ms": 500}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+    first.stop().await?;
+
+    // Handed off: lease released, job back in the queue, registry entry gone.
+    assert!(env.leases.get(env.names.lease_key(run)).await?.is_none());
+    assert!(env.workers.get(env.names.worker_key(&first_id)).await?.is_none());
+    let before = env.events(run).await?;
+    assert!(before.iter().all(|(_, e)| !e.body.is_terminal()));
+
+    let second = env.worker(config, agents::builtin()).await?;
+    let events = env.wait_terminal(run).await?;
+    assert_gapless(&events);
+    let last = events.last().context("no events")?;
+    assert!(matches!(last.body, EventBody::Completed(_)));
+    assert_eq!(last.attempt, 2);
+    assert_eq!(last.worker_id.as_ref(), Some(&second.id));
+    assert!(events.iter().filter(|e| e.attempt == 1).all(|e| e.worker_id.as_ref() != Some(&second.id)));
+    second.stop().await
+}
