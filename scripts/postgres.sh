@@ -6,10 +6,19 @@
 #   scripts/postgres.sh start | stop
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PORT="${RUNFLEET_PG_PORT:-55432}"
 DATA="$ROOT/.tools/pg/data"
+PORT_FILE="$ROOT/.tools/pg/port"
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+if [ -n "${RUNFLEET_PG_PORT:-}" ]; then
+  PORT="$RUNFLEET_PG_PORT"
+elif [ -f "$PORT_FILE" ]; then
+  PORT="$(cat "$PORT_FILE")"
+else
+  # Prefer 55432; if something else listens there, take any free port.
+  PORT=55432
+  port_free "$PORT" || PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+fi
 BIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-URL="postgres://runfleet:runfleet@127.0.0.1:$PORT/postgres"
 
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -24,11 +33,17 @@ case "${1:-start}" in
       as_pg "$BIN/initdb" -D "$DATA" -U runfleet --pwfile="$pwfile" -A scram-sha-256 >/dev/null
       rm -f "$pwfile"
     fi
-    if ! as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+    if as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
+      PORT="$(cat "$PORT_FILE")"   # already running: reuse it
+    else
+      if ! port_free "$PORT"; then
+        PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+      fi
       as_pg "$BIN/pg_ctl" -D "$DATA" -l "$ROOT/.tools/pg/server.log" -w -t 60 \
         -o "-p $PORT -c listen_addresses=127.0.0.1 -k /tmp -c max_connections=300 -c fsync=off" start >/dev/null
     fi
-    echo "$URL"
+    echo "$PORT" > "$PORT_FILE"
+    echo "postgres://runfleet:runfleet@127.0.0.1:$PORT/postgres"
     ;;
   stop)
     as_pg "$BIN/pg_ctl" -D "$DATA" -m fast stop >/dev/null 2>&1 || true

@@ -173,8 +173,17 @@ impl RunContext {
             self.log.close();
             return Err(AgentError::Interrupted(events::Error::Closed { run_id: self.run_id() }));
         }
-        self.log.append(EventBody::Agent(AgentEvent { name: name.into(), data })).await?;
-        Ok(())
+        match self.log.append(EventBody::Agent(AgentEvent { name: name.into(), data })).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Someone else wrote to the log: stop the run at once, even
+                // if the agent swallows this error.
+                if e.is_lease_lost() {
+                    self.stop.cancel();
+                }
+                Err(AgentError::Interrupted(e))
+            }
+        }
     }
 
     /// Completes when the run is being stopped (lease lost, or handed off at

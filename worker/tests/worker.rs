@@ -377,3 +377,126 @@ async fn shutdown_hands_unfinished_runs_to_another_worker() -> anyhow::Result<()
     assert!(events.iter().filter(|e| e.attempt == 1).all(|e| e.worker_id.as_ref() != Some(&second.id)));
     second.stop().await
 }
+
+/// Emits a tick every 100ms for up to 10s and completes as soon as an emit
+/// fails: agent code that does not return the error its run context gave it.
+struct IgnoresErrors;
+
+#[async_trait]
+impl Agent for IgnoresErrors {
+    async fn run(&self, ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+        for tick in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if ctx.emit("tick", json!(tick)).await.is_err() {
+                break;
+            }
+        }
+        Ok(json!("done"))
+    }
+}
+
+/// Appends an event to `run`'s log as another worker would, retrying while
+/// the running attempt keeps moving the log on. Returns the foreign seq.
+async fn append_foreign_event(env: &Env, run: RunId) -> anyhow::Result<u64> {
+    for _ in 0..100 {
+        let (stream_seq, last) = env.events(run).await?.pop().context("no events")?;
+        let foreign = Event {
+            run_id: run,
+            tenant: env.tenant.clone(),
+            seq: last.seq + 1,
+            ts_ms: time::now_ms(),
+            attempt: last.attempt + 1,
+            worker_id: Some(WorkerId::new("w-other")?),
+            body: EventBody::Agent(runfleet_protocol::event::AgentEvent {
+                name: "foreign".to_owned(),
+                data: Value::Null,
+            }),
+        };
+        if env.append_event(&foreign, stream_seq).await.is_ok() {
+            return Ok(foreign.seq);
+        }
+    }
+    anyhow::bail!("could not append a foreign event to run {run}")
+}
+
+#[tokio::test]
+async fn refused_append_stops_the_run_even_if_the_agent_ignores_it() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("ignores_errors")?, IgnoresErrors);
+    let worker = env.worker(env.config(1), agents).await?;
+    let run = env.submit("ignores_errors", json!({}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+
+    // Another writer moves the log on while the lease still names this
+    // worker: the next emit is refused by the server.
+    let foreign_seq = append_foreign_event(&env, run).await?;
+
+    // The attempt must stop without writing, releasing or NAKing anything:
+    // no terminal event, no second attempt from a redelivered job, and the
+    // lease left to age out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events: Vec<Event> = env.events(run).await?.into_iter().map(|(_, e)| e).collect();
+    assert_eq!(
+        events.last().map(|e| e.seq),
+        Some(foreign_seq),
+        "nothing may follow the foreign event: {:?}",
+        types(&events)
+    );
+    let lease = env.leases.get(env.names.lease_key(run)).await?.context("the lease was released")?;
+    let lease: Lease = codec::decode(&lease)?;
+    assert_eq!(lease.worker_id, worker.id);
+    let consumer_name = env.names.job_consumer(&QueueName::default_queue(), 2);
+    let mut consumer: PullConsumer =
+        env.jobs.get_consumer(&consumer_name).await.map_err(|e| anyhow::anyhow!(e))?;
+    assert_eq!(consumer.info().await?.delivered.consumer_sequence, 1, "the job was nak'd and redelivered");
+    worker.stop().await
+}
+
+#[tokio::test]
+async fn reclaiming_a_run_keeps_the_new_attempt_heartbeating() -> anyhow::Result<()> {
+    // Leases live 3s (heartbeat every 1s), so an attempt that is not
+    // heartbeated loses its lease well before it ends.
+    let env = Env::start(Duration::from_secs(3)).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let job = env.create_run("sleep", json!({"steps": 16, "ms": 500}), 2).await?;
+    let run = job.run_id;
+    env.publish_job(&job).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+
+    // The lease vanishes (as when it expired during a partition) and the run
+    // is dispatched again: this worker claims it a second time while the
+    // first attempt still runs.
+    env.leases.delete(env.names.lease_key(run)).await?;
+    env.dispatch_job(&job, 1).await?;
+    wait_until(DEADLINE, || async {
+        let events = env.events(run).await?;
+        Ok(events
+            .iter()
+            .any(|(_, e)| e.attempt == 2 && matches!(e.body, EventBody::Started(_)))
+            .then_some(()))
+    })
+    .await?;
+
+    // The stale attempt stops; the new one must stay leased while it runs.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let events = env.events(run).await?;
+    assert!(
+        !events.last().is_some_and(|(_, e)| e.body.is_terminal()),
+        "the test needs the second attempt still running"
+    );
+    let lease = env
+        .leases
+        .get(env.names.lease_key(run))
+        .await?
+        .context("the running attempt's lease aged out: it was not heartbeated")?;
+    let lease: Lease = codec::decode(&lease)?;
+    assert_eq!((lease.attempt, &lease.worker_id), (2, &worker.id));
+
+    let events = env.wait_terminal(run).await?;
+    assert_gapless(&events);
+    let last = events.last().context("no events")?;
+    assert!(matches!(last.body, EventBody::Completed(_)));
+    assert_eq!(last.attempt, 2);
+    worker.stop().await
+}

@@ -81,8 +81,8 @@ pub async fn read_last(
 /// run's lease.
 ///
 /// Not cancellation safe in the sense that a dropped [`EventLog::append`] may
-/// or may not have written its event; the log stays usable only after an
-/// append returned `Ok`.
+/// or may not have written its event, so a dropped append closes the log: the
+/// log stays usable only after an append returned `Ok`.
 #[derive(Debug)]
 pub struct EventLog {
     js: jetstream::Context,
@@ -97,6 +97,10 @@ pub struct EventLog {
     /// The stream sequence of the run's last event.
     last_stream_seq: u64,
     closed: bool,
+    /// Set once an append found that someone else wrote to the log; every
+    /// later append reports [`Error::LeaseLost`] again, so a caller that
+    /// swallowed the first error still cannot mistake the run for its own.
+    lost: bool,
 }
 
 impl EventLog {
@@ -121,6 +125,7 @@ impl EventLog {
             next_seq: last.event.seq + 1,
             last_stream_seq: last.stream_seq,
             closed: false,
+            lost: false,
         }
     }
 
@@ -150,20 +155,35 @@ impl EventLog {
         self.closed
     }
 
+    /// Whether an append found that someone else wrote to the log: the run
+    /// belongs to someone else now.
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
     /// Closes the log so nothing more is appended (used when the lease is lost).
     pub fn close(&mut self) {
         self.closed = true;
     }
 
     /// Appends one event and waits for JetStream to acknowledge it. Returns
-    /// the event's seq. Any error closes the log.
+    /// the event's seq. Any error closes the log, and so does dropping the
+    /// returned future before it completes (the event may have been written).
     pub async fn append(&mut self, body: EventBody) -> Result<u64, Error> {
+        if self.lost {
+            return Err(Error::LeaseLost { run_id: self.run_id, seq: self.next_seq });
+        }
         if self.closed {
             return Err(Error::Closed { run_id: self.run_id });
         }
+        // Closed until the append is acknowledged: if this future is dropped
+        // mid-publish the log's position is unknown.
+        self.closed = true;
         let result = self.try_append(body).await;
-        if result.is_err() {
-            self.closed = true;
+        match &result {
+            Ok(_) => self.closed = false,
+            Err(e) if e.is_lease_lost() => self.lost = true,
+            Err(_) => {}
         }
         result
     }

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::message::AckKind;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -45,19 +44,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 async fn beat(shared: &Shared, held: &Arc<Held>) {
-    match held.renew(&shared.leases).await {
-        Ok(true) => {}
-        Ok(false) => return,
+    match held.beat(&shared.leases).await {
+        Ok(_) => {}
         Err(lease::Error::Lost { .. }) => {
-            warn!(run_id = %held.run_id, "lease lost (changed by someone else); stopping the run");
-            held.mark_lost();
-            return;
+            warn!(run_id = %held.run_id, "lease lost (changed by someone else); run stopped");
         }
-        // A transient failure: the lease survives until its TTL, the next
-        // beat retries. Keep the job alive meanwhile.
         Err(e) => warn!(run_id = %held.run_id, error = %e, "lease renewal failed; retrying next beat"),
-    }
-    if let Err(e) = held.acker.ack_with(AckKind::Progress).await {
-        warn!(run_id = %held.run_id, error = %e, "in-progress ack failed");
     }
 }

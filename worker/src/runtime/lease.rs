@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
-use async_nats::jetstream::message::Acker;
+use async_nats::jetstream::message::{AckKind, Acker};
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::{codec, time, RunId};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 /// Why a lease operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -116,34 +117,52 @@ impl Held {
         self.lost.load(Ordering::SeqCst)
     }
 
-    /// Renews the lease (CAS on the last revision). `Ok(false)` if the run
-    /// already released it.
-    pub async fn renew(&self, leases: &kv::Store) -> Result<bool, Error> {
+    /// Renews the lease (CAS on the last revision) and, unless the lease was
+    /// lost, sends the job an in-progress ack. Both happen under the state
+    /// lock, so neither can follow the run's [`Held::finish`]: no renewal
+    /// races the release, and no in-progress ack follows the final ack or
+    /// NAK (which would reset a delayed NAK's redelivery to the full ack
+    /// wait). A failed CAS marks the lease lost (stopping the run) before
+    /// the lock is released. `Ok(false)` if the run is already done with its
+    /// lease.
+    pub async fn beat(&self, leases: &kv::Store) -> Result<bool, Error> {
         let mut state = self.state.lock().await;
         if state.done || self.is_lost() {
             return Ok(false);
         }
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
-        let revision = update(leases, &self.key, &lease, state.revision).await?;
-        state.lease = lease;
-        state.revision = revision;
-        Ok(true)
+        let renewed = match update(leases, &self.key, &lease, state.revision).await {
+            Ok(revision) => {
+                state.lease = lease;
+                state.revision = revision;
+                Ok(true)
+            }
+            // Marked under the lock, so a run that finishes after this
+            // beat sees the loss and neither releases nor NAKs.
+            Err(e @ Error::Lost { .. }) => {
+                self.mark_lost();
+                return Err(e);
+            }
+            // A transient failure: the lease survives until its TTL and the
+            // next beat retries. Keep the job alive meanwhile.
+            Err(e) => Err(e),
+        };
+        if let Err(e) = self.acker.ack_with(AckKind::Progress).await {
+            warn!(run_id = %self.run_id, error = %e, "in-progress ack failed");
+        }
+        renewed
     }
 
-    /// Releases the lease with a revision-checked delete; the heartbeat stops
-    /// renewing it either way.
-    pub async fn release(&self, leases: &kv::Store) -> Result<(), Error> {
+    /// Ends the heartbeat's interest in this run and returns the revision to
+    /// release the lease with, or `None` if that already happened. Call it
+    /// before the run's final ack or NAK.
+    pub async fn finish(&self) -> Option<u64> {
         let mut state = self.state.lock().await;
         if state.done {
-            return Ok(());
+            return None;
         }
         state.done = true;
-        release(leases, &self.key, self.run_id, state.revision).await
-    }
-
-    /// Stops renewing without touching the lease (it was lost).
-    pub async fn abandon(&self) {
-        self.state.lock().await.done = true;
+        Some(state.revision)
     }
 }

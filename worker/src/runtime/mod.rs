@@ -14,6 +14,7 @@ mod registry;
 mod run;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use async_nats::{ConnectOptions, Subscriber};
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
 use runfleet_protocol::limits::PRIORITY_BANDS;
-use runfleet_protocol::{time, Names, QueueName, RunId, WorkerId};
+use runfleet_protocol::{time, Names, QueueName, WorkerId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -75,15 +76,20 @@ pub(crate) struct Shared {
     pub lease_ttl: Duration,
     pub workers_ttl: Duration,
     pub started_ms: i64,
-    held: Mutex<HashMap<RunId, Arc<Held>>>,
+    /// The runs the heartbeat renews, keyed by a per-claim id rather than
+    /// the run id: a run whose lease expired can be claimed again by this
+    /// worker while the stale attempt is still winding down, and each
+    /// attempt must keep (and remove) only its own entry.
+    held: Mutex<HashMap<u64, Arc<Held>>>,
+    next_hold: AtomicU64,
 }
 
 impl Shared {
     /// Registers a held run with the heartbeat until the guard is dropped.
     pub(crate) fn hold(&self, held: Arc<Held>) -> HoldGuard<'_> {
-        let run_id = held.run_id;
-        self.held.lock().unwrap_or_else(PoisonError::into_inner).insert(run_id, held);
-        HoldGuard { shared: self, run_id }
+        let key = self.next_hold.fetch_add(1, Ordering::Relaxed);
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).insert(key, held);
+        HoldGuard { shared: self, key }
     }
 
     pub(crate) fn held_runs(&self) -> Vec<Arc<Held>> {
@@ -98,12 +104,12 @@ impl Shared {
 /// Removes a run from the held table when its task is done with it.
 pub(crate) struct HoldGuard<'a> {
     shared: &'a Shared,
-    run_id: RunId,
+    key: u64,
 }
 
 impl Drop for HoldGuard<'_> {
     fn drop(&mut self) {
-        self.shared.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.run_id);
+        self.shared.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
@@ -207,6 +213,7 @@ impl Worker {
             workers_ttl,
             started_ms: time::now_ms(),
             held: Mutex::new(HashMap::new()),
+            next_hold: AtomicU64::new(0),
         });
         registry::put(&shared).await?;
         info!(
@@ -252,23 +259,19 @@ impl Worker {
             }
             let free = slots.saturating_sub(runs.len());
             if free == 0 {
+                // Keep consuming wake-ups while busy: each carries a whole
+                // job payload, and a subscription left unread buffers up to
+                // the client's subscription capacity of them.
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
+                    () = next_wake(&mut wake) => {}
                 }
                 continue;
             }
 
             // Wake-ups seen so far are covered by the fetch below.
-            if let Some(w) = wake.as_mut() {
-                while let Some(next) = w.next().now_or_never() {
-                    if next.is_none() {
-                        warn!("job wake-up subscriptions closed; polling every idle_poll");
-                        wake = None;
-                        break;
-                    }
-                }
-            }
+            while next_wake(&mut wake).now_or_never().is_some() {}
 
             let messages = fetch(&bands, free).await;
             if !messages.is_empty() {
@@ -281,17 +284,9 @@ impl Worker {
 
             // Nothing to do: sleep until a job is published, a run ends, the
             // idle poll is due (redeliveries publish nothing) or shutdown.
-            let woken = async {
-                match wake.as_mut() {
-                    Some(w) => {
-                        w.next().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = woken => {}
+                () = next_wake(&mut wake) => {}
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
                 () = tokio::time::sleep(shared.config.idle_poll) => {}
             }
@@ -330,10 +325,27 @@ impl Worker {
     }
 }
 
+/// Completes with the next job wake-up. When the subscriptions end it logs
+/// once, drops them and never completes again (the idle poll takes over), so
+/// an ended subscription cannot spin the pull loop.
+async fn next_wake(wake: &mut Option<SelectAll<Subscriber>>) {
+    let Some(subscriptions) = wake.as_mut() else {
+        return std::future::pending().await;
+    };
+    if subscriptions.next().await.is_some() {
+        return;
+    }
+    warn!("job wake-up subscriptions closed; polling every idle_poll");
+    *wake = None;
+    std::future::pending().await
+}
+
 /// Fetches at most `free` jobs, strictly highest band first: bands are tried
 /// in order, each queue of a band with a no-wait fetch of the slots still
 /// free, and the first band that yields anything ends the round (the next
-/// round starts again at band 0).
+/// round starts again at band 0). A timed-out fetch also ends the round: the
+/// connection is likely down, and trying every remaining consumer would keep
+/// the pull loop (and shutdown) waiting `FETCH_TIMEOUT` for each of them.
 async fn fetch(bands: &[Vec<(QueueName, PullConsumer)>], free: usize) -> Vec<jetstream::Message> {
     let mut fetched = Vec::new();
     'bands: for (band, consumers) in bands.iter().enumerate() {
@@ -352,7 +364,10 @@ async fn fetch(bands: &[Vec<(QueueName, PullConsumer)>], free: usize) -> Vec<jet
             match tokio::time::timeout(FETCH_TIMEOUT, round).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(queue = %queue, band, error = %e, "job fetch failed"),
-                Err(_) => warn!(queue = %queue, band, "job fetch timed out"),
+                Err(_) => {
+                    warn!(queue = %queue, band, "job fetch timed out; retrying after idle_poll");
+                    break 'bands;
+                }
             }
         }
         if !fetched.is_empty() {

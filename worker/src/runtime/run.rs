@@ -150,7 +150,8 @@ async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
     let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
 
-    let mut log = EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
+    let log = EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
+    let mut ctx = RunContext::new(log, job.agent.clone(), job.input.clone(), stop.clone());
 
     let outcome = match shared.agents.get(&job.agent).cloned() {
         None => {
@@ -164,67 +165,75 @@ async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
             warn!(run_id = %run_id, agent = %job.agent, "unknown agent; run failed");
             let body =
                 EventBody::Failed(RunFailed { error: RunError { code: ErrorCode::UnknownAgent, message } });
-            append_terminal(&mut log, &stop, body).await
+            append_terminal(ctx.log_mut(), &stop, body).await
         }
         // Handed off before it began: write nothing.
         Some(_) if stop.is_cancelled() => Outcome::Interrupted(None),
-        Some(agent) => match log.append(EventBody::Started(RunStarted { delivery: delivered })).await {
-            Err(e) => Outcome::Interrupted(Some(e)),
-            Ok(_) => {
-                info!(run_id = %run_id, attempt, agent = %job.agent, delivered, "run claimed");
-                let mut ctx = RunContext::new(log, job.agent.clone(), job.input.clone(), stop.clone());
-                let result = {
-                    let run = AssertUnwindSafe(agent.run(&mut ctx, job.input)).catch_unwind();
-                    tokio::select! {
-                        biased;
-                        () = stop.cancelled() => None,
-                        result = run => Some(result),
-                    }
-                };
-                let log = ctx.log_mut();
-                match result {
-                    None => Outcome::Interrupted(None),
-                    Some(Ok(Ok(output))) => {
-                        info!(run_id = %run_id, attempt, "run completed");
-                        append_terminal(log, &stop, EventBody::Completed(RunCompleted { output })).await
-                    }
-                    Some(Ok(Err(AgentError::Interrupted(e)))) => Outcome::Interrupted(Some(e)),
-                    Some(Ok(Err(e))) => {
-                        info!(run_id = %run_id, attempt, code = %e.code(), error = %e, "run failed");
-                        let body = EventBody::Failed(RunFailed {
-                            error: RunError { code: e.code(), message: e.to_string() },
-                        });
-                        append_terminal(log, &stop, body).await
-                    }
-                    Some(Err(panic)) => {
-                        let message = format!("agent {} panicked: {}", job.agent, panic_message(&*panic));
-                        error!(run_id = %run_id, attempt, agent = %job.agent, %message, "agent panicked; run failed");
-                        let body = EventBody::Failed(RunFailed {
-                            error: RunError { code: ErrorCode::AgentPanicked, message },
-                        });
-                        append_terminal(log, &stop, body).await
+        Some(agent) => {
+            match ctx.log_mut().append(EventBody::Started(RunStarted { delivery: delivered })).await {
+                Err(e) => Outcome::Interrupted(Some(e)),
+                Ok(_) => {
+                    info!(run_id = %run_id, attempt, agent = %job.agent, delivered, "run claimed");
+                    let result = {
+                        let run = AssertUnwindSafe(agent.run(&mut ctx, job.input)).catch_unwind();
+                        tokio::select! {
+                            biased;
+                            () = stop.cancelled() => None,
+                            result = run => Some(result),
+                        }
+                    };
+                    let log = ctx.log_mut();
+                    match result {
+                        None => Outcome::Interrupted(None),
+                        Some(Ok(Ok(output))) => {
+                            info!(run_id = %run_id, attempt, "run completed");
+                            append_terminal(log, &stop, EventBody::Completed(RunCompleted { output })).await
+                        }
+                        Some(Ok(Err(AgentError::Interrupted(e)))) => Outcome::Interrupted(Some(e)),
+                        Some(Ok(Err(e))) => {
+                            info!(run_id = %run_id, attempt, code = %e.code(), error = %e, "run failed");
+                            let body = EventBody::Failed(RunFailed {
+                                error: RunError { code: e.code(), message: e.to_string() },
+                            });
+                            append_terminal(log, &stop, body).await
+                        }
+                        Some(Err(panic)) => {
+                            let message = format!("agent {} panicked: {}", job.agent, panic_message(&*panic));
+                            error!(run_id = %run_id, attempt, agent = %job.agent, %message, "agent panicked; run failed");
+                            let body = EventBody::Failed(RunFailed {
+                                error: RunError { code: ErrorCode::AgentPanicked, message },
+                            });
+                            append_terminal(log, &stop, body).await
+                        }
                     }
                 }
             }
-        },
+        }
     };
 
     match outcome {
         Outcome::Terminal => {
             // Terminal event first, then the job, then the lease: a crash in
             // between leaves a terminal run whose next claimant only acks.
+            let revision = held.finish().await;
             ack(&held.acker, run_id).await;
-            if let Err(e) = held.release(&shared.leases).await {
-                warn!(run_id = %run_id, error = %e, "could not release lease; it will age out");
+            if let Some(revision) = revision {
+                release(shared, &held.key, run_id, revision).await;
             }
         }
         Outcome::Interrupted(error) => {
-            let lost = held.is_lost() || error.as_ref().is_some_and(events::Error::is_lease_lost);
+            // After `finish` the heartbeat no longer renews the lease, so
+            // whether it found the lease lost is settled. The log remembers a
+            // refused append even if the agent swallowed the error and went
+            // on to return something else.
+            let revision = held.finish().await;
+            let lost = held.is_lost()
+                || ctx.log_mut().is_lost()
+                || error.as_ref().is_some_and(events::Error::is_lease_lost);
             if lost {
                 // Someone else owns the run now: write nothing, leave the job
-                // to its new owner (or to redelivery).
+                // and the lease to their new owner (or to redelivery).
                 held.mark_lost();
-                held.abandon().await;
                 warn!(run_id = %run_id, attempt, "lease lost; run stopped without writing more");
             } else {
                 // Hand off (shutdown) or an unknown log position (publish
@@ -238,8 +247,8 @@ async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
                         info!(run_id = %run_id, attempt, "run handed off at shutdown; lease released, job nak'd")
                     }
                 }
-                if let Err(e) = held.release(&shared.leases).await {
-                    warn!(run_id = %run_id, error = %e, "could not release lease; it will age out");
+                if let Some(revision) = revision {
+                    release(shared, &held.key, run_id, revision).await;
                 }
                 nak(&held.acker, run_id, delay).await;
             }

@@ -184,9 +184,16 @@ impl Env {
 
     /// Publishes a job message.
     pub async fn publish_job(&self, job: &Job) -> anyhow::Result<()> {
+        self.dispatch_job(job, 0).await
+    }
+
+    /// Publishes a job message as dispatch number `dispatch` of its run (a
+    /// deliberate re-dispatch when greater than 0, as the coordinator's
+    /// recovery does).
+    pub async fn dispatch_job(&self, job: &Job, dispatch: u32) -> anyhow::Result<()> {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.names.job_msg_id(job.run_id, 0).as_str());
+        headers.insert(HEADER_MSG_ID, self.names.job_msg_id(job.run_id, dispatch).as_str());
         self.js
             .publish_with_headers(
                 self.names.job(&job.queue, job.priority, job.run_id),
