@@ -82,6 +82,13 @@ pub fn jobs_stream_config(names: &Names) -> stream::Config {
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
+        // Workers wake on these headers-only copies of every stored job
+        // rather than polling (and never get the payload twice).
+        republish: Some(stream::Republish {
+            source: names.jobs_stream_subjects(),
+            destination: names.job_wakeups(),
+            headers_only: true,
+        }),
         ..Default::default()
     }
 }

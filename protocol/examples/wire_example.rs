@@ -131,7 +131,7 @@ fn main() -> Result<()> {
     show(
         "job (coordinator -> JetStream RUNFLEET_JOBS)",
         &names.job(&valid.queue, valid.priority, run_id),
-        &[(HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()), (HEADER_MSG_ID, names.job_msg_id(run_id, 1))],
+        &[(HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()), (HEADER_MSG_ID, names.job_msg_id(run_id, 0))],
         &job,
         false,
     )?;

@@ -138,10 +138,17 @@ impl Names {
         format!("{}.jobs.{queue}.p{band}.*", self.prefix)
     }
 
-    /// `<prefix>.jobs.<queue>.>`: every job published to a queue. Idle workers
-    /// subscribe to it (core NATS) as a wake-up signal instead of polling.
-    pub fn jobs_queue_wildcard(&self, queue: &QueueName) -> String {
-        format!("{}.jobs.{queue}.>", self.prefix)
+    /// `<prefix>.wake.>`: where the jobs stream republishes the *headers* of
+    /// every job it stores (JetStream `republish`, headers only). Idle
+    /// workers subscribe to it as a wake-up signal instead of polling, and
+    /// never receive job payloads that way.
+    pub fn job_wakeups(&self) -> String {
+        format!("{}.wake.>", self.prefix)
+    }
+
+    /// `<prefix>.wake.<queue>.>`: the wake-ups of one queue.
+    pub fn job_wakeup_filter(&self, queue: &QueueName) -> String {
+        format!("{}.wake.{queue}.>", self.prefix)
     }
 
     /// The durable pull consumer of one (queue, band).
@@ -258,6 +265,7 @@ mod tests {
         assert_eq!(n.api_tenant_token("other.api.acme.submit"), None);
         assert_eq!(n.job(&queue, 2, run), format!("runfleet.jobs.gpu.p2.{run}"));
         assert_eq!(n.jobs_stream(), "RUNFLEET_JOBS");
+        assert_eq!(n.job_wakeup_filter(&queue), "runfleet.wake.gpu.>");
         assert_eq!(n.events_stream(), "RUNFLEET_EVENTS");
         assert_eq!(n.leases_bucket(), "runfleet-leases");
         let subject = n.run_events(&tenant, run);

@@ -500,3 +500,25 @@ async fn reclaiming_a_run_keeps_the_new_attempt_heartbeating() -> anyhow::Result
     assert_eq!(last.attempt, 2);
     worker.stop().await
 }
+
+/// An idle worker learns of a new job from the stream's headers-only
+/// republish, not from its `idle_poll` timer: with the timer at two minutes,
+/// a job published to an idle worker still runs long before it fires.
+#[tokio::test]
+async fn idle_worker_is_woken_by_new_jobs_not_by_polling() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut config = env.config(1);
+    config.idle_poll = Duration::from_secs(120);
+    let worker = env.worker(config, agents::builtin()).await?;
+    // Let the worker finish its first (empty) fetch round and go idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let run = env.submit("echo", json!({"wake": true}), 3).await?;
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the run waited for the idle poll instead of being woken"
+    );
+    worker.stop().await
+}

@@ -118,7 +118,7 @@ pub struct Worker {
     shared: Arc<Shared>,
     /// Job consumers by band (index = band), each with its queue.
     bands: Vec<Vec<(QueueName, PullConsumer)>>,
-    /// Core-NATS subscriptions to every served queue's job subjects: wake-ups
+    /// Core-NATS subscriptions to every served queue's headers-only job wake-ups
     /// for an idle pull loop.
     wake: Vec<Subscriber>,
 }
@@ -192,7 +192,7 @@ impl Worker {
 
         let mut wake = Vec::with_capacity(config.queues.len());
         for queue in &config.queues {
-            let subject = names.jobs_queue_wildcard(queue);
+            let subject = names.job_wakeup_filter(queue);
             let subscriber = client
                 .subscribe(subject.clone())
                 .await
@@ -259,9 +259,8 @@ impl Worker {
             }
             let free = slots.saturating_sub(runs.len());
             if free == 0 {
-                // Keep consuming wake-ups while busy: each carries a whole
-                // job payload, and a subscription left unread buffers up to
-                // the client's subscription capacity of them.
+                // Keep consuming wake-ups while busy: a subscription left
+                // unread buffers up to the client's subscription capacity.
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),

@@ -71,12 +71,8 @@ impl Env {
         let js = jetstream::new(client.clone());
         let names = Names::default();
         let jobs = js
-            .create_stream(stream::Config {
-                name: names.jobs_stream(),
-                subjects: vec![names.jobs_stream_subjects()],
-                retention: stream::RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
+            // The production topology of the jobs stream (work queue, headers-only wake-ups).
+            .create_stream(runfleet_coordinator::setup::jobs_stream_config(&names))
             .await
             .context("jobs stream")?;
         let events = js
