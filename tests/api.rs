@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use harness::stream::{by_run, check_run_log, eventually, tenant_events};
 use harness::{Fleet, TestDb};
-use runfleet::client::{Client, Error};
+use runfleet::client::Error;
 use runfleet_protocol::api::{ListRequest, Reply, SubmitRequest, SubmitResponse};
 use runfleet_protocol::event::EventBody;
 use runfleet_protocol::names::{API_VERBS, VERB_SUBMIT};
@@ -25,19 +25,6 @@ fn submit(agent: &str, input: serde_json::Value) -> SubmitRequest {
     }
 }
 
-async fn client_for(fleet: &Fleet, tenant: &str) -> Client {
-    let tenant = TenantId::new(tenant).unwrap_or_else(|e| panic!("{e}"));
-    let client = Client::connect(&fleet.nats_url(), tenant, Names::default())
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    eventually(Duration::from_secs(30), "the coordinator to answer", || {
-        let client = client.clone();
-        async move { client.list(ListRequest::default()).await.ok() }
-    })
-    .await;
-    client
-}
-
 fn api_code(result: Result<impl std::fmt::Debug, Error>) -> (ErrorCode, Option<String>) {
     match result {
         Err(Error::Api(e)) => (e.code, e.field),
@@ -49,7 +36,7 @@ fn api_code(result: Result<impl std::fmt::Debug, Error>) -> (ErrorCode, Option<S
 async fn idempotent_submit_makes_one_run_and_conflicts_on_other_input() {
     harness::init_tracing();
     let fleet = Fleet::start(TestDb::sqlite(), 1, 2).await;
-    let client = client_for(&fleet, "default").await;
+    let client = fleet.client("default").await;
     let keyed =
         SubmitRequest { idempotency_key: Some("order-42".into()), ..submit("echo", json!({"n": 42})) };
 
@@ -86,7 +73,7 @@ async fn idempotent_submit_makes_one_run_and_conflicts_on_other_input() {
 async fn bad_input_gets_typed_errors_and_damages_nothing() {
     harness::init_tracing();
     let fleet = Fleet::start(TestDb::sqlite(), 1, 2).await;
-    let client = client_for(&fleet, "default").await;
+    let client = fleet.client("default").await;
 
     // A run accepted before the onslaught must come through untouched.
     let before = client
@@ -167,7 +154,7 @@ async fn bad_input_gets_typed_errors_and_damages_nothing() {
         other => panic!("expected invalid_argument, got {other:?}"),
     }
     // Another tenant cannot see this tenant's run.
-    let other = client_for(&fleet, "other").await;
+    let other = fleet.client("other").await;
     let (code, _) = api_code(other.get(before.run_id).await);
     assert_eq!(code, ErrorCode::NotFound);
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use harness::stream::{by_run, check_run_log, eventually, tenant_events};
 use harness::{Fleet, TestDb};
-use runfleet::client::Client;
 use runfleet_protocol::api::{ListRequest, SubmitRequest};
 use runfleet_protocol::event::EventBody;
 use runfleet_protocol::{RunId, TenantId};
@@ -26,24 +25,11 @@ fn request(agent: &str, input: serde_json::Value, priority: u8) -> SubmitRequest
     }
 }
 
-async fn client(fleet: &Fleet) -> Client {
-    let client = Client::connect(&fleet.nats_url(), TenantId::default_tenant(), Default::default())
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    // The coordinator process may still be starting.
-    eventually(Duration::from_secs(30), "the coordinator to answer", || {
-        let client = client.clone();
-        async move { client.list(ListRequest::default()).await.ok() }
-    })
-    .await;
-    client
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn higher_bands_start_first() {
     harness::init_tracing();
     let fleet = Fleet::start(TestDb::sqlite(), 1, 1).await;
-    let client = client(&fleet).await;
+    let client = fleet.client("default").await;
 
     // Occupy the only slot, and wait until the run holds it.
     let blocker = client
@@ -96,7 +82,7 @@ async fn higher_bands_start_first() {
 async fn many_runs_over_three_worker_processes_complete_exactly_once() {
     harness::init_tracing();
     let fleet = Fleet::start(TestDb::postgres().await, 3, 8).await;
-    let client = client(&fleet).await;
+    let client = fleet.client("default").await;
 
     let runs: Vec<RunId> = futures::stream::iter(0..500)
         .map(|i| {

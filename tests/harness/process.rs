@@ -137,18 +137,22 @@ impl Fleet {
         fleet
     }
 
+    /// A client of this fleet for `tenant`.
+    pub async fn client(&self, tenant: &str) -> runfleet::client::Client {
+        let tenant = runfleet_protocol::TenantId::new(tenant).unwrap_or_else(|e| panic!("{e}"));
+        runfleet::client::Client::connect(&self.nats.url(), tenant, runfleet_protocol::Names::default())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"))
+    }
+
     /// Waits (up to 60 s) until the coordinator answers and all workers are registered.
     pub async fn wait_ready(&self) {
-        use runfleet::client::Client;
-        use runfleet_protocol::{api::ListRequest, Names, TenantId};
-        let client = Client::connect(&self.nats.url(), TenantId::default_tenant(), Names::default())
-            .await
-            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let client = self.client("default").await;
         let expected = self.workers.len();
         super::stream::eventually(Duration::from_secs(60), "the fleet to be ready", || {
             let client = client.clone();
             async move {
-                client.list(ListRequest::default()).await.ok()?;
+                client.list(runfleet_protocol::api::ListRequest::default()).await.ok()?;
                 let live = if expected == 0 { 0 } else { client.workers().await.ok()?.len() };
                 (live >= expected).then_some(())
             }
