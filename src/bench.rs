@@ -127,10 +127,18 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<BenchResult> {
         .subscribe(client.names().tenant_events(client.tenant()))
         .await
         .context("subscribe to events")?;
+    // Stopped through a token, not `JoinHandle::abort`, once every run ended.
+    let stop_recorder = tokio_util::sync::CancellationToken::new();
     let recorder = {
         let seen = seen.clone();
+        let stop = stop_recorder.clone();
         tokio::spawn(async move {
-            while let Some(message) = events.next().await {
+            loop {
+                let message = tokio::select! {
+                    () = stop.cancelled() => return,
+                    message = events.next() => message,
+                };
+                let Some(message) = message else { return };
                 let now = Instant::now();
                 let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
                 let Ok(mut seen) = seen.lock() else { return };
@@ -183,7 +191,8 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<BenchResult> {
         finished += 1;
     }
     let elapsed = begin.elapsed();
-    recorder.abort();
+    stop_recorder.cancel();
+    recorder.await.context("bench event recorder panicked")?;
 
     let seen = seen.lock().map_err(|_| anyhow::anyhow!("recorder panicked"))?;
     let mut start_hist = Histogram::<u64>::new(3)?;

@@ -2,7 +2,7 @@
 //! Server commands (`coordinator`, `worker`, `dev`, `bench`) live in their own
 //! modules; this one only parses and dispatches.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -12,7 +12,7 @@ use runfleet_protocol::api::{ListRequest, RunView, SubmitRequest};
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::names::Prefix;
 use runfleet_protocol::{Names, RunId, TenantId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::client::Client;
@@ -53,28 +53,55 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
-/// Options every client command takes.
-#[derive(Debug, Clone, Args)]
+/// Options every client command takes. Each may also come from the
+/// `--config` file's top level (`nats_url`, `prefix`, `tenant`) or from
+/// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX`, `RUNFLEET_TENANT`; flags win.
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct ClientArgs {
-    /// NATS server URL.
-    #[arg(long, env = "RUNFLEET_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
-    /// Tenant whose runs to act on.
-    #[arg(long, env = "RUNFLEET_TENANT", default_value = "default")]
-    pub tenant: String,
-    /// Subject/stream prefix of the fleet.
-    #[arg(long, env = "RUNFLEET_PREFIX", default_value = "runfleet")]
-    pub prefix: String,
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "RUNFLEET_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+    /// Tenant whose runs to act on [default: default].
+    #[arg(long, env = "RUNFLEET_TENANT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Subject/stream prefix of the fleet [default: runfleet].
+    #[arg(long, env = "RUNFLEET_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     /// Machine-readable JSON output.
     #[arg(long)]
+    #[serde(skip)]
     pub json: bool,
 }
 
+/// What a client connects with, after layering defaults, the config file,
+/// the environment and flags.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClientConfig {
+    pub nats_url: String,
+    pub tenant: String,
+    pub prefix: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            tenant: TenantId::default_tenant().to_string(),
+            prefix: Prefix::default().to_string(),
+        }
+    }
+}
+
 impl ClientArgs {
-    pub async fn connect(&self) -> anyhow::Result<Client> {
-        let tenant = TenantId::new(self.tenant.clone()).context("invalid --tenant")?;
-        let prefix = Prefix::new(self.prefix.clone()).context("invalid --prefix")?;
-        Ok(Client::connect(&self.nats_url, tenant, Names::new(prefix)).await?)
+    pub async fn connect(&self, config_file: Option<&Path>) -> anyhow::Result<Client> {
+        let config: ClientConfig = crate::config::load_client(config_file, self)?;
+        let tenant = TenantId::new(config.tenant).context("invalid tenant")?;
+        let prefix = Prefix::new(config.prefix).context("invalid prefix")?;
+        Ok(Client::connect(&config.nats_url, tenant, Names::new(prefix)).await?)
     }
 }
 
@@ -185,9 +212,9 @@ fn describe_run(run: &RunView) -> String {
     line
 }
 
-pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+pub async fn submit(args: SubmitArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let input: serde_json::Value = serde_json::from_str(&args.input).context("--input is not valid JSON")?;
-    let client = args.client.connect().await?;
+    let client = args.client.connect(config).await?;
     let reply = client
         .submit(SubmitRequest {
             agent: args.agent,
@@ -222,9 +249,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     Ok(if matches!(last.body, EventBody::Completed(_)) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+pub async fn get(args: GetArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let run = parse_run(&args.run)?;
-    let view = args.client.connect().await?.get(run).await?;
+    let view = args.client.connect(config).await?.get(run).await?;
     if args.client.json {
         print_json(&view)?;
     } else {
@@ -233,8 +260,8 @@ pub async fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let client = args.client.connect().await?;
+pub async fn list(args: ListArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let client = args.client.connect(config).await?;
     let page = client
         .list(ListRequest {
             state: args.state,
@@ -257,9 +284,9 @@ pub async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
+pub async fn watch(args: WatchArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let run = parse_run(&args.run)?;
-    let client = args.client.connect().await?;
+    let client = args.client.connect(config).await?;
     // A run that does not exist would wait forever: ask first.
     client.get(run).await?;
     let mut events = Box::pin(client.watch(run).await?);
@@ -276,8 +303,8 @@ pub async fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     Ok(if completed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-pub async fn workers(args: ClientArgs) -> anyhow::Result<ExitCode> {
-    let workers = args.connect().await?.workers().await?;
+pub async fn workers(args: ClientArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let workers = args.connect(config).await?.workers().await?;
     if args.json {
         print_json(&workers)?;
     } else {

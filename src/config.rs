@@ -28,6 +28,29 @@ use serde::Serialize;
 /// Keys every component shares at the top level of the file and environment.
 const SHARED_KEYS: [&str; 2] = ["nats_url", "prefix"];
 
+/// Loads a client command's settings: the file's top-level `nats_url`,
+/// `prefix` and `tenant`, then the flags (which clap already filled from
+/// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` and `RUNFLEET_TENANT` when absent).
+pub fn load_client<C, F>(file: Option<&Path>, flags: &F) -> Result<C, Error>
+where
+    C: DeserializeOwned + Serialize + Default,
+    F: Serialize,
+{
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(Error::MissingFile { path: path.display().to_string() });
+        }
+        let file = Figment::from(Toml::file(path));
+        for key in ["nats_url", "prefix", "tenant"] {
+            if let Ok(value) = file.find_value(key) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+    }
+    figment.merge(Serialized::defaults(flags)).extract().map_err(|e| Error::Invalid(describe(&e)))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration file {path} does not exist")]
@@ -106,6 +129,26 @@ mod tests {
             let cfg: Sample = load("sample", Some(Path::new("rf.toml")), &Flags { slots: Some(9) })
                 .map_err(|e| e.to_string())?;
             assert_eq!(cfg, Sample { nats_url: "nats://env:2".into(), slots: 9, name: "env".into() });
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn client_settings_come_from_the_file_unless_flagged() {
+        #[derive(Serialize)]
+        struct ClientFlags {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            nats_url: Option<String>,
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("rf.toml", "nats_url = \"nats://file:1\"\n[worker]\nslots = 2\n")?;
+            let path = Some(Path::new("rf.toml"));
+            let cfg: Sample =
+                load_client(path, &ClientFlags { nats_url: None }).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats_url, "nats://file:1");
+            let flags = ClientFlags { nats_url: Some("nats://flag:2".into()) };
+            let cfg: Sample = load_client(path, &flags).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats_url, "nats://flag:2");
             Ok(())
         });
     }

@@ -135,8 +135,13 @@ pub async fn run(config_file: Option<&Path>, args: DevArgs) -> anyhow::Result<()
         _ = shutdown.cancelled() => {}
         exited = fleet.first_exit() => {
             if let Some((name, result)) = exited {
+                // The first failure is the one to report; stopping the rest
+                // may fail only as a consequence of it.
                 let _ = fleet.stop().await;
-                return Err(anyhow::anyhow!("{name} stopped unexpectedly: {:?}", result.err()));
+                return Err(match result {
+                    Ok(()) => anyhow::anyhow!("{name} stopped unexpectedly without an error"),
+                    Err(error) => error.context(format!("{name} stopped unexpectedly")),
+                });
             }
         }
     }

@@ -28,11 +28,11 @@ async fn main() -> ExitCode {
             dev::run(config, args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
-        Command::Submit(args) => cli::submit(args).await,
-        Command::Get(args) => cli::get(args).await,
-        Command::List(args) => cli::list(args).await,
-        Command::Watch(args) => cli::watch(args).await,
-        Command::Workers(args) => cli::workers(args).await,
+        Command::Submit(args) => cli::submit(args, config).await,
+        Command::Get(args) => cli::get(args, config).await,
+        Command::List(args) => cli::list(args, config).await,
+        Command::Watch(args) => cli::watch(args, config).await,
+        Command::Workers(args) => cli::workers(args, config).await,
     };
     match result {
         Ok(code) => code,

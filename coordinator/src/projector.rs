@@ -8,7 +8,9 @@
 //! only causes a redelivery, which `apply` ignores.
 //!
 //! A message that does not decode (or whose content does not match its
-//! subject) is logged and skipped: it can never stall projection.
+//! subject), or an event the registry refuses for good (see
+//! [`registry::Error::is_retryable`](crate::registry::Error::is_retryable)),
+//! is logged and skipped: it can never stall projection.
 
 use std::time::Duration;
 
@@ -131,13 +133,18 @@ impl Projector {
                     Err(error) => warn!(error = %error, "projector pull failed"),
                 }
             }
-            self.project(batch).await;
+            self.project(batch, shutdown).await;
         }
     }
 
-    /// Writes one batch and acknowledges it; on a registry failure the
-    /// batch is negatively acknowledged with a delay and redelivered.
-    async fn project(&self, messages: Vec<jetstream::Message>) {
+    /// Writes one batch and acknowledges it. On a retryable registry failure
+    /// (the database is unreachable or busy) the batch is negatively
+    /// acknowledged with a delay and redelivered. On a permanent one (an
+    /// event the registry refuses, e.g. a seq 1 that is not `run.created`)
+    /// retrying the batch would fail forever and hold back every event
+    /// fetched with it, so the batch is written again event by event and
+    /// only the refused events are skipped.
+    async fn project(&self, messages: Vec<jetstream::Message>, shutdown: &CancellationToken) {
         if messages.is_empty() {
             return;
         }
@@ -147,11 +154,49 @@ impl Projector {
                 debug!(events = events.len(), messages = messages.len(), "projected batch");
                 acknowledge(&messages, AckKind::Ack).await;
             }
+            Err(error) if !error.is_retryable() => {
+                warn!(error = %error, events = events.len(), "registry refused a batch, projecting it event by event");
+                drop(events);
+                self.project_one_by_one(messages, shutdown).await;
+            }
             Err(error) => {
                 warn!(error = %error, events = events.len(), "projector could not write batch, will retry");
                 acknowledge(&messages, AckKind::Nak(Some(RETRY_DELAY))).await;
-                tokio::time::sleep(RETRY_DELAY).await;
+                sleep_or_cancel(shutdown, RETRY_DELAY).await;
             }
+        }
+    }
+
+    /// Writes each message's event in its own transaction, acknowledging it
+    /// once written or once refused for good (logged and skipped). A
+    /// retryable failure negatively acknowledges the rest for redelivery.
+    async fn project_one_by_one(&self, messages: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+        let mut messages = messages.into_iter();
+        while let Some(message) = messages.next() {
+            let result = match self.decode(&message) {
+                Some(event) => {
+                    self.registry.apply(std::slice::from_ref(&event)).await.map_err(|e| (event, e))
+                }
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) => {}
+                Err((event, error)) if !error.is_retryable() => {
+                    let stream_seq = message.info().map(|info| info.stream_sequence).unwrap_or_default();
+                    warn!(
+                        run_id = %event.run_id, seq = event.seq, stream_seq, error = %error,
+                        "skipping event the registry refuses"
+                    );
+                }
+                Err((_, error)) => {
+                    warn!(error = %error, "projector could not write an event, will retry");
+                    let rest: Vec<_> = std::iter::once(message).chain(messages).collect();
+                    acknowledge(&rest, AckKind::Nak(Some(RETRY_DELAY))).await;
+                    sleep_or_cancel(shutdown, RETRY_DELAY).await;
+                    return;
+                }
+            }
+            acknowledge(std::slice::from_ref(&message), AckKind::Ack).await;
         }
     }
 

@@ -359,3 +359,87 @@ async fn two_coordinators_start_together() {
     a.unwrap_or_else(|e| panic!("{e}"));
     b.unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// An event that decodes and matches its subject but that the registry
+/// refuses (here: seq 1 that is not `run.created`) must not stall the
+/// projector, nor hold back the good events fetched in the same batch.
+#[tokio::test]
+async fn projector_skips_events_the_registry_refuses() {
+    use runfleet_protocol::event::{RunCreated, RunStarted};
+    use runfleet_protocol::{AgentName, QueueName};
+
+    if std::env::var_os("RUNFLEET_NATS_SERVER").is_none() {
+        let local = concat!(env!("CARGO_MANIFEST_DIR"), "/../.tools/venv/bin/nats-server");
+        std::env::set_var("RUNFLEET_NATS_SERVER", local);
+    }
+    let server = NatsServer::start();
+    let db = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = CoordinatorConfig {
+        nats_url: server.url(),
+        database_url: format!("sqlite:{}", db.path().join("registry.db").display()),
+        ..Default::default()
+    };
+    // Start (topology and projector consumer exist) but do not run yet, so
+    // the poison and the good event are pending together and fetched in
+    // one batch.
+    let coordinator = Coordinator::start(config).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let registry = coordinator.registry().clone();
+    let client = server.client().await;
+    let js = jetstream::new(client);
+    let names = Names::default();
+    let t = tenant("acme");
+    let event = |run_id: RunId, body: EventBody| Event {
+        run_id,
+        tenant: t.clone(),
+        seq: 1,
+        ts_ms: 1,
+        attempt: 0,
+        worker_id: None,
+        body,
+    };
+    let poison = event(RunId::generate(), EventBody::Started(RunStarted { delivery: 1 }));
+    let good = event(
+        RunId::generate(),
+        EventBody::Created(RunCreated {
+            agent: AgentName::new("echo").unwrap_or_else(|e| panic!("{e}")),
+            queue: QueueName::default_queue(),
+            priority: 2,
+            input: json!({"ok": true}),
+            max_attempts: 3,
+            idempotency_key: None,
+        }),
+    );
+    for e in [&poison, &good] {
+        let payload = codec::encode(e).unwrap_or_else(|e| panic!("{e}"));
+        let ack = js.publish(names.run_events(&t, e.run_id), payload.into()).await;
+        ack.unwrap_or_else(|e| panic!("{e}")).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(coordinator.run(shutdown.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = registry.get(&t, good.run_id).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut consumer: jetstream::consumer::PullConsumer = js
+            .get_stream(names.events_stream())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .get_consumer(&names.projector_consumer())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let info = consumer.info().await.unwrap_or_else(|e| panic!("{e}"));
+        let settled = info.num_pending == 0 && info.num_ack_pending == 0;
+        if view.is_some() && settled {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "projector stalled: {view:?}, {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(registry.get(&t, poison.run_id).await.unwrap_or_else(|e| panic!("{e}")).is_none());
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), running).await;
+    stopped
+        .unwrap_or_else(|_| panic!("coordinator did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+}

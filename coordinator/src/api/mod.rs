@@ -163,7 +163,13 @@ impl Api {
                 api.handle(verb, request).await;
                 drop(permit);
             });
-            while tasks.try_join_next().is_some() {}
+            // Reap finished handlers; a panic is a bug worth a log line, as in
+            // `wait_for` (the request itself got no reply).
+            while let Some(result) = tasks.try_join_next() {
+                if let Err(error) = result {
+                    warn!(error = %error, "api request handler panicked");
+                }
+            }
         }
         tasks
     }

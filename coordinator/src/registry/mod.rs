@@ -57,6 +57,18 @@ pub enum Error {
     Corrupt { run_id: String, reason: String },
 }
 
+impl Error {
+    /// Whether the same call may succeed later (the database was unreachable
+    /// or busy). `false` means retrying cannot help: the URL, the schema or
+    /// the data itself is wrong.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. } | Self::Query { .. } => true,
+            Self::UnsupportedUrl(_) | Self::Migrate { .. } | Self::Corrupt { .. } => false,
+        }
+    }
+}
+
 /// Which database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
