@@ -28,35 +28,36 @@ use serde::Serialize;
 /// Keys every component shares at the top level of the file and environment.
 const SHARED_KEYS: [&str; 2] = ["nats_url", "prefix"];
 
-/// Loads a client command's settings: the file's top-level `nats_url`,
-/// `prefix` and `tenant`, then the flags (which clap already filled from
-/// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` and `RUNFLEET_TENANT` when absent).
-pub fn load_client<C, F>(file: Option<&Path>, flags: &F) -> Result<C, Error>
-where
-    C: DeserializeOwned + Serialize + Default,
-    F: Serialize,
-{
-    let mut figment = Figment::from(Serialized::defaults(C::default()));
-    if let Some(path) = file {
-        if !path.exists() {
-            return Err(Error::MissingFile { path: path.display().to_string() });
-        }
-        let file = Figment::from(Toml::file(path));
-        for key in ["nats_url", "prefix", "tenant"] {
-            if let Ok(value) = file.find_value(key) {
-                figment = figment.merge(Serialized::default(key, value));
-            }
-        }
-    }
-    figment.merge(Serialized::defaults(flags)).extract().map_err(|e| Error::Invalid(describe(&e)))
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration file {path} does not exist")]
     MissingFile { path: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+}
+
+/// Defaults, then the file's top-level `keys`, then (for a component) the
+/// file's `[section]` table. `None` when there is no file.
+fn with_file<C: Serialize + Default>(
+    file: Option<&Path>,
+    keys: &[&str],
+    section: Option<&str>,
+) -> Result<Figment, Error> {
+    let mut figment = Figment::from(Serialized::defaults(C::default()));
+    let Some(path) = file else { return Ok(figment) };
+    if !path.exists() {
+        return Err(Error::MissingFile { path: path.display().to_string() });
+    }
+    let file = Figment::from(Toml::file(path));
+    for key in keys {
+        if let Ok(value) = file.find_value(key) {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
+    if let Some(section) = section.filter(|s| file.find_value(s).is_ok()) {
+        figment = figment.merge(file.focus(section));
+    }
+    Ok(figment)
 }
 
 /// Loads a component's configuration from every layer. `section` is the
@@ -67,26 +68,26 @@ where
     C: DeserializeOwned + Serialize + Default,
     F: Serialize,
 {
-    let mut figment = Figment::from(Serialized::defaults(C::default()));
-    if let Some(path) = file {
-        if !path.exists() {
-            return Err(Error::MissingFile { path: path.display().to_string() });
-        }
-        let file = Figment::from(Toml::file(path));
-        for key in SHARED_KEYS {
-            if let Ok(value) = file.find_value(key) {
-                figment = figment.merge(Serialized::default(key, value));
-            }
-        }
-        if file.find_value(section).is_ok() {
-            figment = figment.merge(file.focus(section));
-        }
-    }
-    figment = figment
+    with_file::<C>(file, &SHARED_KEYS, Some(section))?
         .merge(Env::prefixed("RUNFLEET_").only(&SHARED_KEYS))
         .merge(Env::prefixed(&format!("RUNFLEET_{}__", section.to_ascii_uppercase())).split("__"))
-        .merge(Serialized::defaults(flags));
-    figment.extract().map_err(|e| Error::Invalid(describe(&e)))
+        .merge(Serialized::defaults(flags))
+        .extract()
+        .map_err(|e| Error::Invalid(describe(&e)))
+}
+
+/// Loads a client command's settings: the file's top-level `nats_url`,
+/// `prefix` and `tenant`, then the flags (which clap already filled from
+/// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` and `RUNFLEET_TENANT` when absent).
+pub fn load_client<C, F>(file: Option<&Path>, flags: &F) -> Result<C, Error>
+where
+    C: DeserializeOwned + Serialize + Default,
+    F: Serialize,
+{
+    with_file::<C>(file, &["nats_url", "prefix", "tenant"], None)?
+        .merge(Serialized::defaults(flags))
+        .extract()
+        .map_err(|e| Error::Invalid(describe(&e)))
 }
 
 /// figment's errors name the key and the source; keep every one of them.
