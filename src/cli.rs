@@ -184,16 +184,32 @@ pub fn event_json(event: &Event) -> serde_json::Value {
 }
 
 fn describe_event(event: &Event) -> String {
+    let worker = event.worker_id.as_ref().map(|w| w.to_string()).unwrap_or_default();
     let detail = match &event.body {
         EventBody::Created(c) => format!("agent={} queue={} priority={}", c.agent, c.queue, c.priority),
-        EventBody::Started(_) => format!(
-            "attempt={} worker={}",
-            event.attempt,
-            event.worker_id.as_ref().map(|w| w.to_string()).unwrap_or_default()
+        EventBody::Started(_) => format!("attempt={} worker={worker}", event.attempt),
+        EventBody::Resumed(r) => {
+            format!("attempt={} worker={worker} steps_replayed={}", event.attempt, r.steps_replayed)
+        }
+        EventBody::StepStarted(s) => format!("#{} {} try={}", s.index, s.name, s.attempt),
+        EventBody::StepCompleted(s) => {
+            format!("#{} {} try={} {}ms", s.index, s.name, s.attempt, s.duration_ms)
+        }
+        EventBody::StepFailed(s) => format!(
+            "#{} {} try={} error={}{}",
+            s.index,
+            s.name,
+            s.attempt,
+            s.error,
+            s.retry_in_ms.map(|ms| format!(" retry_in={ms}ms")).unwrap_or_default()
         ),
+        EventBody::Retrying(r) => {
+            format!("error={}: {} retry_in={}ms", r.error.code, r.error.message, r.retry_in_ms)
+        }
         EventBody::Agent(a) => format!("{} {}", a.name, a.data),
         EventBody::Completed(c) => format!("output={}", c.output),
         EventBody::Failed(f) => format!("error={}: {}", f.error.code, f.error.message),
+        EventBody::Unknown => "(an event type this version does not know)".to_owned(),
     };
     format!("{:>4}  {:<14} {}", event.seq, event.body.type_name(), detail)
 }

@@ -58,6 +58,7 @@ impl DevFleet {
             nats_url: Some(nats.url()),
             database_url: Some(database_url.clone()),
             prefix: None,
+            lease_ttl: None,
         };
         let config = serve::coordinator_config(config_file, &coordinator_args)?;
         let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
@@ -72,6 +73,9 @@ impl DevFleet {
                 queues: Vec::new(),
                 slots: Some(slots),
                 prefix: None,
+                test_agents: false,
+                test_journal: None,
+                test_step_prefix: None,
             };
             let config = serve::worker_config(config_file, &worker_args)?;
             let worker = Worker::start(config, runfleet_worker::agents::builtin())

@@ -29,6 +29,11 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// Lease TTL, e.g. `15s`: how long a crashed worker's runs wait before
+    /// another worker resumes them [default: 15s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<String>,
 }
 
 /// Flags of `runfleet worker`.
@@ -50,6 +55,36 @@ pub struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
+    /// Also register the test agents: `crash` (aborts this worker) and a
+    /// `steps` agent that journals every step execution. For runfleet's own
+    /// crash tests and `runfleet chaos`; never on a production fleet.
+    #[arg(long)]
+    #[serde(skip)]
+    pub test_agents: bool,
+    /// With --test-agents: the file the `steps` agent appends
+    /// `<run> <step> <attempt> <worker> <fencing token>` lines to.
+    #[arg(long, requires = "test_agents")]
+    #[serde(skip)]
+    pub test_journal: Option<std::path::PathBuf>,
+    /// With --test-agents: the `steps` agent's step name prefix (default
+    /// `step`); another prefix simulates changed agent code.
+    #[arg(long, requires = "test_agents")]
+    #[serde(skip)]
+    pub test_step_prefix: Option<String>,
+}
+
+impl WorkerArgs {
+    /// The agents this worker registers.
+    pub fn agents(&self) -> runfleet_worker::Agents {
+        if self.test_agents {
+            runfleet_worker::agents::with_test_agents(runfleet_worker::agents::TestAgents {
+                journal: self.test_journal.clone(),
+                step_prefix: self.test_step_prefix.clone(),
+            })
+        } else {
+            runfleet_worker::agents::builtin()
+        }
+    }
 }
 
 pub fn coordinator_config(file: Option<&Path>, flags: &CoordinatorArgs) -> anyhow::Result<CoordinatorConfig> {
@@ -95,8 +130,7 @@ pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::
 pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()> {
     let config = worker_config(file, &args)?;
     let shutdown = shutdown_on_signals();
-    let worker =
-        Worker::start(config, runfleet_worker::agents::builtin()).await.context("worker failed to start")?;
+    let worker = Worker::start(config, args.agents()).await.context("worker failed to start")?;
     worker.run(shutdown).await.context("worker stopped with an error")?;
     Ok(())
 }

@@ -30,6 +30,18 @@ pub enum ErrorCode {
     AgentPanicked,
     /// Run failure: the run's input could not be decoded by the agent.
     InvalidInput,
+    /// Run failure: a durable step failed after its retries.
+    StepFailed,
+    /// Run failure: the agent's steps no longer match the run's checkpoints
+    /// (a different step name, or an output that no longer decodes, at a
+    /// recorded position). Changed agent code must not replay wrong results.
+    Divergence,
+    /// Run failure: the run used up its `max_attempts` (crashes, lost
+    /// leases and failed attempts together).
+    MaxAttemptsExceeded,
+    /// A code this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -47,6 +59,10 @@ impl ErrorCode {
             Self::AgentFailed => "agent_failed",
             Self::AgentPanicked => "agent_panicked",
             Self::InvalidInput => "invalid_input",
+            Self::StepFailed => "step_failed",
+            Self::Divergence => "divergence",
+            Self::MaxAttemptsExceeded => "max_attempts_exceeded",
+            Self::Unknown => "unknown",
         }
     }
 

@@ -39,15 +39,36 @@ impl Event {
 
 /// What happened. On the wire: `"type": "<name>"` and `"data": {…}` beside
 /// the common fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Decoding is tolerant: a type this version does not know becomes
+/// [`EventBody::Unknown`] (its data is skipped), so an older reader keeps
+/// going when a newer writer adds event types.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", content = "data")]
 pub enum EventBody {
     /// The coordinator accepted the run. Always seq 1.
     #[serde(rename = "run.created")]
     Created(RunCreated),
-    /// A worker claimed the run and started the agent.
+    /// A worker claimed the run and started the agent (first attempt).
     #[serde(rename = "run.started")]
     Started(RunStarted),
+    /// A worker claimed a run an earlier attempt had started (after a crash,
+    /// a lost lease or a hand-off) and replays its checkpoints.
+    #[serde(rename = "run.resumed")]
+    Resumed(RunResumed),
+    /// A durable step began executing (once per try).
+    #[serde(rename = "step.started")]
+    StepStarted(StepStarted),
+    /// A durable step finished and its checkpoint is stored.
+    #[serde(rename = "step.completed")]
+    StepCompleted(StepCompleted),
+    /// A try of a durable step failed (and is retried if `retry_in_ms` is set).
+    #[serde(rename = "step.failed")]
+    StepFailed(StepFailed),
+    /// An attempt failed with a retryable error; the run is dispatched again
+    /// after `retry_in_ms` and the next attempt resumes from its checkpoints.
+    #[serde(rename = "run.retrying")]
+    Retrying(RunRetrying),
     /// An event the agent emitted through its run context.
     #[serde(rename = "agent.event")]
     Agent(AgentEvent),
@@ -57,6 +78,42 @@ pub enum EventBody {
     /// The run failed for good. Terminal.
     #[serde(rename = "run.failed")]
     Failed(RunFailed),
+    /// An event type this version does not know (written by a newer peer).
+    /// Readers skip it; it never changes a run's state. Never written.
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for EventBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            #[serde(rename = "type")]
+            kind: String,
+            #[serde(default)]
+            data: Value,
+        }
+        fn data<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+            kind: &str,
+            data: Value,
+        ) -> Result<T, E> {
+            serde_json::from_value(data).map_err(|e| E::custom(format_args!("invalid {kind} data: {e}")))
+        }
+        let Wire { kind, data: value } = Wire::deserialize(deserializer)?;
+        Ok(match kind.as_str() {
+            "run.created" => Self::Created(data(&kind, value)?),
+            "run.started" => Self::Started(data(&kind, value)?),
+            "run.resumed" => Self::Resumed(data(&kind, value)?),
+            "step.started" => Self::StepStarted(data(&kind, value)?),
+            "step.completed" => Self::StepCompleted(data(&kind, value)?),
+            "step.failed" => Self::StepFailed(data(&kind, value)?),
+            "run.retrying" => Self::Retrying(data(&kind, value)?),
+            "agent.event" => Self::Agent(data(&kind, value)?),
+            "run.completed" => Self::Completed(data(&kind, value)?),
+            "run.failed" => Self::Failed(data(&kind, value)?),
+            _ => Self::Unknown,
+        })
+    }
 }
 
 impl EventBody {
@@ -65,17 +122,30 @@ impl EventBody {
         match self {
             Self::Created(_) => "run.created",
             Self::Started(_) => "run.started",
+            Self::Resumed(_) => "run.resumed",
+            Self::StepStarted(_) => "step.started",
+            Self::StepCompleted(_) => "step.completed",
+            Self::StepFailed(_) => "step.failed",
+            Self::Retrying(_) => "run.retrying",
             Self::Agent(_) => "agent.event",
             Self::Completed(_) => "run.completed",
             Self::Failed(_) => "run.failed",
+            Self::Unknown => "unknown",
         }
     }
 
-    /// The run's state after an event of this kind.
+    /// The run's state after an event of this kind. An unknown event type
+    /// is reported as `running`: only known types end or create a run.
     pub fn state_after(&self) -> RunState {
         match self {
-            Self::Created(_) => RunState::Queued,
-            Self::Started(_) | Self::Agent(_) => RunState::Running,
+            Self::Created(_) | Self::Retrying(_) => RunState::Queued,
+            Self::Started(_)
+            | Self::Resumed(_)
+            | Self::StepStarted(_)
+            | Self::StepCompleted(_)
+            | Self::StepFailed(_)
+            | Self::Agent(_)
+            | Self::Unknown => RunState::Running,
             Self::Completed(_) => RunState::Completed,
             Self::Failed(_) => RunState::Failed,
         }
@@ -105,6 +175,60 @@ pub struct RunStarted {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResumed {
+    /// How many times the job had been delivered when this attempt claimed it.
+    pub delivery: u64,
+    /// How many completed steps the attempt found checkpointed (and replays
+    /// without executing them).
+    pub steps_replayed: u32,
+}
+
+/// A step try began. `index` is the step's position in the run (from 0),
+/// `attempt` the try of this step within the run attempt (from 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStarted {
+    pub index: u32,
+    pub name: String,
+    pub attempt: u32,
+}
+
+/// A step finished; its checkpoint was stored before this event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepCompleted {
+    pub index: u32,
+    pub name: String,
+    /// The try that succeeded (from 1).
+    pub attempt: u32,
+    /// How long the successful try took, closure only.
+    pub duration_ms: u64,
+    /// Whether the output went to the object store (over the inline limit).
+    #[serde(default)]
+    pub blob: bool,
+}
+
+/// A step try failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepFailed {
+    pub index: u32,
+    pub name: String,
+    pub attempt: u32,
+    pub duration_ms: u64,
+    pub error: String,
+    /// Whether the error was marked retryable (timeouts are).
+    pub retryable: bool,
+    /// When set, the step is tried again after this delay; when absent the
+    /// step failed for good and the error goes to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRetrying {
+    pub error: RunError,
+    pub retry_in_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentEvent {
     /// Agent-chosen event name, e.g. `progress`.
     pub name: String,
@@ -126,4 +250,32 @@ pub struct RunFailed {
 pub struct RunError {
     pub code: ErrorCode,
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec;
+
+    /// A newer peer's event type or error code decodes as `Unknown` instead
+    /// of failing, so rolling upgrades do not stall older readers.
+    #[test]
+    fn unknown_types_and_codes_decode() {
+        let json = serde_json::json!({
+            "run_id": RunId::generate(), "tenant": "acme", "seq": 3, "ts_ms": 1, "attempt": 1,
+            "type": "run.teleported", "data": { "where": "mars" }
+        });
+        let event: Event = serde_json::from_value(json.clone()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.body, EventBody::Unknown);
+        assert_eq!(event.state_after(), RunState::Running);
+        let bytes = rmp_serde::to_vec_named(&json).unwrap_or_else(|e| panic!("{e}"));
+        let event: Event = rmp_serde::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.body, EventBody::Unknown);
+
+        let error: RunError =
+            serde_json::from_value(serde_json::json!({"code": "quota_exceeded", "message": "m"}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(error.code, ErrorCode::Unknown);
+        let _ = codec::CONTENT_TYPE;
+    }
 }

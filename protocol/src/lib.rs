@@ -3,13 +3,14 @@
 //! This crate is the only place that defines what crosses the wire: validated
 //! identifiers ([`ids`]), every subject, stream, consumer, bucket and key name
 //! ([`names`]), the versioned MessagePack envelope ([`codec`]), the message types
-//! ([`job`], [`event`], [`lease`], [`api`], [`worker`], [`idempotency`]) and the typed error codes
+//! ([`job`], [`event`], [`lease`], [`checkpoint`], [`api`], [`worker`], [`idempotency`]) and the typed error codes
 //! ([`error`]). It owns no task, opens no socket and knows no SQL.
 //!
 //! Architecture invariant: a string that becomes a NATS subject token is built
 //! here from a validated newtype, never by `format!` at a call site.
 
 pub mod api;
+pub mod checkpoint;
 pub mod codec;
 pub mod error;
 pub mod event;

@@ -17,8 +17,18 @@ pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 /// JetStream optimistic-concurrency header: the publish is refused unless the
 /// last message on the subject has this stream sequence (0 = no message).
 pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// Redirects the expected-last-subject-sequence check to another subject
+/// or wildcard (nats-server ≥ 2.11): the check then compares the last stream
+/// sequence of any message on the matching subjects. Checkpoint writes use
+/// it to chain every key of a run.
+pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
+/// The subject prefix of every KV bucket's keys (`$KV.<bucket>.<key>`).
+pub const KV_SUBJECT_PREFIX: &str = "$KV";
 /// Set on API replies that carry an error, with the [`crate::ErrorCode`] string.
 pub const HEADER_ERROR_CODE: &str = "Runfleet-Error-Code";
+
+/// The last token of a run's checkpoint fence key.
+const CHECKPOINT_FENCE: &str = "fence";
 
 /// The name of the NATS micro-service the coordinator registers.
 pub const SERVICE_NAME: &str = "runfleet";
@@ -228,6 +238,51 @@ impl Names {
         format!("{run}.{step}")
     }
 
+    /// The key of a run's checkpoint fence (see [`crate::checkpoint::Fence`]).
+    pub fn checkpoint_fence_key(&self, run: RunId) -> String {
+        format!("{run}.{CHECKPOINT_FENCE}")
+    }
+
+    /// The subject a checkpoint key is stored on: `$KV.<bucket>.<key>`.
+    pub fn checkpoint_subject(&self, key: &str) -> String {
+        format!("{KV_SUBJECT_PREFIX}.{}.{key}", self.checkpoints_bucket())
+    }
+
+    /// Every checkpoint subject of one run (the chain the writes are checked
+    /// against): `$KV.<bucket>.<run_id>.>`.
+    pub fn checkpoint_run_filter(&self, run: RunId) -> String {
+        format!("{KV_SUBJECT_PREFIX}.{}.{run}.>", self.checkpoints_bucket())
+    }
+
+    /// The key a checkpoint subject (`$KV.<bucket>.<key>`) stores.
+    pub fn checkpoint_key_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(KV_SUBJECT_PREFIX)?
+            .strip_prefix('.')?
+            .strip_prefix(&self.checkpoints_bucket())?
+            .strip_prefix('.')
+    }
+
+    /// Parses a checkpoint key's step index; `None` for the fence or a
+    /// foreign key.
+    pub fn parse_checkpoint_step(&self, run: RunId, key: &str) -> Option<u32> {
+        let rest = key.strip_prefix(&run.to_string())?.strip_prefix('.')?;
+        if rest.is_empty()
+            || !rest.bytes().all(|b| b.is_ascii_digit())
+            || (rest.len() > 1 && rest.starts_with('0'))
+        {
+            return None;
+        }
+        rest.parse().ok()
+    }
+
+    /// The object holding a large step output, named after the writer's
+    /// fencing token so a stale writer never overwrites the owner's object:
+    /// `checkpoints/<run_id>/<step_index>/<fencing_token>`.
+    pub fn checkpoint_blob(&self, run: RunId, step: u32, fencing_token: u64) -> String {
+        format!("checkpoints/{run}/{step}/{fencing_token}")
+    }
+
     /// An idempotency key's KV key: `<tenant>.<sha256(key) hex>`. Hashing
     /// keeps arbitrary client strings out of subjects.
     pub fn idempotency_key(&self, tenant: &TenantId, key: &ids::IdempotencyKey) -> String {
@@ -253,6 +308,25 @@ pub fn parse_run_events_subject(names: &Names, subject: &str) -> Option<(TenantI
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoint_names() {
+        let n = Names::default();
+        let run = RunId::generate();
+        assert_eq!(n.checkpoint_key(run, 7), format!("{run}.7"));
+        assert_eq!(
+            n.checkpoint_subject(&n.checkpoint_key(run, 7)),
+            format!("$KV.runfleet-checkpoints.{run}.7")
+        );
+        assert_eq!(n.checkpoint_run_filter(run), format!("$KV.runfleet-checkpoints.{run}.>"));
+        assert_eq!(n.parse_checkpoint_step(run, &n.checkpoint_key(run, 12)), Some(12));
+        let subject = n.checkpoint_subject(&n.checkpoint_fence_key(run));
+        assert_eq!(n.checkpoint_key_of(&subject), Some(n.checkpoint_fence_key(run).as_str()));
+        assert_eq!(n.checkpoint_key_of("$KV.runfleet-leases.x"), None);
+        assert_eq!(n.parse_checkpoint_step(run, &n.checkpoint_fence_key(run)), None);
+        assert_eq!(n.parse_checkpoint_step(run, &format!("{run}.07")), None);
+        assert_eq!(n.parse_checkpoint_step(RunId::generate(), &n.checkpoint_key(run, 1)), None);
+    }
 
     #[test]
     fn default_names() {

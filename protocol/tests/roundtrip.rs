@@ -2,6 +2,7 @@
 
 use proptest::prelude::*;
 use runfleet_protocol::api::*;
+use runfleet_protocol::checkpoint::{Checkpoint, Fence, StepOutput};
 use runfleet_protocol::event::*;
 use runfleet_protocol::job::Job;
 use runfleet_protocol::lease::Lease;
@@ -65,6 +66,9 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::AgentFailed),
         Just(ErrorCode::AgentPanicked),
         Just(ErrorCode::InvalidInput),
+        Just(ErrorCode::StepFailed),
+        Just(ErrorCode::Divergence),
+        Just(ErrorCode::MaxAttemptsExceeded),
     ]
 }
 
@@ -91,9 +95,46 @@ fn body() -> impl Strategy<Value = EventBody> {
             }
         ),
         any::<u64>().prop_map(|delivery| EventBody::Started(RunStarted { delivery })),
+        (any::<u64>(), any::<u32>()).prop_map(|(delivery, steps_replayed)| EventBody::Resumed(RunResumed {
+            delivery,
+            steps_replayed
+        })),
+        (any::<u32>(), "\\PC{0,20}", any::<u32>())
+            .prop_map(|(index, name, attempt)| EventBody::StepStarted(StepStarted { index, name, attempt })),
+        (any::<u32>(), "\\PC{0,20}", any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(index, name, attempt, duration_ms, blob)| EventBody::StepCompleted(StepCompleted {
+                index,
+                name,
+                attempt,
+                duration_ms,
+                blob
+            })
+        ),
+        (
+            any::<u32>(),
+            "\\PC{0,20}",
+            any::<u32>(),
+            any::<u64>(),
+            "\\PC{0,20}",
+            any::<bool>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(index, name, attempt, duration_ms, error, retryable, retry_in_ms)| {
+                EventBody::StepFailed(StepFailed {
+                    index,
+                    name,
+                    attempt,
+                    duration_ms,
+                    error,
+                    retryable,
+                    retry_in_ms,
+                })
+            }),
         ("\\PC{0,20}", json()).prop_map(|(name, data)| EventBody::Agent(AgentEvent { name, data })),
         json().prop_map(|output| EventBody::Completed(RunCompleted { output })),
         run_error().prop_map(|error| EventBody::Failed(RunFailed { error })),
+        (run_error(), any::<u64>())
+            .prop_map(|(error, retry_in_ms)| EventBody::Retrying(RunRetrying { error, retry_in_ms })),
     ]
 }
 
@@ -166,6 +207,19 @@ proptest! {
     fn jobs_roundtrip(run_id in run_id(), tenant in tenant(), agent in agent(), queue in queue(),
                       priority in 0u8..5, input in json(), max_attempts in any::<u32>(), created_us in any::<i64>()) {
         roundtrip(&Job { run_id, tenant, agent, queue, priority, input, max_attempts, created_us })?;
+    }
+
+    #[test]
+    fn checkpoints_roundtrip(run_id in run_id(), worker_id in worker_id(), index in any::<u32>(),
+                             name in "\\PC{0,20}", attempt in any::<u32>(), token in any::<u64>(),
+                             value in json(), blob in proptest::option::of(("\\PC{0,30}", any::<u64>()))) {
+        let output = match blob {
+            Some((object, size)) => StepOutput::Blob { object, size, sha256: "ab".repeat(32) },
+            None => StepOutput::Inline { value },
+        };
+        roundtrip(&Checkpoint { run_id, index, name, attempt, worker_id: worker_id.clone(), fencing_token: token,
+                                ts_ms: 5, duration_ms: 7, output })?;
+        roundtrip(&Fence { run_id, attempt, worker_id, fencing_token: token, ts_ms: 9 })?;
     }
 
     #[test]

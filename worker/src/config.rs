@@ -12,6 +12,12 @@ use runfleet_protocol::names::Prefix;
 use runfleet_protocol::{QueueName, WorkerId};
 use serde::{Deserialize, Serialize};
 
+/// Default of [`WorkerConfig::checkpoint_inline_limit`].
+pub const DEFAULT_INLINE_LIMIT: usize = 64 * 1024;
+/// Largest [`WorkerConfig::checkpoint_inline_limit`]: below the default NATS
+/// `max_payload` (1 MiB) with room for headers.
+pub const MAX_INLINE_LIMIT: usize = 900 * 1024;
+
 /// Why a configuration was rejected. Each variant names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -27,6 +33,10 @@ pub enum Error {
     NoSlots,
     #[error("worker.{key} must be greater than zero")]
     ZeroDuration { key: &'static str },
+    #[error("worker.checkpoint_inline_limit must be between 1 KiB and {max} bytes (got {got})")]
+    InlineLimit { got: usize, max: usize },
+    #[error("worker.retry_backoff_max must not be below worker.retry_backoff_min")]
+    BackoffOrder,
 }
 
 /// Configuration of one worker process.
@@ -51,10 +61,31 @@ pub struct WorkerConfig {
     /// Ack wait of the job consumers: how long a delivered job may go without
     /// an ack or in-progress ack before JetStream redelivers it. Running jobs
     /// are kept alive by heartbeats, so this bounds how fast a crashed worker's
-    /// jobs are redelivered. Shared by every worker of the fleet (the consumers
-    /// are durable; the last worker to start wins). Default `30s`.
+    /// jobs are redelivered: with the default (the lease TTL, read from the
+    /// leases bucket) a crashed worker's runs resume about one lease TTL
+    /// after its last heartbeat. Shared by every worker of the fleet (the
+    /// consumers are durable; the last worker to start wins). Default: the
+    /// lease TTL.
+    #[serde(default, with = "humantime_serde::option")]
+    pub ack_wait: Option<Duration>,
+    /// How often the worker renews its leases (one CAS per running run) and
+    /// sends in-progress acks. Shorter means more KV updates per second;
+    /// it must stay well below the lease TTL (the coordinator's
+    /// `lease_ttl`) so a lease survives a missed beat. Default: a third of
+    /// the shorter of the lease TTL and the ack wait.
+    #[serde(default, with = "humantime_serde::option")]
+    pub heartbeat_interval: Option<Duration>,
+    /// Step outputs whose checkpoint would exceed this many bytes are stored
+    /// in the blobs object store and the checkpoint keeps a reference. Must
+    /// stay below the NATS `max_payload`. Default `65536` (64 KiB).
+    pub checkpoint_inline_limit: usize,
+    /// Backoff before the next attempt of a run whose attempt failed with a
+    /// retryable error: `retry_backoff_min` doubled per attempt, at most
+    /// `retry_backoff_max`. Defaults `1s` and `60s`.
     #[serde(with = "humantime_serde")]
-    pub ack_wait: Duration,
+    pub retry_backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
     /// How often an idle worker re-checks its consumers even without a
     /// wake-up, which is how it notices redelivered jobs. Default `1s`.
     #[serde(with = "humantime_serde")]
@@ -78,7 +109,11 @@ impl Default for WorkerConfig {
             queues: vec![QueueName::default_queue()],
             slots: 4,
             worker_id: None,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: None,
+            heartbeat_interval: None,
+            checkpoint_inline_limit: DEFAULT_INLINE_LIMIT,
+            retry_backoff_min: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(60),
             idle_poll: Duration::from_secs(1),
             lease_held_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
@@ -105,13 +140,21 @@ impl WorkerConfig {
             return Err(Error::NoSlots);
         }
         for (key, value) in [
-            ("ack_wait", self.ack_wait),
+            ("ack_wait", self.ack_wait.unwrap_or(Duration::MAX)),
+            ("heartbeat_interval", self.heartbeat_interval.unwrap_or(Duration::MAX)),
             ("idle_poll", self.idle_poll),
             ("lease_held_delay", self.lease_held_delay),
+            ("retry_backoff_min", self.retry_backoff_min),
         ] {
             if value.is_zero() {
                 return Err(Error::ZeroDuration { key });
             }
+        }
+        if self.retry_backoff_max < self.retry_backoff_min {
+            return Err(Error::BackoffOrder);
+        }
+        if !(1024..=MAX_INLINE_LIMIT).contains(&self.checkpoint_inline_limit) {
+            return Err(Error::InlineLimit { got: self.checkpoint_inline_limit, max: MAX_INLINE_LIMIT });
         }
         Ok(())
     }
@@ -139,8 +182,16 @@ mod tests {
         assert_eq!(bad.validate(), Err(Error::NoQueues));
         let bad = WorkerConfig { prefix: "Bad.Prefix".to_owned(), ..WorkerConfig::default() };
         assert!(matches!(bad.validate(), Err(Error::InvalidPrefix(_))));
-        let bad = WorkerConfig { ack_wait: Duration::ZERO, ..WorkerConfig::default() };
+        let bad = WorkerConfig { ack_wait: Some(Duration::ZERO), ..WorkerConfig::default() };
         assert_eq!(bad.validate(), Err(Error::ZeroDuration { key: "ack_wait" }));
+        let bad = WorkerConfig { checkpoint_inline_limit: 10, ..WorkerConfig::default() };
+        assert!(matches!(bad.validate(), Err(Error::InlineLimit { .. })));
+        let bad = WorkerConfig {
+            retry_backoff_min: Duration::from_secs(5),
+            retry_backoff_max: Duration::from_secs(1),
+            ..WorkerConfig::default()
+        };
+        assert_eq!(bad.validate(), Err(Error::BackoffOrder));
         let q = QueueName::default_queue();
         let bad = WorkerConfig { queues: vec![q.clone(), q], ..WorkerConfig::default() };
         assert!(matches!(bad.validate(), Err(Error::DuplicateQueue(_))));
@@ -150,7 +201,8 @@ mod tests {
     fn durations_are_humantime_strings() {
         let json = serde_json::json!({ "ack_wait": "2s", "idle_poll": "250ms", "slots": 1 });
         let config: WorkerConfig = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(config.ack_wait, Duration::from_secs(2));
+        assert_eq!(config.ack_wait, Some(Duration::from_secs(2)));
+        assert_eq!(config.heartbeat_interval, None);
         assert_eq!(config.idle_poll, Duration::from_millis(250));
         assert_eq!(config.slots, 1);
         assert_eq!(config.shutdown_grace, Duration::from_secs(10));

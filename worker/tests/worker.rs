@@ -280,7 +280,7 @@ async fn redelivered_job_of_a_terminal_run_is_only_acked() -> anyhow::Result<()>
 #[tokio::test]
 async fn long_run_outlives_ack_wait_and_completes_once() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
-    let config = runfleet_worker::WorkerConfig { ack_wait: Duration::from_secs(2), ..env.config(2) };
+    let config = runfleet_worker::WorkerConfig { ack_wait: Some(Duration::from_secs(2)), ..env.config(2) };
     let worker = env.worker(config, agents::builtin()).await?;
     let run = env.submit("sleep", json!({"steps": 5, "ms": 1000}), 2).await?;
 
@@ -310,7 +310,7 @@ async fn stolen_lease_stops_the_run_without_further_writes() -> anyhow::Result<(
     // Short TTLs so the heartbeat notices quickly and the thief's lease
     // ages out, after which the run is resumed by a new attempt.
     let env = Env::start(Duration::from_secs(3)).await?;
-    let config = runfleet_worker::WorkerConfig { ack_wait: Duration::from_secs(2), ..env.config(1) };
+    let config = runfleet_worker::WorkerConfig { ack_wait: Some(Duration::from_secs(2)), ..env.config(1) };
     let worker = env.worker(config, agents::builtin()).await?;
     let steps = 20;
     let run = env.submit("sleep", json!({"steps": steps, "ms": 500}), 2).await?;
@@ -473,7 +473,7 @@ async fn reclaiming_a_run_keeps_the_new_attempt_heartbeating() -> anyhow::Result
         let events = env.events(run).await?;
         Ok(events
             .iter()
-            .any(|(_, e)| e.attempt == 2 && matches!(e.body, EventBody::Started(_)))
+            .any(|(_, e)| e.attempt == 2 && matches!(e.body, EventBody::Resumed(_)))
             .then_some(()))
     })
     .await?;

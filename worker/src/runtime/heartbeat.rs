@@ -27,7 +27,7 @@ pub(crate) fn period(lease_ttl: Duration, ack_wait: Duration) -> Duration {
 /// Runs until `shutdown` is cancelled. Cancel it only after every run ended,
 /// so draining runs stay leased.
 pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let period = period(shared.lease_ttl, shared.config.ack_wait);
+    let period = shared.heartbeat_interval;
     debug!(period_ms = period.as_millis() as u64, "heartbeat started");
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

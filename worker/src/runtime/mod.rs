@@ -7,6 +7,7 @@
 //! worker owns exactly two tasks, the heartbeat (`heartbeat.rs`) and the
 //! registry refresh (`registry.rs`), plus one task per running run.
 
+pub mod checkpoints;
 pub mod events;
 mod heartbeat;
 pub mod lease;
@@ -19,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv, object_store, stream};
 use async_nats::{ConnectOptions, Subscriber};
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
@@ -61,6 +62,8 @@ pub enum Error {
     Subscribe { subject: String, source: async_nats::SubscribeError },
     #[error("could not register the worker: {0}")]
     Register(#[from] registry::Error),
+    #[error("worker.heartbeat_interval ({interval:?}) must be below the lease TTL ({lease_ttl:?}, the coordinator's lease_ttl); a third of it is a good value")]
+    HeartbeatTooSlow { interval: Duration, lease_ttl: Duration },
 }
 
 /// State shared by the pull loop, the run tasks and the two background tasks.
@@ -72,8 +75,13 @@ pub(crate) struct Shared {
     pub events: stream::Stream,
     pub leases: kv::Store,
     pub workers: kv::Store,
+    /// The checkpoints bucket's stream, written through `$KV` subjects.
+    pub checkpoints: stream::Stream,
+    pub blobs: object_store::ObjectStore,
     pub agents: Agents,
     pub lease_ttl: Duration,
+    /// How often the heartbeat renews every lease.
+    pub heartbeat_interval: Duration,
     pub workers_ttl: Duration,
     pub started_ms: i64,
     /// The runs the heartbeat renews, keyed by a per-claim id rather than
@@ -85,6 +93,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Where runs' checkpoints are stored.
+    pub(crate) fn checkpoint_stores(&self) -> checkpoints::Stores {
+        checkpoints::Stores {
+            js: self.js.clone(),
+            names: self.names.clone(),
+            stream: self.checkpoints.clone(),
+            blobs: self.blobs.clone(),
+            inline_limit: self.config.checkpoint_inline_limit,
+        }
+    }
+
     /// Registers a held run with the heartbeat until the guard is dropped.
     pub(crate) fn hold(&self, held: Arc<Held>) -> HoldGuard<'_> {
         let key = self.next_hold.fetch_add(1, Ordering::Relaxed);
@@ -161,12 +180,19 @@ impl Worker {
             .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
         let js = jetstream::new(client.clone());
 
-        let (jobs, events, leases, workers) = wait_for_infrastructure(&js, &names).await;
+        let Infrastructure { jobs, events, leases, workers, checkpoints, blobs } =
+            wait_for_infrastructure(&js, &names).await;
         if !events.cached_info().config.allow_direct {
             return Err(Error::DirectGetDisabled { stream: names.events_stream() });
         }
         let lease_ttl = nonzero_or(leases.stream.cached_info().config.max_age, FALLBACK_LEASE_TTL);
         let workers_ttl = nonzero_or(workers.stream.cached_info().config.max_age, FALLBACK_WORKERS_TTL);
+        let ack_wait = config.ack_wait.unwrap_or(lease_ttl);
+        let heartbeat_interval =
+            config.heartbeat_interval.unwrap_or_else(|| heartbeat::period(lease_ttl, ack_wait));
+        if heartbeat_interval >= lease_ttl {
+            return Err(Error::HeartbeatTooSlow { interval: heartbeat_interval, lease_ttl });
+        }
 
         let mut bands = Vec::with_capacity(usize::from(PRIORITY_BANDS));
         for band in 0..PRIORITY_BANDS {
@@ -178,7 +204,7 @@ impl Worker {
                         durable_name: Some(name.clone()),
                         filter_subject: names.job_band_filter(queue, band),
                         ack_policy: AckPolicy::Explicit,
-                        ack_wait: config.ack_wait,
+                        ack_wait,
                         max_ack_pending: MAX_ACK_PENDING,
                         max_deliver: -1,
                         ..Default::default()
@@ -208,8 +234,11 @@ impl Worker {
             events,
             leases,
             workers,
+            checkpoints: checkpoints.stream,
+            blobs,
             agents,
             lease_ttl,
+            heartbeat_interval,
             workers_ttl,
             started_ms: time::now_ms(),
             held: Mutex::new(HashMap::new()),
@@ -222,6 +251,7 @@ impl Worker {
             slots = shared.config.slots,
             agents = ?shared.agents,
             lease_ttl_ms = shared.lease_ttl.as_millis() as u64,
+            heartbeat_ms = shared.heartbeat_interval.as_millis() as u64,
             "worker started"
         );
         Ok(Self { shared, bands, wake })
@@ -391,12 +421,19 @@ fn nonzero_or(value: Duration, fallback: Duration) -> Duration {
     }
 }
 
+/// The streams, buckets and object store the worker uses.
+struct Infrastructure {
+    jobs: stream::Stream,
+    events: stream::Stream,
+    leases: kv::Store,
+    workers: kv::Store,
+    checkpoints: kv::Store,
+    blobs: object_store::ObjectStore,
+}
+
 /// Waits until the coordinator has created what the worker needs, logging
 /// what is missing. Retries forever; cancel by dropping the future.
-async fn wait_for_infrastructure(
-    js: &jetstream::Context,
-    names: &Names,
-) -> (stream::Stream, stream::Stream, kv::Store, kv::Store) {
+async fn wait_for_infrastructure(js: &jetstream::Context, names: &Names) -> Infrastructure {
     let mut backoff = Duration::from_millis(250);
     loop {
         let missing = match tokio::try_join!(
@@ -416,8 +453,20 @@ async fn wait_for_infrastructure(
                     .await
                     .map_err(|e| (names.workers_bucket(), e.to_string()))
             },
+            async {
+                js.get_key_value(names.checkpoints_bucket())
+                    .await
+                    .map_err(|e| (names.checkpoints_bucket(), e.to_string()))
+            },
+            async {
+                js.get_object_store(names.blobs_bucket())
+                    .await
+                    .map_err(|e| (names.blobs_bucket(), e.to_string()))
+            },
         ) {
-            Ok(found) => return found,
+            Ok((jobs, events, leases, workers, checkpoints, blobs)) => {
+                return Infrastructure { jobs, events, leases, workers, checkpoints, blobs }
+            }
             Err(missing) => missing,
         };
         info!(

@@ -70,39 +70,17 @@ impl Env {
         let client = server.client().await;
         let js = jetstream::new(client.clone());
         let names = Names::default();
-        let jobs = js
-            // The production topology of the jobs stream (work queue, headers-only wake-ups).
-            .create_stream(runfleet_coordinator::setup::jobs_stream_config(&names))
-            .await
-            .context("jobs stream")?;
-        let events = js
-            .create_stream(stream::Config {
-                name: names.events_stream(),
-                subjects: vec![names.events_stream_subjects()],
-                retention: stream::RetentionPolicy::Limits,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .context("events stream")?;
-        let leases = js
-            .create_key_value(kv::Config {
-                bucket: names.leases_bucket(),
-                history: 1,
-                max_age: lease_ttl,
-                ..Default::default()
-            })
-            .await
-            .context("leases bucket")?;
-        let workers = js
-            .create_key_value(kv::Config {
-                bucket: names.workers_bucket(),
-                history: 1,
-                max_age: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .context("workers bucket")?;
+        // Exactly the coordinator's topology, with leases living `lease_ttl`.
+        let config = runfleet_coordinator::config::CoordinatorConfig {
+            lease_ttl,
+            worker_ttl: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let topology = runfleet_coordinator::setup::ensure(&js, &names, &config).await.context("topology")?;
+        let events = topology.events;
+        let jobs = js.get_stream(names.jobs_stream()).await.context("jobs stream")?;
+        let leases = js.get_key_value(names.leases_bucket()).await.context("leases bucket")?;
+        let workers = js.get_key_value(names.workers_bucket()).await.context("workers bucket")?;
         Ok(Self {
             server,
             client,

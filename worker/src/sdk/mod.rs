@@ -5,6 +5,13 @@
 //! their names and hands it to [`crate::Worker::start`]. Jobs name the agent
 //! they are for; a worker that does not have it fails the run with
 //! [`ErrorCode::UnknownAgent`].
+//!
+//! Agent code does its work in durable steps ([`RunContext::step`]): each
+//! completed step is checkpointed, and a run resumed on another worker after
+//! a crash replays completed steps from their checkpoints instead of running
+//! them again.
+
+mod step;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,9 +22,11 @@ use runfleet_protocol::{AgentName, ErrorCode, RunId, TenantId, WorkerId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::runtime::checkpoints::{self, CheckpointLog};
 use crate::runtime::events::{self, EventLog};
 
 pub use async_trait::async_trait;
+pub use step::{StepContext, StepError, StepOptions};
 
 /// Agent code: one invocation per run attempt.
 ///
@@ -27,13 +36,21 @@ pub use async_trait::async_trait;
 /// and becomes `run.failed` with [`ErrorCode::AgentPanicked`]; it never takes
 /// the worker down.
 ///
+/// **Durability:** a run may be executed by several attempts (a worker
+/// crash, a lost lease or a hand-off means another attempt on another
+/// worker). Each attempt calls `run` from the start, and every
+/// [`RunContext::step`] that an earlier attempt completed returns its
+/// recorded output without executing again. So: do side effects inside
+/// steps, keep code outside steps deterministic (use [`RunContext::now`],
+/// [`RunContext::uuid`] and [`RunContext::random`] rather than the clock or
+/// an RNG), and make each step idempotent with
+/// [`StepContext::idempotency_key`]: only the step in flight at a crash can
+/// run twice.
+///
 /// **Cancellation:** the returned future is dropped at an `.await` point when
 /// the worker loses the run's lease or hands the run off at shutdown, so agent
 /// code must tolerate being stopped between any two awaits (use
-/// [`RunContext::cancelled`] to clean up first). A run may be executed more
-/// than once (a worker crash means another attempt from the start), so side
-/// effects should be idempotent; [`RunContext::attempt`] tells which attempt
-/// this is.
+/// [`RunContext::cancelled`] to clean up first).
 ///
 /// # Example
 ///
@@ -50,8 +67,16 @@ pub use async_trait::async_trait;
 ///         let name = input["name"]
 ///             .as_str()
 ///             .ok_or_else(|| AgentError::invalid_input("expected {\"name\": string}"))?;
+///         let name = name.to_owned();
+///         // Runs once per run, even if the worker crashes afterwards.
+///         let message: String = ctx
+///             .step("compose", |_step| {
+///                 let name = name.clone();
+///                 async move { Ok(format!("hello, {name}")) }
+///             })
+///             .await?;
 ///         ctx.emit("greeting", json!({ "to": name })).await?;
-///         Ok(json!({ "message": format!("hello, {name}") }))
+///         Ok(json!({ "message": message }))
 ///     }
 /// }
 ///
@@ -75,11 +100,58 @@ pub enum AgentError {
     /// [`ErrorCode::InvalidInput`].
     #[error("invalid input: {message}")]
     InvalidInput { message: String },
-    /// The run's event log refused a write ([`RunContext::emit`] failed),
-    /// usually because the lease was lost. The runtime writes nothing more
-    /// for this attempt; return this error as is (`?`).
+    /// This attempt failed but the run may succeed on another: the run is
+    /// retried after a backoff (resuming from its checkpoints) until it has
+    /// used `max_attempts`.
+    #[error("{message}")]
+    Retryable { message: String },
+    /// A durable step failed after its tries; becomes `run.failed` with
+    /// [`ErrorCode::StepFailed`] unless the agent handles it.
+    #[error("step {index} ({name}) failed after {attempts} tries: {message}")]
+    Step { index: u32, name: String, attempts: u32, message: String },
+    /// The agent's steps do not match the run's checkpoints: the run fails
+    /// with [`ErrorCode::Divergence`] whatever the agent returns.
+    #[error("{message}")]
+    Divergence { message: String },
+    /// A checkpoint could not be used (corrupt, or an output the step cannot
+    /// serialize): the run fails with [`ErrorCode::Internal`].
+    #[error("{message}")]
+    Checkpoint { message: String },
+    /// The run is being stopped: a write was refused (the lease was lost),
+    /// the worker is handing the run off, or the log's position is unknown
+    /// after a failed write. The runtime writes nothing more for this
+    /// attempt; return this error as is (`?`).
     #[error("run interrupted: {0}")]
-    Interrupted(#[from] events::Error),
+    Interrupted(#[from] Interruption),
+}
+
+/// Why a run attempt must stop without writing more.
+#[derive(Debug, thiserror::Error)]
+pub enum Interruption {
+    #[error(transparent)]
+    Events(#[from] events::Error),
+    #[error(transparent)]
+    Checkpoints(#[from] checkpoints::Error),
+    /// The lease was lost or the run is being handed off.
+    #[error("the run is being stopped (lease lost or handed off)")]
+    Stopped,
+}
+
+impl Interruption {
+    /// Whether a newer attempt owns the run.
+    pub fn is_lease_lost(&self) -> bool {
+        match self {
+            Self::Events(e) => e.is_lease_lost(),
+            Self::Checkpoints(e) => e.is_lease_lost(),
+            Self::Stopped => false,
+        }
+    }
+}
+
+impl From<events::Error> for AgentError {
+    fn from(e: events::Error) -> Self {
+        Self::Interrupted(e.into())
+    }
 }
 
 impl AgentError {
@@ -93,11 +165,20 @@ impl AgentError {
         Self::InvalidInput { message: message.into() }
     }
 
+    /// A failure worth another attempt of the whole run (see
+    /// [`AgentError::Retryable`]).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable { message: message.into() }
+    }
+
     /// The error code the failure is reported with in `run.failed`.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Failed { .. } => ErrorCode::AgentFailed,
+            Self::Failed { .. } | Self::Retryable { .. } => ErrorCode::AgentFailed,
             Self::InvalidInput { .. } => ErrorCode::InvalidInput,
+            Self::Step { .. } => ErrorCode::StepFailed,
+            Self::Divergence { .. } => ErrorCode::Divergence,
+            Self::Checkpoint { .. } => ErrorCode::Internal,
             Self::Interrupted(_) => ErrorCode::Unavailable,
         }
     }
@@ -105,14 +186,20 @@ impl AgentError {
 
 /// What agent code sees of its run while it executes.
 ///
-/// One `RunContext` exists per run attempt; it owns the run's event log, so
-/// everything the agent reports is appended with the lease's fencing (see
-/// [`crate::runtime::events`]).
+/// One `RunContext` exists per run attempt; it owns the run's event log and
+/// checkpoints, so everything the agent records is written with the lease's
+/// fencing (see [`crate::runtime::events`] and
+/// [`crate::runtime::checkpoints`]).
 pub struct RunContext {
     log: EventLog,
+    checkpoints: CheckpointLog,
     agent: AgentName,
     input: Value,
     stop: CancellationToken,
+    /// The position of the next step.
+    next_step: u32,
+    /// Set when the run must fail whatever the agent returns (divergence).
+    fatal: Option<(ErrorCode, String)>,
 }
 
 impl fmt::Debug for RunContext {
@@ -126,12 +213,41 @@ impl fmt::Debug for RunContext {
 }
 
 impl RunContext {
-    pub(crate) fn new(log: EventLog, agent: AgentName, input: Value, stop: CancellationToken) -> Self {
-        Self { log, agent, input, stop }
+    pub(crate) fn new(
+        log: EventLog,
+        checkpoints: CheckpointLog,
+        agent: AgentName,
+        input: Value,
+        stop: CancellationToken,
+    ) -> Self {
+        Self { log, checkpoints, agent, input, stop, next_step: 0, fatal: None }
     }
 
     pub(crate) fn log_mut(&mut self) -> &mut EventLog {
         &mut self.log
+    }
+
+    /// Whether a write of this attempt was refused because a newer attempt
+    /// owns the run.
+    pub(crate) fn is_lost(&self) -> bool {
+        self.log.is_lost() || self.checkpoints.is_lost()
+    }
+
+    /// The failure the run must end with regardless of the agent's result.
+    pub(crate) fn fatal(&self) -> Option<&(ErrorCode, String)> {
+        self.fatal.as_ref()
+    }
+
+    /// The fencing token of this attempt: the run's lease revision at claim,
+    /// higher than any earlier attempt's. Hand it to external systems that
+    /// can refuse writes from a stale token.
+    pub fn fencing_token(&self) -> u64 {
+        self.checkpoints.fencing_token()
+    }
+
+    /// How many steps earlier attempts completed (replayed by this one).
+    pub fn steps_recorded(&self) -> u32 {
+        self.checkpoints.recorded_count()
     }
 
     /// The run's id.
@@ -169,19 +285,23 @@ impl RunContext {
     /// because the lease was lost; the agent should return it (`?`). After an
     /// error nothing more can be emitted.
     pub async fn emit(&mut self, name: impl Into<String>, data: Value) -> Result<(), AgentError> {
+        self.append(EventBody::Agent(AgentEvent { name: name.into(), data })).await
+    }
+
+    /// Appends one event unless the run is being stopped. A refusal stops
+    /// the run at once, even if the agent swallows the error.
+    async fn append(&mut self, body: EventBody) -> Result<(), AgentError> {
         if self.stop.is_cancelled() {
             self.log.close();
-            return Err(AgentError::Interrupted(events::Error::Closed { run_id: self.run_id() }));
+            return Err(AgentError::Interrupted(Interruption::Stopped));
         }
-        match self.log.append(EventBody::Agent(AgentEvent { name: name.into(), data })).await {
+        match self.log.append(body).await {
             Ok(_) => Ok(()),
             Err(e) => {
-                // Someone else wrote to the log: stop the run at once, even
-                // if the agent swallows this error.
                 if e.is_lease_lost() {
                     self.stop.cancel();
                 }
-                Err(AgentError::Interrupted(e))
+                Err(e.into())
             }
         }
     }
