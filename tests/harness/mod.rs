@@ -9,7 +9,7 @@ pub mod stream;
 
 pub use db::TestDb;
 pub use nats::NatsServer;
-pub use process::{Fleet, RunfleetProcess};
+pub use process::{Fleet, FleetOptions, RunfleetProcess};
 
 /// Initializes test logging once (RUST_LOG controls it).
 pub fn init_tracing() {

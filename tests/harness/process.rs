@@ -50,6 +50,11 @@ impl RunfleetProcess {
         }
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
     /// Waits for the process to exit, up to `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + timeout;
@@ -91,6 +96,19 @@ pub fn run_cli(args: &[String]) -> Output {
         .unwrap_or_else(|e| panic!("run runfleet {args:?}: {e}"))
 }
 
+/// How [`Fleet::start_with`] configures the fleet.
+#[derive(Debug, Clone, Default)]
+pub struct FleetOptions {
+    pub workers: usize,
+    pub slots: u32,
+    /// The coordinator's `--lease-ttl` (e.g. `"2s"`); the default when `None`.
+    pub lease_ttl: Option<String>,
+    /// Workers register the test agents (`crash`, journaling `steps`).
+    pub test_agents: bool,
+    /// With `test_agents`: the journal the `steps` agent appends to.
+    pub journal: Option<PathBuf>,
+}
+
 /// A NATS server, a registry database, one coordinator and some workers, all
 /// real processes.
 pub struct Fleet {
@@ -98,6 +116,8 @@ pub struct Fleet {
     pub coordinator: RunfleetProcess,
     pub db: TestDb,
     pub nats: NatsServer,
+    /// Extra arguments every worker of this fleet gets.
+    worker_extra: Vec<String>,
 }
 
 impl Fleet {
@@ -125,14 +145,28 @@ impl Fleet {
     /// `default` queue, and waits until the coordinator answers and every
     /// worker has registered.
     pub async fn start(db: TestDb, workers: usize, slots: u32) -> Self {
+        Self::start_with(db, FleetOptions { workers, slots, ..Default::default() }).await
+    }
+
+    /// [`Fleet::start`] with a lease TTL and test agents.
+    pub async fn start_with(db: TestDb, options: FleetOptions) -> Self {
         let nats = NatsServer::start();
-        let coordinator = RunfleetProcess::spawn("coordinator", &Self::coordinator_args(&nats, &db));
-        let workers = (0..workers)
-            .map(|i| {
-                RunfleetProcess::spawn(&format!("worker-{i}"), &Self::worker_args(&nats, &["default"], slots))
-            })
-            .collect();
-        let fleet = Self { workers, coordinator, db, nats };
+        let mut coordinator_args = Self::coordinator_args(&nats, &db);
+        if let Some(ttl) = &options.lease_ttl {
+            coordinator_args.extend(["--lease-ttl".to_owned(), ttl.clone()]);
+        }
+        let coordinator = RunfleetProcess::spawn("coordinator", &coordinator_args);
+        let mut worker_extra = Vec::new();
+        if options.test_agents {
+            worker_extra.push("--test-agents".to_owned());
+            if let Some(journal) = &options.journal {
+                worker_extra.extend(["--test-journal".to_owned(), journal.display().to_string()]);
+            }
+        }
+        let mut fleet = Self { workers: Vec::new(), coordinator, db, nats, worker_extra };
+        for _ in 0..options.workers {
+            fleet.add_worker(&["default"], options.slots);
+        }
         fleet.wait_ready().await;
         fleet
     }
@@ -162,7 +196,16 @@ impl Fleet {
 
     pub fn add_worker(&mut self, queues: &[&str], slots: u32) {
         let name = format!("worker-{}", self.workers.len());
-        self.workers.push(RunfleetProcess::spawn(&name, &Self::worker_args(&self.nats, queues, slots)));
+        let mut args = Self::worker_args(&self.nats, queues, slots);
+        args.extend(self.worker_extra.iter().cloned());
+        self.workers.push(RunfleetProcess::spawn(&name, &args));
+    }
+
+    /// The index in `workers` of the process registered as `worker_id`.
+    pub async fn worker_index(&self, worker_id: &runfleet_protocol::WorkerId) -> Option<usize> {
+        let infos = self.client("default").await.workers().await.ok()?;
+        let pid = infos.iter().find(|w| &w.worker_id == worker_id)?.pid;
+        self.workers.iter().position(|w| w.pid() == pid)
     }
 
     /// A client command with this fleet's `--nats-url` appended.

@@ -7,6 +7,7 @@
 #[path = "../../../tests/harness/nats.rs"]
 pub mod nats;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Once;
 use std::time::Duration;
@@ -14,10 +15,13 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::HeaderMap;
+use futures::StreamExt;
+use runfleet_protocol::checkpoint::Checkpoint;
 use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, AgentName, Names, QueueName, RunId, TenantId};
+use runfleet_worker::runtime::checkpoints;
 use runfleet_worker::{Agents, Worker, WorkerConfig};
 use serde_json::Value;
 use tokio::task::JoinHandle;
@@ -122,8 +126,26 @@ impl Env {
         Ok(job.run_id)
     }
 
-    /// Publishes `run.created` (seq 1) and returns the job to publish.
+    /// Publishes `run.created` (seq 1) with 3 attempts and returns the job to publish.
     pub async fn create_run(&self, agent: &str, input: Value, priority: u8) -> anyhow::Result<Job> {
+        self.create_run_with(agent, input, priority, 3).await
+    }
+
+    /// Creates and dispatches a run with `max_attempts`.
+    pub async fn submit_with(&self, agent: &str, input: Value, max_attempts: u32) -> anyhow::Result<RunId> {
+        let job = self.create_run_with(agent, input, 2, max_attempts).await?;
+        self.publish_job(&job).await?;
+        Ok(job.run_id)
+    }
+
+    /// Publishes `run.created` (seq 1) and returns the job to publish.
+    pub async fn create_run_with(
+        &self,
+        agent: &str,
+        input: Value,
+        priority: u8,
+        max_attempts: u32,
+    ) -> anyhow::Result<Job> {
         let run_id = RunId::generate();
         let agent = AgentName::new(agent)?;
         let queue = QueueName::default_queue();
@@ -139,7 +161,7 @@ impl Env {
                 queue: queue.clone(),
                 priority,
                 input: input.clone(),
-                max_attempts: 3,
+                max_attempts,
                 idempotency_key: None,
             }),
         };
@@ -151,7 +173,7 @@ impl Env {
             queue,
             priority,
             input,
-            max_attempts: 3,
+            max_attempts,
             created_us: time::now_us(),
         })
     }
@@ -227,6 +249,33 @@ impl Env {
         })
         .await
         .with_context(|| format!("run {run_id} did not reach a terminal event"))
+    }
+
+    /// A run's step checkpoints by index.
+    pub async fn checkpoints(&self, run_id: RunId) -> anyhow::Result<BTreeMap<u32, Checkpoint>> {
+        let bucket = self.js.get_key_value(self.names.checkpoints_bucket()).await?;
+        let mut keys = bucket.keys().await?;
+        let mut out = BTreeMap::new();
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if let Some(index) = self.names.parse_checkpoint_step(run_id, &key) {
+                let value = bucket.get(&key).await?.context("listed checkpoint vanished")?;
+                out.insert(index, codec::decode::<Checkpoint>(&value)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where the worker keeps checkpoints, for driving a checkpoint log directly.
+    pub async fn checkpoint_stores(&self, inline_limit: usize) -> anyhow::Result<checkpoints::Stores> {
+        let bucket = self.js.get_key_value(self.names.checkpoints_bucket()).await?;
+        Ok(checkpoints::Stores {
+            js: self.js.clone(),
+            names: self.names.clone(),
+            stream: bucket.stream,
+            blobs: self.js.get_object_store(self.names.blobs_bucket()).await?,
+            inline_limit,
+        })
     }
 
     /// Messages still in the jobs stream.

@@ -1,0 +1,329 @@
+//! Crash safety through real processes: workers are SIGKILLed and SIGSTOPped
+//! mid-run and nats-server is restarted under load, and each test checks the
+//! invariants of DESIGN.md on what JetStream stored: gapless logs with one
+//! terminal event, every step checkpointed once, completed steps never
+//! executed again (the `steps` test agent journals every execution), and
+//! nothing written by a worker after it lost its lease.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use harness::stream::{by_run, check_run_log, eventually, tenant_events};
+use harness::{Fleet, FleetOptions, TestDb};
+use runfleet_protocol::api::SubmitRequest;
+use runfleet_protocol::checkpoint::{Checkpoint, StepOutput};
+use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::{codec, ErrorCode, Names, RunId, TenantId};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A fleet with 2 s leases and the test agents journaling to `journal`.
+async fn fleet(workers: usize, slots: u32, journal: &Path) -> Fleet {
+    harness::init_tracing();
+    let options = FleetOptions {
+        workers,
+        slots,
+        lease_ttl: Some("2s".to_owned()),
+        test_agents: true,
+        journal: Some(journal.to_owned()),
+    };
+    Fleet::start_with(TestDb::sqlite(), options).await
+}
+
+async fn submit(fleet: &Fleet, agent: &str, input: Value, max_attempts: Option<u32>) -> RunId {
+    let request = SubmitRequest {
+        agent: agent.to_owned(),
+        input,
+        queue: None,
+        priority: None,
+        idempotency_key: None,
+        max_attempts,
+    };
+    fleet.client("default").await.submit(request).await.unwrap_or_else(|e| panic!("submit: {e}")).run_id
+}
+
+async fn events(fleet: &Fleet, run: RunId) -> Vec<Event> {
+    let client = fleet.nats.client().await;
+    let all = tenant_events(&client, &TenantId::default_tenant()).await;
+    by_run(&all).remove(&run).unwrap_or_default()
+}
+
+async fn wait_for(fleet: &Fleet, run: RunId, what: &str, check: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    eventually(DEADLINE, what, || async {
+        let events = events(fleet, run).await;
+        check(&events).then_some(events)
+    })
+    .await
+}
+
+fn terminal(events: &[Event]) -> bool {
+    events.last().is_some_and(|e| e.body.is_terminal())
+}
+
+fn completed_steps(events: &[Event]) -> usize {
+    events.iter().filter(|e| matches!(e.body, EventBody::StepCompleted(_))).count()
+}
+
+async fn checkpoints(fleet: &Fleet, run: RunId) -> BTreeMap<u32, Checkpoint> {
+    let names = Names::default();
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let bucket = js.get_key_value(names.checkpoints_bucket()).await.unwrap_or_else(|e| panic!("bucket: {e}"));
+    let mut keys = bucket.keys().await.unwrap_or_else(|e| panic!("keys: {e}"));
+    let mut out = BTreeMap::new();
+    while let Some(key) = keys.next().await {
+        let key = key.unwrap_or_else(|e| panic!("key: {e}"));
+        if let Some(index) = names.parse_checkpoint_step(run, &key) {
+            let value = bucket.get(&key).await.ok().flatten().unwrap_or_else(|| panic!("checkpoint {key}"));
+            out.insert(index, codec::decode(&value).unwrap_or_else(|e| panic!("checkpoint {key}: {e}")));
+        }
+    }
+    out
+}
+
+/// One journal line: a step execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Execution {
+    index: u32,
+    attempt: u32,
+    worker: String,
+}
+
+fn executions(journal: &Path, run: RunId) -> Vec<Execution> {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let parts: Vec<&str> = line.split(' ').collect();
+            (parts.len() == 5 && parts[0] == run.to_string()).then(|| Execution {
+                index: parts[1].parse().unwrap_or_else(|e| panic!("journal line {line:?}: {e}")),
+                attempt: parts[2].parse().unwrap_or_else(|e| panic!("journal line {line:?}: {e}")),
+                worker: parts[3].to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The attempt that started or resumed the run and how many steps it found.
+fn first_events(events: &[Event]) -> Vec<(u32, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Started(_) => Some((e.attempt, 0)),
+            EventBody::Resumed(r) => Some((e.attempt, r.steps_replayed)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The invariants every crashed-and-finished `steps` run must satisfy.
+fn check_durable_run(
+    run: RunId,
+    steps: u32,
+    events: &[Event],
+    stored: &BTreeMap<u32, Checkpoint>,
+    journal: &[Execution],
+) {
+    check_run_log(run, events).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(events.last().map(|e| &e.body), Some(EventBody::Completed(_))),
+        "run {run} did not complete"
+    );
+    // Every event belongs to the attempt that started or resumed last.
+    let mut current = 0;
+    for event in &events[1..] {
+        if let EventBody::Started(_) | EventBody::Resumed(_) = event.body {
+            assert!(event.attempt > current, "run {run}: attempts must increase: {events:#?}");
+            current = event.attempt;
+        }
+        assert_eq!(event.attempt, current, "run {run}: seq {} written by a stale attempt", event.seq);
+    }
+    // Each step checkpointed once; each resumed attempt owns exactly the
+    // steps from its replay point on.
+    assert_eq!(stored.keys().copied().collect::<Vec<_>>(), (0..steps).collect::<Vec<_>>(), "run {run}");
+    for (attempt, replayed) in first_events(events) {
+        for (index, checkpoint) in stored {
+            if *index < replayed {
+                assert!(checkpoint.attempt < attempt, "run {run}: step {index} replayed by {attempt}");
+            } else {
+                assert!(checkpoint.attempt >= attempt, "run {run}: step {index} written by a stale attempt");
+            }
+        }
+        // A completed step is never executed again.
+        for execution in journal.iter().filter(|x| x.attempt == attempt) {
+            assert!(
+                execution.index >= replayed,
+                "run {run}: attempt {attempt} re-executed step {}",
+                execution.index
+            );
+        }
+    }
+    // Only an attempt's last (in-flight) step may run again elsewhere.
+    for index in 0..steps {
+        let writer = stored[&index].attempt;
+        for extra in journal.iter().filter(|x| x.index == index && x.attempt != writer) {
+            let last = journal.iter().filter(|x| x.attempt == extra.attempt).map(|x| x.index).max();
+            assert_eq!(
+                last,
+                Some(index),
+                "run {run}: step {index} executed again by attempt {}",
+                extra.attempt
+            );
+        }
+        assert!(
+            journal.iter().any(|x| x.index == index && x.attempt == writer),
+            "run {run}: step {index} not journaled"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigkill_mid_run_resumes_on_another_worker_without_rerunning_completed_steps() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let fleet = fleet(2, 2, &journal).await;
+    let run = submit(&fleet, "steps", json!({"steps": 10, "ms": 300}), None).await;
+
+    let before = wait_for(&fleet, run, "3 completed steps", |e| completed_steps(e) >= 3).await;
+    let victim = before.iter().rev().find_map(|e| e.worker_id.clone()).unwrap_or_else(|| panic!("no worker"));
+    let index = fleet.worker_index(&victim).await.unwrap_or_else(|| panic!("worker {victim} not found"));
+    fleet.workers[index].signal(nix::sys::signal::Signal::SIGKILL as i32);
+
+    let events = wait_for(&fleet, run, "the run to finish", terminal).await;
+    let resumed = events.iter().find_map(|e| match &e.body {
+        EventBody::Resumed(r) => Some((e.attempt, r.steps_replayed, e.worker_id.clone())),
+        _ => None,
+    });
+    let (attempt, replayed, worker) = resumed.unwrap_or_else(|| panic!("no run.resumed: {events:#?}"));
+    assert_eq!(attempt, 2);
+    assert!(replayed >= 3, "the resume must find the completed steps");
+    assert_ne!(worker.as_ref(), Some(&victim), "resumed on another worker");
+    let journal = executions(&journal, run);
+    check_durable_run(run, 10, &events, &checkpoints(&fleet, run).await, &journal);
+    for index in 0..replayed {
+        assert_eq!(journal.iter().filter(|x| x.index == index).count(), 1, "step {index} ran twice");
+    }
+}
+
+#[tokio::test]
+async fn sigstopped_worker_is_refused_after_takeover_and_abandons_the_run() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let fleet = fleet(2, 1, &journal).await;
+    let run = submit(&fleet, "steps", json!({"steps": 12, "ms": 400}), None).await;
+
+    let before = wait_for(&fleet, run, "2 completed steps", |e| completed_steps(e) >= 2).await;
+    let paused_id =
+        before.iter().rev().find_map(|e| e.worker_id.clone()).unwrap_or_else(|| panic!("no worker"));
+    let index =
+        fleet.worker_index(&paused_id).await.unwrap_or_else(|| panic!("worker {paused_id} not found"));
+    let paused = &fleet.workers[index];
+    paused.signal(nix::sys::signal::Signal::SIGSTOP as i32);
+
+    // Past the lease TTL another worker takes over and makes progress.
+    let taken = wait_for(&fleet, run, "the takeover", |e| {
+        let resumed = e.iter().position(|e| matches!(e.body, EventBody::Resumed(_)));
+        resumed.is_some_and(|at| completed_steps(&e[at..]) >= 2)
+    })
+    .await;
+    paused.signal(nix::sys::signal::Signal::SIGCONT as i32);
+
+    let events = wait_for(&fleet, run, "the run to finish", terminal).await;
+    let takeover = taken.iter().position(|e| matches!(e.body, EventBody::Resumed(_))).unwrap_or(0);
+    assert!(
+        events[takeover..].iter().all(|e| e.worker_id.as_ref() != Some(&paused_id)),
+        "the paused worker wrote after the takeover: {events:#?}"
+    );
+    check_durable_run(run, 12, &events, &checkpoints(&fleet, run).await, &executions(&journal, run));
+
+    // The paused worker noticed and let go, and is still serving.
+    eventually(DEADLINE, "the paused worker to report the lost lease", || async {
+        paused.logs().contains("lease lost").then_some(())
+    })
+    .await;
+    let again = submit(&fleet, "steps", json!({"steps": 2}), None).await;
+    wait_for(&fleet, again, "a new run to finish", terminal).await;
+}
+
+#[tokio::test]
+async fn nats_server_restart_during_runs_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let mut fleet = fleet(2, 4, &journal).await;
+    let mut runs = Vec::new();
+    for _ in 0..12 {
+        runs.push(submit(&fleet, "steps", json!({"steps": 6, "ms": 250}), None).await);
+    }
+    wait_for(&fleet, runs[0], "progress", |e| completed_steps(e) >= 2).await;
+    fleet.nats.restart();
+
+    for run in &runs {
+        let events = wait_for(&fleet, *run, "the run to finish", terminal).await;
+        check_durable_run(*run, 6, &events, &checkpoints(&fleet, *run).await, &executions(&journal, *run));
+    }
+}
+
+#[tokio::test]
+async fn a_run_that_crashes_its_worker_every_time_fails_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let mut fleet = fleet(1, 1, &journal).await;
+    let run = submit(&fleet, "crash", json!({}), Some(2)).await;
+
+    // Each attempt aborts its worker; keep one worker alive.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut crashes = 0;
+    let events = loop {
+        let events = events(&fleet, run).await;
+        if terminal(&events) {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run never failed: {events:#?}");
+        if fleet.workers.last_mut().is_some_and(|w| w.has_exited()) {
+            crashes += 1;
+            fleet.add_worker(&["default"], 1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    check_run_log(run, &events).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(crashes, 2, "two attempts, each crashing its worker");
+    let EventBody::Failed(failed) = &events[events.len() - 1].body else { panic!("expected run.failed") };
+    assert_eq!(failed.error.code, ErrorCode::MaxAttemptsExceeded);
+    assert!(failed.error.message.contains("max_attempts 2"), "{}", failed.error.message);
+    assert_eq!(first_events(&events).iter().map(|(a, _)| *a).collect::<Vec<_>>(), [1, 2]);
+    // The step before the crash ran once and was replayed by attempt 2.
+    assert_eq!(checkpoints(&fleet, run).await.len(), 1);
+    assert!(events.iter().any(|e| matches!(&e.body, EventBody::Resumed(r) if r.steps_replayed == 1)));
+}
+
+#[tokio::test]
+async fn multi_megabyte_step_outputs_survive_a_resume() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let fleet = fleet(2, 1, &journal).await;
+    let bytes = 3 * 1024 * 1024;
+    let run = submit(&fleet, "steps", json!({"steps": 4, "ms": 700, "output_bytes": bytes}), None).await;
+
+    let before = wait_for(&fleet, run, "2 completed steps", |e| completed_steps(e) >= 2).await;
+    let victim = before.iter().rev().find_map(|e| e.worker_id.clone()).unwrap_or_else(|| panic!("no worker"));
+    let index = fleet.worker_index(&victim).await.unwrap_or_else(|| panic!("worker {victim} not found"));
+    fleet.workers[index].signal(nix::sys::signal::Signal::SIGKILL as i32);
+
+    let events = wait_for(&fleet, run, "the run to finish", terminal).await;
+    // The agent compares every replayed output with what it produced, so
+    // completing means the blobs came back intact.
+    assert!(
+        matches!(events.last().map(|e| &e.body), Some(EventBody::Completed(c)) if c.output == json!({"steps": 4, "bytes": 4 * bytes})),
+        "{:?}",
+        events.last()
+    );
+    assert!(events.iter().any(|e| matches!(&e.body, EventBody::Resumed(r) if r.steps_replayed >= 2)));
+    let stored = checkpoints(&fleet, run).await;
+    assert!(stored
+        .values()
+        .all(|c| matches!(c.output, StepOutput::Blob { size, .. } if size > 3 * 1024 * 1024)));
+    check_durable_run(run, 4, &events, &stored, &executions(&journal, run));
+}
