@@ -51,6 +51,9 @@ pub enum Command {
     Workers(ClientArgs),
     /// Measure throughput and latency of a fleet started for the purpose.
     Bench(crate::bench::BenchArgs),
+    /// Abuse a fleet started for the purpose (kill, pause and restart while
+    /// runs are in flight) and check every run's invariants afterwards.
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 /// Options every client command takes. Each may also come from the

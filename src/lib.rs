@@ -2,9 +2,11 @@
 //!
 //! The binary is thin (`main.rs`); everything here is testable: the API
 //! [`client`], layered [`config`], the server commands ([`serve`]), the
-//! embedded single-machine fleet ([`dev`]) and the [`bench`]mark.
+//! embedded single-machine fleet ([`dev`]), the [`bench`]mark and the
+//! [`chaos`] harness.
 
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use runfleet::cli::{self, Cli, Command};
-use runfleet::{bench, dev, serve};
+use runfleet::{bench, chaos, dev, serve};
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -28,6 +28,7 @@ async fn main() -> ExitCode {
             dev::run(config, args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(args) => bench::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Chaos(args) => chaos::main(args).await,
         Command::Submit(args) => cli::submit(args, config).await,
         Command::Get(args) => cli::get(args, config).await,
         Command::List(args) => cli::list(args, config).await,

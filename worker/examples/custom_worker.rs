@@ -8,12 +8,16 @@
 
 use anyhow::Context as _;
 use runfleet_protocol::AgentName;
-use runfleet_worker::sdk::{async_trait, Agent, AgentError, RunContext};
+use std::time::Duration;
+
+use runfleet_worker::sdk::{async_trait, Agent, AgentError, RunContext, StepOptions};
 use runfleet_worker::{agents, Worker, WorkerConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// Counts the words of `{"text": …}` and reports progress as it goes.
+/// Counts the words of `{"text": …}` in two durable steps and reports
+/// progress as it goes. If the worker dies between the steps, the run
+/// resumes elsewhere and the first step's result is replayed, not recomputed.
 struct WordCount;
 
 #[async_trait]
@@ -22,10 +26,30 @@ impl Agent for WordCount {
         let text = input
             .get("text")
             .and_then(Value::as_str)
-            .ok_or_else(|| AgentError::invalid_input("word_count expects {\"text\": \"…\"}"))?;
-        let words = text.split_whitespace().count();
-        ctx.emit("counted", json!({ "words": words })).await?;
-        Ok(json!({ "words": words }))
+            .ok_or_else(|| AgentError::invalid_input("word_count expects {\"text\": \"…\"}"))?
+            .to_owned();
+        // A step's output is checkpointed before the run goes on.
+        let words: Vec<String> = ctx
+            .step("split", |_| {
+                let text = text.clone();
+                async move { Ok(text.split_whitespace().map(str::to_owned).collect()) }
+            })
+            .await?;
+        ctx.emit("split", json!({ "words": words.len() })).await?;
+        // Steps that call out get a timeout, retries, and an idempotency key
+        // that is the same on every try and after any crash.
+        let options = StepOptions::new().timeout(Duration::from_secs(10)).retries(3);
+        let distinct: usize = ctx
+            .step_with("count-distinct", options, |step| {
+                let words = words.clone();
+                async move {
+                    tracing::info!(key = %step.idempotency_key(), try_ = step.attempt(), "counting");
+                    let unique: std::collections::BTreeSet<&String> = words.iter().collect();
+                    Ok(unique.len())
+                }
+            })
+            .await?;
+        Ok(json!({ "words": words.len(), "distinct": distinct }))
     }
 }
 

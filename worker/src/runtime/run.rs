@@ -414,12 +414,16 @@ async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
             // refused write even if the agent swallowed the error and went
             // on to return something else.
             let revision = held.finish().await;
-            let lost = held.is_lost() || ctx.is_lost() || error.as_ref().is_some_and(|e| e.is_lease_lost());
-            if lost {
+            let refused = ctx.is_lost() || error.as_ref().is_some_and(|e| e.is_lease_lost());
+            if refused || held.is_lost() {
                 // Someone else owns the run now: write nothing, leave the job
                 // and the lease to their new owner (or to redelivery).
                 held.mark_lost();
-                warn!(run_id = %run_id, attempt, "lease lost; run stopped without writing more");
+                if refused {
+                    warn!(run_id = %run_id, attempt, "lease lost: the server refused a write (a newer attempt owns the run); run stopped without writing more");
+                } else {
+                    warn!(run_id = %run_id, attempt, "lease lost: the heartbeat found the lease changed; run stopped without writing more");
+                }
             } else {
                 // A retry after backoff, a hand-off (shutdown) or an unknown
                 // log position (publish failure): release and let another
