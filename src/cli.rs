@@ -222,6 +222,9 @@ fn describe_run(run: &RunView) -> String {
         "{}  {:<9}  agent={} queue={} p{} attempt={}/{}",
         run.run_id, run.state, run.agent, run.queue, run.priority, run.attempt, run.max_attempts
     );
+    if let Some(worker) = &run.worker_id {
+        line.push_str(&format!(" worker={worker}"));
+    }
     if let Some(output) = &run.output {
         line.push_str(&format!(" output={output}"));
     }
