@@ -49,7 +49,8 @@ pub enum Command {
     Watch(WatchArgs),
     /// List the live workers.
     Workers(ClientArgs),
-    /// Measure throughput and latency of a fleet started for the purpose.
+    /// Measure run throughput and latency, durable step overhead and worker
+    /// failover on fleets started for the purpose.
     Bench(crate::bench::BenchArgs),
     /// Abuse a fleet started for the purpose (kill, pause and restart while
     /// runs are in flight) and check every run's invariants afterwards.

@@ -115,6 +115,21 @@ mod tests {
         slots: Option<u32>,
     }
 
+    /// The shipped example stays loadable and valid.
+    #[test]
+    fn example_config_is_valid() {
+        #[derive(Serialize)]
+        struct NoFlags {}
+        let file = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/runfleet.toml"));
+        let coordinator: runfleet_coordinator::config::CoordinatorConfig =
+            load("coordinator", Some(file), &NoFlags {}).unwrap_or_else(|e| panic!("{e}"));
+        coordinator.validate().unwrap_or_else(|e| panic!("{e}"));
+        let worker: runfleet_worker::WorkerConfig =
+            load("worker", Some(file), &NoFlags {}).unwrap_or_else(|e| panic!("{e}"));
+        worker.validate().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(worker.idle_poll, std::time::Duration::from_millis(500));
+    }
+
     #[test]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {

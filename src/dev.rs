@@ -31,12 +31,67 @@ pub struct DevArgs {
     pub slots: u32,
 }
 
-/// Everything `dev` (and `bench`) starts, for orderly shutdown.
+/// In-process components (a coordinator, workers) running as tasks under one
+/// shutdown token, stopped together. Shared by `dev` and `bench`.
+#[derive(Default)]
+pub struct Components {
+    shutdown: CancellationToken,
+    tasks: JoinSet<(String, anyhow::Result<()>)>,
+}
+
+impl Components {
+    /// How long components get to drain before [`Components::stop`] gives up.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+    pub fn spawn_coordinator(&mut self, coordinator: Coordinator) {
+        let token = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            ("coordinator".to_owned(), coordinator.run(token).await.map_err(Into::into))
+        });
+    }
+
+    pub fn spawn_worker(&mut self, worker: Worker) {
+        let token = self.shutdown.clone();
+        let name = format!("worker {}", worker.id());
+        self.tasks.spawn(async move { (name, worker.run(token).await.map_err(Into::into)) });
+    }
+
+    /// Cancels every component and waits (bounded) for them to drain;
+    /// returns what failed or did not stop.
+    pub async fn stop(&mut self) -> Vec<String> {
+        self.shutdown.cancel();
+        let mut failed = Vec::new();
+        let drained = tokio::time::timeout(Self::STOP_TIMEOUT, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                match joined {
+                    Ok((_, Ok(()))) => {}
+                    Ok((name, Err(e))) => failed.push(format!("{name}: {e:#}")),
+                    Err(e) => failed.push(format!("a component panicked: {e}")),
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            failed.push(format!("components did not stop within {}s", Self::STOP_TIMEOUT.as_secs()));
+            self.tasks.shutdown().await;
+        }
+        failed
+    }
+
+    /// Resolves when a component stopped on its own (an error) before shutdown.
+    pub async fn first_exit(&mut self) -> Option<(String, anyhow::Result<()>)> {
+        match self.tasks.join_next().await? {
+            Ok(result) => Some(result),
+            Err(e) => Some(("a component".to_owned(), Err(anyhow::anyhow!("panicked: {e}")))),
+        }
+    }
+}
+
+/// Everything `dev` (and `bench runs`) starts, for orderly shutdown.
 pub struct DevFleet {
     pub nats: EmbeddedNats,
     pub database_url: String,
-    shutdown: CancellationToken,
-    tasks: JoinSet<(String, anyhow::Result<()>)>,
+    components: Components,
 }
 
 impl DevFleet {
@@ -51,8 +106,7 @@ impl DevFleet {
     ) -> anyhow::Result<Self> {
         let nats = EmbeddedNats::start(data_dir, nats_port).await?;
         let database_url = format!("sqlite:{}", data_dir.join("runfleet.db").display());
-        let shutdown = CancellationToken::new();
-        let mut tasks = JoinSet::new();
+        let mut components = Components::default();
 
         let coordinator_args = CoordinatorArgs {
             nats_url: Some(nats.url()),
@@ -62,10 +116,7 @@ impl DevFleet {
         };
         let config = serve::coordinator_config(config_file, &coordinator_args)?;
         let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
-        let token = shutdown.clone();
-        tasks.spawn(
-            async move { ("coordinator".to_owned(), coordinator.run(token).await.map_err(Into::into)) },
-        );
+        components.spawn_coordinator(coordinator);
 
         for i in 0..workers {
             let worker_args = WorkerArgs {
@@ -81,31 +132,14 @@ impl DevFleet {
             let worker = Worker::start(config, runfleet_worker::agents::builtin())
                 .await
                 .with_context(|| format!("worker {i} failed to start"))?;
-            let token = shutdown.clone();
-            let name = format!("worker {}", worker.id());
-            tasks.spawn(async move { (name, worker.run(token).await.map_err(Into::into)) });
+            components.spawn_worker(worker);
         }
-        Ok(Self { nats, database_url, shutdown, tasks })
+        Ok(Self { nats, database_url, components })
     }
 
     /// Cancels every component, waits for them (bounded), then stops nats-server.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
-        let mut failed = Vec::new();
-        let drained = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(joined) = self.tasks.join_next().await {
-                match joined {
-                    Ok((_, Ok(()))) => {}
-                    Ok((name, Err(e))) => failed.push(format!("{name}: {e:#}")),
-                    Err(e) => failed.push(format!("a component panicked: {e}")),
-                }
-            }
-        })
-        .await;
-        if drained.is_err() {
-            failed.push("components did not stop within 30s".to_owned());
-            self.tasks.shutdown().await;
-        }
+        let failed = self.components.stop().await;
         self.nats.stop().await;
         if failed.is_empty() {
             Ok(())
@@ -116,10 +150,7 @@ impl DevFleet {
 
     /// Resolves when a component stopped on its own (an error) before shutdown.
     pub async fn first_exit(&mut self) -> Option<(String, anyhow::Result<()>)> {
-        match self.tasks.join_next().await? {
-            Ok(result) => Some(result),
-            Err(e) => Some(("a component".to_owned(), Err(anyhow::anyhow!("panicked: {e}")))),
-        }
+        self.components.first_exit().await
     }
 }
 

@@ -87,11 +87,16 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
     /// How often an idle worker re-checks its consumers even without a
-    /// wake-up, which is how it notices redelivered jobs. Default `1s`.
+    /// wake-up, which is how it notices redelivered jobs: a crashed worker's
+    /// runs resume within about `lease_ttl + idle_poll` of its last
+    /// heartbeat. Each check is one fetch per served queue and band.
+    /// Default `500ms`.
     #[serde(with = "humantime_serde")]
     pub idle_poll: Duration,
-    /// Delay of the NAK sent for a job whose run is leased by another worker,
-    /// so such a job does not bounce in a hot loop. Default `2s`.
+    /// Delay of the NAK sent for a job whose run is leased by another worker
+    /// when the lease cannot be read; otherwise the delay is the lease's
+    /// remaining lifetime. Also the delay before retrying a job whose claim
+    /// failed on a transient error. Default `2s`.
     #[serde(with = "humantime_serde")]
     pub lease_held_delay: Duration,
     /// On shutdown, how long running runs may take to finish before they are
@@ -114,7 +119,7 @@ impl Default for WorkerConfig {
             checkpoint_inline_limit: DEFAULT_INLINE_LIMIT,
             retry_backoff_min: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
-            idle_poll: Duration::from_secs(1),
+            idle_poll: Duration::from_millis(500),
             lease_held_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
         }

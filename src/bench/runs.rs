@@ -1,6 +1,6 @@
-//! `runfleet bench`: starts a fleet of its own (child nats-server, coordinator
-//! on SQLite, in-process workers), pushes N runs through it and reports
-//! throughput and latency.
+//! The `runs` scenario: pushes N `echo` runs through a [`DevFleet`] of its
+//! own (child nats-server, coordinator on SQLite, `--workers` in-process
+//! workers of `--slots` slots) and reports throughput and latency.
 //!
 //! Latencies are measured on the bench's own clock: from just before the
 //! submit request is sent to the moment the bench's subscription to the
@@ -10,12 +10,10 @@
 //! terminal event.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::Args;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use runfleet_protocol::api::SubmitRequest;
@@ -23,41 +21,15 @@ use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::{codec, RunId};
 use serde::Serialize;
 
+use super::{BenchArgs, Latency};
 use crate::client::Client;
 use crate::dev::DevFleet;
 use crate::embedded;
 
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Runs to push through the fleet.
-    #[arg(long, default_value_t = 2000)]
-    pub runs: u32,
-    /// In-process workers.
-    #[arg(long, default_value_t = 2)]
-    pub workers: u32,
-    /// Slots per worker.
-    #[arg(long, default_value_t = 32)]
-    pub slots: u32,
-    /// Submits in flight at once.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the JSON result to this file.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-}
-
+/// What the `runs` scenario measured. The field names are the bench's JSON
+/// output from before scenarios existed; keep them stable.
 #[derive(Debug, Serialize)]
-pub struct Latency {
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct BenchResult {
+pub struct RunsResult {
     pub runs: u32,
     pub workers: u32,
     pub slots: u32,
@@ -75,43 +47,28 @@ struct Seen {
     finished: HashMap<RunId, (Instant, bool)>,
 }
 
-fn latency(hist: &Histogram<u64>) -> Latency {
-    let ms = |us: u64| us as f64 / 1000.0;
-    Latency {
-        p50_ms: ms(hist.value_at_quantile(0.50)),
-        p99_ms: ms(hist.value_at_quantile(0.99)),
-        max_ms: ms(hist.max()),
-    }
-}
-
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.runs > 0 && args.concurrency > 0, "--runs and --concurrency must be positive");
+/// Starts the fleet, measures, and stops the fleet whether or not the
+/// measurement succeeded.
+pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<RunsResult> {
     let data = tempfile::tempdir().context("temp dir")?;
     let port = embedded::free_port()?;
     let fleet = DevFleet::start(None, data.path(), port, args.workers, args.slots).await?;
-    let result = measure(&args, &fleet.nats.url()).await;
+    let result = measure_on(args, &fleet.nats.url()).await;
     fleet.stop().await?;
-    let result = result?;
-
-    let json = serde_json::to_string_pretty(&result)?;
-    if let Some(path) = &args.output {
-        std::fs::write(path, &json).with_context(|| format!("could not write {}", path.display()))?;
-    }
-    if args.json {
-        println!("{json}");
-    } else {
-        println!(
-            "runs {}  workers {}x{}  concurrency {}\nthroughput      {:>10.0} runs/s  ({:.2}s)\nsubmit→start    p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms\nsubmit→complete p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms\nfailed          {}",
-            result.runs, result.workers, result.slots, result.concurrency, result.runs_per_sec, result.seconds,
-            result.submit_to_start.p50_ms, result.submit_to_start.p99_ms, result.submit_to_start.max_ms,
-            result.submit_to_complete.p50_ms, result.submit_to_complete.p99_ms, result.submit_to_complete.max_ms,
-            result.failed,
-        );
-    }
-    Ok(())
+    result
 }
 
-async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<BenchResult> {
+pub(super) fn print(result: &RunsResult) {
+    println!(
+        "runs {}  workers {}x{}  concurrency {}\nthroughput      {:>10.0} runs/s  ({:.2}s)\nsubmit→start    p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms\nsubmit→complete p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms\nfailed          {}",
+        result.runs, result.workers, result.slots, result.concurrency, result.runs_per_sec, result.seconds,
+        result.submit_to_start.p50_ms, result.submit_to_start.p99_ms, result.submit_to_start.max_ms,
+        result.submit_to_complete.p50_ms, result.submit_to_complete.p99_ms, result.submit_to_complete.max_ms,
+        result.failed,
+    );
+}
+
+async fn measure_on(args: &BenchArgs, url: &str) -> anyhow::Result<RunsResult> {
     let client = Client::connect(
         url,
         runfleet_protocol::TenantId::default_tenant(),
@@ -207,15 +164,15 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<BenchResult> {
             failed += u32::from(!ok);
         }
     }
-    Ok(BenchResult {
+    Ok(RunsResult {
         runs: args.runs,
         workers: args.workers,
         slots: args.slots,
         concurrency: args.concurrency,
         seconds: elapsed.as_secs_f64(),
         runs_per_sec: f64::from(args.runs) / elapsed.as_secs_f64(),
-        submit_to_start: latency(&start_hist),
-        submit_to_complete: latency(&complete_hist),
+        submit_to_start: Latency::from_micros(&start_hist),
+        submit_to_complete: Latency::from_micros(&complete_hist),
         failed,
     })
 }

@@ -1,0 +1,615 @@
+//! The `failover` scenario: SIGKILL of a worker process → `run.resumed` on
+//! another, as a function of the lease TTL.
+//!
+//! Each trial starts a fresh fleet: a child nats-server, an in-process
+//! coordinator with `lease_ttl` = the TTL under test, and two worker
+//! *processes* (this binary's `worker --slots 4 --test-agents`, with default
+//! worker settings: job ack wait = lease TTL, heartbeat every TTL/3, idle
+//! poll 1 s), the second started a random fraction of an idle poll after the
+//! first so that their timers are not in phase. It submits `--failover-runs` runs of the built-in `steps` agent
+//! (200 steps of 100 ms, far longer than any trial) and waits until every run
+//! has `run.started`, noting which worker wrote it. After [`SETTLE`] plus a
+//! random delay of up to one heartbeat period or one idle poll, whichever is
+//! longer (so the kill lands at a random phase of the killed worker's lease
+//! renewals and of the survivor's polling, rather than always at the same
+//! one), the worker holding the most runs gets SIGKILL; the bench takes the
+//! kill instant just before sending the signal. For each run that was on
+//! the killed worker it measures, on its own clock:
+//!
+//! - **failover**: kill → the bench's subscription receives the run's
+//!   `run.resumed` (written by the surviving worker);
+//! - **lease age at kill**: how long before the kill the bench saw the
+//!   lease's last renewal in a watch of the leases bucket. The lease expires
+//!   TTL after that renewal, so `TTL − age` is the least failover possible;
+//! - **kill → lease expiry**: when the watch shows the lease's `MaxAge`
+//!   expiry marker, and **expiry → resumed**, the rest.
+//!
+//! A run's failover is then about `TTL − age` + the time the server takes
+//! to expire the lease and redeliver the job + up to one idle poll of the
+//! survivor (a redelivered job wakes no one: the survivor finds it when it
+//! next polls). Each TTL is tried `--repeat` times;
+//! the report gives, per TTL, the median and range over the trials of each
+//! trial's median and max failover, and checks the target from the issue
+//! tracker: failover ≤ TTL + 1 s for every run of every trial.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use runfleet_protocol::api::SubmitRequest;
+use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::{codec, RunId, WorkerId};
+use serde::Serialize;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::fleet::Fleet;
+use super::{millis, progress, BenchArgs, Spread};
+use crate::client::Client;
+
+/// Worker processes per trial.
+const WORKERS: usize = 2;
+/// Slots of each worker process.
+const SLOTS: u32 = 4;
+/// Input of the runs: long enough that no run ends during a trial.
+const STEPS: u32 = 200;
+const STEP_MS: u64 = 100;
+/// From the last `run.started` to the kill, at least; a random delay of up
+/// to [`phase_window`] is added.
+const SETTLE: Duration = Duration::from_secs(1);
+/// The worker processes' idle poll: they run with the default.
+fn idle_poll() -> Duration {
+    runfleet_worker::WorkerConfig::default().idle_poll
+}
+/// The target from the issue tracker: failover ≤ TTL + this.
+const TARGET_SLACK: Duration = Duration::from_secs(1);
+/// How long to wait for the workers to register and the runs to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time to wait for a run's `run.resumed` after the kill (at least 4
+/// TTLs), so a failover far off its target is measured rather than cut off.
+const MIN_RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the `failover` scenario measured.
+#[derive(Debug, Serialize)]
+pub struct FailoverResult {
+    pub runs_per_trial: u32,
+    pub repeat: u32,
+    pub target_slack_ms: f64,
+    pub ttls: Vec<TtlResult>,
+}
+
+/// One lease TTL over its trials. Times in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct TtlResult {
+    pub ttl_ms: f64,
+    /// Each trial's median failover: median and range over the trials.
+    pub median_ms: Spread,
+    /// Each trial's longest failover: median and range over the trials.
+    pub max_ms: Spread,
+    /// The longest failover of all trials minus the TTL.
+    pub worst_max_minus_ttl_ms: f64,
+    /// Every run of every trial resumed within TTL + `target_slack_ms`.
+    pub meets_target: bool,
+    pub trials: Vec<FailoverTrial>,
+}
+
+/// One trial: one fleet, one kill.
+#[derive(Debug, Serialize)]
+pub struct FailoverTrial {
+    /// Runs the killed worker held.
+    pub killed_runs: usize,
+    /// Kill → `run.resumed`, per killed run (sorted).
+    pub failover_ms: Vec<f64>,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    /// Last lease renewal seen → kill, per killed run (same order as the
+    /// runs, not sorted).
+    pub lease_age_at_kill_ms: Vec<f64>,
+    /// Kill → lease expiry marker seen, per killed run (same order).
+    pub kill_to_lease_expiry_ms: Vec<Option<f64>>,
+    /// Kill → `run.resumed`, per killed run (same order).
+    pub kill_to_resumed_ms: Vec<f64>,
+    /// Last `run.started` → kill: [`SETTLE`] plus the random delay.
+    pub killed_after_start_ms: f64,
+}
+
+pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<FailoverResult> {
+    let mut ttls = Vec::with_capacity(args.ttls.len());
+    for &ttl in &args.ttls {
+        let mut trials = Vec::new();
+        for trial in 1..=args.repeat {
+            progress(args, format!("failover: ttl {} trial {trial}/{}", humantime(ttl), args.repeat));
+            let result = trial_on_fresh_fleet(args, ttl)
+                .await
+                .with_context(|| format!("ttl {} trial {trial}", humantime(ttl)))?;
+            progress(
+                args,
+                format!(
+                    "failover: ttl {} trial {trial}: {} runs on the killed worker, failover {:?} ms",
+                    humantime(ttl),
+                    result.killed_runs,
+                    result.failover_ms.iter().map(|ms| ms.round()).collect::<Vec<_>>()
+                ),
+            );
+            trials.push(result);
+        }
+        ttls.push(summarize(ttl, trials)?);
+    }
+    Ok(FailoverResult {
+        runs_per_trial: args.failover_runs,
+        repeat: args.repeat,
+        target_slack_ms: millis(TARGET_SLACK),
+        ttls,
+    })
+}
+
+fn summarize(ttl: Duration, trials: Vec<FailoverTrial>) -> anyhow::Result<TtlResult> {
+    let medians: Vec<f64> = trials.iter().map(|t| t.median_ms).collect();
+    let maxes: Vec<f64> = trials.iter().map(|t| t.max_ms).collect();
+    let max_ms = Spread::of(&maxes).context("no trial")?;
+    Ok(TtlResult {
+        ttl_ms: millis(ttl),
+        median_ms: Spread::of(&medians).context("no trial")?,
+        worst_max_minus_ttl_ms: max_ms.max - millis(ttl),
+        meets_target: max_ms.max <= millis(ttl + TARGET_SLACK),
+        max_ms,
+        trials,
+    })
+}
+
+/// One trial on a fleet of its own, stopped afterwards whatever happened.
+/// The worker processes are killed on every way out (on drop at the latest).
+async fn trial_on_fresh_fleet(args: &BenchArgs, ttl: Duration) -> anyhow::Result<FailoverTrial> {
+    let mut fleet = Fleet::start(ttl).await?;
+    let mut workers = WorkerProcesses::default();
+    let result = trial(args, ttl, &fleet, &mut workers).await;
+    workers.kill_all().await;
+    if result.is_err() {
+        // The error names the directory; the logs there tell what happened.
+        fleet.keep_files();
+    }
+    fleet.stop().await?;
+    result
+}
+
+async fn trial(
+    args: &BenchArgs,
+    ttl: Duration,
+    fleet: &Fleet,
+    workers: &mut WorkerProcesses,
+) -> anyhow::Result<FailoverTrial> {
+    let client = fleet.client().await?;
+    for i in 0..WORKERS {
+        if i > 0 {
+            // A worker polls and heartbeats on timers started when it
+            // starts: workers started together would keep one's lease
+            // expiries and the other's polls at the same few phases.
+            tokio::time::sleep(idle_poll().mul_f64(random_fraction())).await;
+        }
+        workers.spawn(&fleet.url(), &fleet.dir().join(format!("worker-{i}.log")))?;
+    }
+    let ids = workers.await_registered(&client).await?;
+
+    // Observe before submitting, so nothing about the runs is missed.
+    let stop_observing = CancellationToken::new();
+    let _stop_on_exit = stop_observing.clone().drop_guard();
+    let mut observed = observe(&client, stop_observing).await?;
+
+    let mut runs = Vec::new();
+    for _ in 0..args.failover_runs {
+        let reply = client
+            .submit(SubmitRequest {
+                agent: "steps".to_owned(),
+                input: serde_json::json!({ "steps": STEPS, "ms": STEP_MS }),
+                queue: None,
+                priority: None,
+                idempotency_key: None,
+                max_attempts: None,
+            })
+            .await?;
+        runs.push(reply.run_id);
+    }
+
+    let mut log = Observations::default();
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    while !runs.iter().all(|run| log.started.contains_key(run)) {
+        let next = tokio::time::timeout_at(deadline, observed.recv())
+            .await
+            .with_context(|| format!("the runs did not all start within {}s", START_TIMEOUT.as_secs()))?;
+        log.note(next.context("the event subscription ended")?);
+    }
+
+    // Let the runs checkpoint some steps and the heartbeat renew the
+    // leases, still noting everything observed meanwhile.
+    let settle_for = SETTLE + phase_window(ttl).mul_f64(random_fraction());
+    let settle = tokio::time::Instant::now() + settle_for;
+    while let Ok(next) = tokio::time::timeout_at(settle, observed.recv()).await {
+        log.note(next.context("the event subscription ended")?);
+    }
+    while let Ok(next) = observed.try_recv() {
+        log.note(next);
+    }
+
+    // The worker holding the most runs (on a tie, the last in id order).
+    let mut held: BTreeMap<&WorkerId, Vec<RunId>> = BTreeMap::new();
+    for run in &runs {
+        if let Some(worker) = log.started.get(run) {
+            held.entry(worker).or_default().push(*run);
+        }
+    }
+    let (victim, victim_runs) = held
+        .into_iter()
+        .max_by_key(|(_, runs)| runs.len())
+        .map(|(worker, runs)| (worker.clone(), runs))
+        .context("no run started")?;
+    let index = ids
+        .iter()
+        .position(|id| *id == victim)
+        .with_context(|| format!("runs started on worker {victim}, which is none of the bench's"))?;
+
+    let ages: Vec<f64> = victim_runs
+        .iter()
+        .map(|run| log.renewed.get(run).map_or(f64::NAN, |renewed| millis(renewed.elapsed())))
+        .collect();
+    let killed_at = workers.kill(index).await?;
+    let resume_timeout = (ttl * 4).max(MIN_RESUME_TIMEOUT);
+    let deadline = tokio::time::Instant::from_std(killed_at + resume_timeout);
+    let resumed = |log: &Observations| victim_runs.iter().all(|run| log.resumed.contains_key(run));
+    while !resumed(&log) {
+        match tokio::time::timeout_at(deadline, observed.recv()).await {
+            Ok(next) => log.note(next.context("the event subscription ended")?),
+            Err(_) => {
+                let missing = victim_runs.iter().filter(|run| !log.resumed.contains_key(run)).count();
+                anyhow::bail!(
+                    "{missing} of the killed worker's {} runs did not resume within {}s of the kill; \
+                     the worker and nats-server logs are kept in {}",
+                    victim_runs.len(),
+                    resume_timeout.as_secs(),
+                    fleet.dir().display()
+                );
+            }
+        }
+    }
+
+    let since_kill = |at: &Instant| millis(at.saturating_duration_since(killed_at));
+    let kill_to_resumed: Vec<f64> =
+        victim_runs.iter().filter_map(|run| log.resumed.get(run)).map(since_kill).collect();
+    let kill_to_expiry =
+        victim_runs.iter().map(|run| log.expired.get(run).map(since_kill)).collect::<Vec<_>>();
+    let mut sorted = kill_to_resumed.clone();
+    sorted.sort_by(f64::total_cmp);
+    let spread = Spread::of(&sorted).context("no run resumed")?;
+    Ok(FailoverTrial {
+        killed_runs: victim_runs.len(),
+        failover_ms: sorted,
+        median_ms: spread.median,
+        max_ms: spread.max,
+        lease_age_at_kill_ms: ages,
+        kill_to_lease_expiry_ms: kill_to_expiry,
+        kill_to_resumed_ms: kill_to_resumed,
+        killed_after_start_ms: millis(settle_for),
+    })
+}
+
+/// The window the kill's random delay is drawn from: the longer of the
+/// workers' heartbeat period (TTL/3 by default) and their idle poll, so
+/// every phase of the one and at least a whole period of the other is
+/// sampled.
+fn phase_window(ttl: Duration) -> Duration {
+    (ttl / 3).max(idle_poll())
+}
+
+/// A uniformly distributed number in [0, 1), from the first 48 bits of a v4
+/// UUID (all random; the version and variant bits come after them).
+fn random_fraction() -> f64 {
+    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
+    (high >> 16) as f64 / (1u64 << 48) as f64
+}
+
+/// Something the bench saw, stamped when it arrived.
+enum Observation {
+    Event(Instant, Event),
+    /// A lease was created or renewed.
+    LeaseWritten(Instant, String),
+    /// A lease was removed: expired (`MaxAge` marker) or released.
+    LeaseRemoved(Instant, String),
+}
+
+/// What the bench saw of the trial's runs, by run.
+#[derive(Default)]
+struct Observations {
+    /// The worker that wrote `run.started`.
+    started: HashMap<RunId, WorkerId>,
+    /// When `run.resumed` arrived.
+    resumed: HashMap<RunId, Instant>,
+    /// When the latest lease write arrived (by lease key = run id).
+    renewed: HashMap<RunId, Instant>,
+    /// When the first removal of the lease arrived (its expiry, for a run
+    /// of the killed worker).
+    expired: HashMap<RunId, Instant>,
+}
+
+impl Observations {
+    fn note(&mut self, observation: Observation) {
+        match observation {
+            Observation::Event(at, event) => match event.body {
+                EventBody::Started(_) => {
+                    if let Some(worker) = event.worker_id {
+                        self.started.entry(event.run_id).or_insert(worker);
+                    }
+                }
+                EventBody::Resumed(_) => {
+                    self.resumed.entry(event.run_id).or_insert(at);
+                }
+                _ => {}
+            },
+            Observation::LeaseWritten(at, key) => {
+                if let Ok(run) = key.parse::<RunId>() {
+                    self.renewed.insert(run, at);
+                }
+            }
+            Observation::LeaseRemoved(at, key) => {
+                if let Ok(run) = key.parse::<RunId>() {
+                    self.expired.entry(run).or_insert(at);
+                }
+            }
+        }
+    }
+}
+
+/// Subscribes to the tenant's events and watches the leases bucket; each
+/// observation is stamped on arrival by a task of its own (so a busy bench
+/// loop cannot delay the stamp) and sent down the returned channel. The
+/// tasks end when `stop` is cancelled or the channel is dropped.
+async fn observe(
+    client: &Client,
+    stop: CancellationToken,
+) -> anyhow::Result<mpsc::UnboundedReceiver<Observation>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut events = client
+        .nats()
+        .subscribe(client.names().tenant_events(client.tenant()))
+        .await
+        .context("could not subscribe to the run events")?;
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let leases =
+        js.get_key_value(client.names().leases_bucket()).await.context("could not open the leases bucket")?;
+    let mut lease_updates = leases.watch_all().await.context("could not watch the leases bucket")?;
+
+    let (events_tx, events_stop) = (tx.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                () = events_stop.cancelled() => return,
+                message = events.next() => message,
+            };
+            let Some(message) = message else { return };
+            let at = Instant::now();
+            let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
+            if events_tx.send(Observation::Event(at, event)).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let entry = tokio::select! {
+                () = stop.cancelled() => return,
+                entry = lease_updates.next() => entry,
+            };
+            let Some(Ok(entry)) = entry else { return };
+            let at = Instant::now();
+            let observation = match entry.operation {
+                async_nats::jetstream::kv::Operation::Put => Observation::LeaseWritten(at, entry.key),
+                _ => Observation::LeaseRemoved(at, entry.key),
+            };
+            if tx.send(observation).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The trial's worker processes, SIGKILLed when dropped (and by
+/// [`WorkerProcesses::kill_all`]).
+#[derive(Default)]
+struct WorkerProcesses {
+    children: Vec<Child>,
+}
+
+impl WorkerProcesses {
+    /// Starts `runfleet worker --nats-url URL --slots 4 --test-agents` from
+    /// this very binary, logging to `log`.
+    fn spawn(&mut self, url: &str, log: &Path) -> anyhow::Result<()> {
+        let exe = std::env::current_exe().context("could not find the runfleet binary")?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+        let child = Command::new(&exe)
+            .args(["worker", "--nats-url", url, "--slots", &SLOTS.to_string(), "--test-agents"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("could not start {} worker", exe.display()))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Waits until every process is in the worker registry; returns their
+    /// worker ids, in spawn order.
+    async fn await_registered(&mut self, client: &Client) -> anyhow::Result<Vec<WorkerId>> {
+        let pids: Vec<u32> = self.children.iter().filter_map(Child::id).collect();
+        anyhow::ensure!(pids.len() == self.children.len(), "a worker process exited at start");
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            for child in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    anyhow::bail!("a worker process exited at start ({status})");
+                }
+            }
+            // The registry lists every worker of the fleet; ours are told
+            // apart by pid (they all run on this host).
+            let registered = client.workers().await.unwrap_or_default();
+            let ids: Vec<Option<WorkerId>> = pids
+                .iter()
+                .map(|pid| registered.iter().find(|w| w.pid == *pid).map(|w| w.worker_id.clone()))
+                .collect();
+            if let Some(ids) = ids.into_iter().collect::<Option<Vec<_>>>() {
+                return Ok(ids);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the worker processes did not register within {}s",
+                START_TIMEOUT.as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs worker `index` and reaps it; returns the instant taken just
+    /// before the signal was sent.
+    async fn kill(&mut self, index: usize) -> anyhow::Result<Instant> {
+        let child = self.children.get_mut(index).context("no such worker process")?;
+        let pid = child.id().context("the worker process had already exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        let at = Instant::now();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+            .context("could not SIGKILL the worker")?;
+        child.wait().await.context("could not reap the killed worker")?;
+        Ok(at)
+    }
+
+    /// SIGKILLs and reaps every process still running.
+    async fn kill_all(&mut self) {
+        for child in &mut self.children {
+            // An error means it is gone already.
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn humantime(duration: Duration) -> String {
+    humantime_serde::re::humantime::format_duration(duration).to_string()
+}
+
+pub(super) fn print(result: &FailoverResult) {
+    let secs = |ms: f64| format!("{:.2}", ms / 1e3);
+    let median = |values: &[f64]| Spread::of(values).map_or_else(|| "-".to_owned(), |s| secs(s.median));
+    println!(
+        "failover  SIGKILL → run.resumed: {} `steps` runs per trial on 2 worker processes, {} trials per TTL",
+        result.runs_per_trial, result.repeat
+    );
+    println!(
+        "{:<6}{:<7}{:>7}{:>20}{:>20}{:>10}   {:>9}{:>9}{:>9}  (medians over the killed runs, s)",
+        "ttl",
+        "trial",
+        "killed",
+        "failover median s",
+        "failover max s",
+        "max−ttl",
+        "age@kill",
+        "→expiry",
+        "→resumed"
+    );
+    for ttl in &result.ttls {
+        let ttl_label = format!("{}s", ttl.ttl_ms / 1e3);
+        for (i, trial) in ttl.trials.iter().enumerate() {
+            let expiry_to_resumed: Vec<f64> = trial
+                .kill_to_lease_expiry_ms
+                .iter()
+                .zip(&trial.kill_to_resumed_ms)
+                .filter_map(|(expiry, resumed)| expiry.map(|expiry| resumed - expiry))
+                .collect();
+            let expiries: Vec<f64> = trial.kill_to_lease_expiry_ms.iter().flatten().copied().collect();
+            println!(
+                "{:<6}{:<7}{:>7}{:>20}{:>20}{:>+10.2}   {:>9}{:>9}{:>9}",
+                ttl_label,
+                format!("#{}", i + 1),
+                trial.killed_runs,
+                secs(trial.median_ms),
+                secs(trial.max_ms),
+                (trial.max_ms - ttl.ttl_ms) / 1e3,
+                median(&trial.lease_age_at_kill_ms),
+                median(&expiries),
+                median(&expiry_to_resumed),
+            );
+        }
+        let spread = |s: &Spread| format!("{} ({}–{})", secs(s.median), secs(s.min), secs(s.max));
+        println!(
+            "{:<6}{:<7}{:>7}{:>20}{:>20}{:>+10.2}   {} (every run ≤ ttl + {} s)",
+            ttl_label,
+            "all",
+            "",
+            spread(&ttl.median_ms),
+            spread(&ttl.max_ms),
+            ttl.worst_max_minus_ttl_ms / 1e3,
+            if ttl.meets_target { "meets target" } else { "MISSES target" },
+            result.target_slack_ms / 1e3,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(failover_ms: &[f64]) -> FailoverTrial {
+        let spread = Spread::of(failover_ms).unwrap_or_else(|| panic!("empty"));
+        FailoverTrial {
+            killed_runs: failover_ms.len(),
+            failover_ms: failover_ms.to_vec(),
+            median_ms: spread.median,
+            max_ms: spread.max,
+            lease_age_at_kill_ms: vec![0.0; failover_ms.len()],
+            kill_to_lease_expiry_ms: vec![None; failover_ms.len()],
+            kill_to_resumed_ms: failover_ms.to_vec(),
+            killed_after_start_ms: 1000.0,
+        }
+    }
+
+    #[test]
+    fn target_holds_only_if_every_run_of_every_trial_is_within_ttl_plus_slack() {
+        let ttl = Duration::from_secs(2);
+        let within = summarize(ttl, vec![trial(&[2100.0, 2900.0]), trial(&[2500.0])])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(within.meets_target);
+        assert_eq!(within.max_ms, Spread { median: 2700.0, min: 2500.0, max: 2900.0 });
+        assert!((within.worst_max_minus_ttl_ms - 900.0).abs() < 1e-9);
+        let beyond =
+            summarize(ttl, vec![trial(&[2100.0]), trial(&[3100.0])]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!beyond.meets_target);
+        assert!(summarize(ttl, Vec::new()).is_err());
+    }
+
+    #[test]
+    fn kill_phase_is_drawn_from_a_heartbeat_period_or_an_idle_poll() {
+        assert_eq!(phase_window(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(phase_window(Duration::from_secs(6)), Duration::from_secs(2));
+        for _ in 0..1000 {
+            let x = random_fraction();
+            assert!((0.0..1.0).contains(&x), "{x}");
+        }
+    }
+
+    #[test]
+    fn observations_keep_last_renewal_and_first_removal() {
+        let run = RunId::generate();
+        let key = run.to_string();
+        let mut seen = Observations::default();
+        let (t0, t1) = (Instant::now(), Instant::now() + Duration::from_millis(5));
+        seen.note(Observation::LeaseWritten(t0, key.clone()));
+        seen.note(Observation::LeaseWritten(t1, key.clone()));
+        seen.note(Observation::LeaseRemoved(t1, key.clone()));
+        seen.note(Observation::LeaseRemoved(t0, key.clone()));
+        seen.note(Observation::LeaseWritten(t0, "not-a-run".to_owned()));
+        assert_eq!(seen.renewed.get(&run), Some(&t1));
+        assert_eq!(seen.expired.get(&run), Some(&t1));
+        assert_eq!(seen.renewed.len(), 1);
+    }
+}

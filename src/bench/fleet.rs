@@ -1,0 +1,83 @@
+//! The fleet the `steps` and `failover` scenarios measure: a child
+//! nats-server in a temp dir, an in-process coordinator on SQLite with a
+//! chosen lease TTL, and in-process workers with the agents the scenario
+//! registers. Like [`crate::dev::DevFleet`], but the coordinator's lease TTL
+//! and the workers' agents are the bench's to choose, and nothing is read
+//! from a config file or the environment, so a measurement depends only on
+//! the bench's flags.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use runfleet_coordinator::{Coordinator, CoordinatorConfig};
+use runfleet_protocol::{Names, TenantId};
+use runfleet_worker::{Agents, Worker, WorkerConfig};
+use tempfile::TempDir;
+
+use crate::client::Client;
+use crate::dev::Components;
+use crate::embedded::{self, EmbeddedNats};
+
+pub(super) struct Fleet {
+    // Dropped in this order: the server (killed on drop) before its store.
+    nats: EmbeddedNats,
+    components: Components,
+    data: TempDir,
+}
+
+impl Fleet {
+    /// Starts nats-server, then the coordinator with `lease_ttl` (which
+    /// creates the streams and buckets). No workers yet.
+    pub async fn start(lease_ttl: Duration) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir().context("could not create a temp dir for the bench fleet")?;
+        let nats = EmbeddedNats::start(data.path(), embedded::free_port()?).await?;
+        let config = CoordinatorConfig {
+            nats_url: nats.url(),
+            database_url: format!("sqlite:{}", data.path().join("runfleet.db").display()),
+            lease_ttl,
+            ..CoordinatorConfig::default()
+        };
+        let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
+        let mut components = Components::default();
+        components.spawn_coordinator(coordinator);
+        Ok(Self { nats, components, data })
+    }
+
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// Where the fleet's files (nats-server's store and log, the registry)
+    /// live until the fleet is dropped.
+    pub fn dir(&self) -> &std::path::Path {
+        self.data.path()
+    }
+
+    /// Keeps the fleet's files (worker and nats-server logs) after it is
+    /// stopped or dropped, for a failure to be investigated.
+    pub fn keep_files(&mut self) {
+        self.data.disable_cleanup(true);
+    }
+
+    /// Starts an in-process worker serving the default queue with `agents`.
+    pub async fn add_worker(&mut self, slots: u32, agents: Agents) -> anyhow::Result<()> {
+        let config = WorkerConfig { nats_url: self.url(), slots, ..WorkerConfig::default() };
+        let worker = Worker::start(config, agents).await.context("worker failed to start")?;
+        self.components.spawn_worker(worker);
+        Ok(())
+    }
+
+    /// A client of the default tenant.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.url(), TenantId::default_tenant(), Names::default()).await?)
+    }
+
+    /// Cancels every component, waits for them (bounded), then stops
+    /// nats-server. Reports components that failed or did not stop.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let failed = self.components.stop().await;
+        self.nats.stop().await;
+        anyhow::ensure!(failed.is_empty(), "bench fleet shutdown: {}", failed.join("; "));
+        Ok(())
+    }
+}
