@@ -4,14 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use runfleet_protocol::api::{ListRequest, RunView, SubmitRequest};
+use runfleet_protocol::api::{CancelResponse, ListRequest, RunView, SignalResponse, SubmitRequest};
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::names::Prefix;
-use runfleet_protocol::{Names, RunId, TenantId};
+use runfleet_protocol::signal::ApprovalDecision;
+use runfleet_protocol::{time, ErrorCode, Names, RunId, RunState, TenantId};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -47,6 +49,14 @@ pub enum Command {
     List(ListArgs),
     /// Print a run's events from the start, then follow it until it ends.
     Watch(WatchArgs),
+    /// Send a signal to a run under a key (the first signal for a key wins).
+    Signal(SignalArgs),
+    /// Approve the action a run asked approval for (optionally with edited input).
+    Approve(ApproveArgs),
+    /// Reject the action a run asked approval for.
+    Reject(RejectArgs),
+    /// Cancel a run, in any state.
+    Cancel(CancelArgs),
     /// List the live workers.
     Workers(ClientArgs),
     /// Measure run throughput and latency, durable step overhead and worker
@@ -147,7 +157,7 @@ pub struct GetArgs {
 pub struct ListArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    /// Only runs in this state (queued, running, completed, failed, cancelled).
+    /// Only runs in this state (queued, running, waiting, completed, failed, cancelled).
     #[arg(long)]
     pub state: Option<String>,
     #[arg(long)]
@@ -168,6 +178,63 @@ pub struct WatchArgs {
     pub client: ClientArgs,
     pub run: String,
 }
+
+#[derive(Debug, Args)]
+pub struct SignalArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+    /// The key the run awaits (letters, digits, `-` and `_`).
+    pub key: String,
+    /// The signal's value, as JSON.
+    #[arg(long, default_value = "null")]
+    pub payload: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+    /// Approve with this input for the action instead of the one the run
+    /// proposed, as JSON.
+    #[arg(long)]
+    pub edit: Option<String>,
+    /// The approval's signal key [default: the key of the run's latest approval request].
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RejectArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+    /// Why, for the agent and the run's log.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// The approval's signal key [default: the key of the run's latest approval request].
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub run: String,
+    /// Why, recorded in the run's `run.cancelled` event.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Wait (up to 30 s) until the run has ended and print its final state.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// How long `cancel --wait` waits for a running run's worker to stop it.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// How often `cancel --wait` polls the run.
+const CANCEL_POLL: Duration = Duration::from_millis(200);
 
 fn parse_run(run: &str) -> anyhow::Result<RunId> {
     run.parse().with_context(|| format!("invalid run id {run:?}"))
@@ -210,12 +277,32 @@ fn describe_event(event: &Event) -> String {
         EventBody::Retrying(r) => {
             format!("error={}: {} retry_in={}ms", r.error.code, r.error.message, r.retry_in_ms)
         }
+        EventBody::Waiting(w) => {
+            let mut detail = String::new();
+            if let Some(key) = &w.key {
+                detail.push_str(&format!("key={key}"));
+            }
+            if let Some(deadline) = w.deadline_ms {
+                let sep = if detail.is_empty() { "" } else { " " };
+                detail.push_str(&format!("{sep}until={}", time::rfc3339_ms(deadline)));
+            }
+            detail
+        }
+        EventBody::ApprovalRequested(a) => {
+            let mut detail = format!("key={} tool={} arguments={}", a.key, a.tool, a.arguments);
+            if let Some(reason) = &a.reason {
+                detail.push_str(&format!(" reason={reason:?}"));
+            }
+            detail
+        }
+        EventBody::Handoff(_) => format!("attempt={} worker={worker}", event.attempt),
         EventBody::Agent(a) => format!("{} {}", a.name, a.data),
         EventBody::Completed(c) => format!("output={}", c.output),
         EventBody::Failed(f) => format!("error={}: {}", f.error.code, f.error.message),
+        EventBody::Cancelled(c) => c.reason.as_ref().map(|r| format!("reason={r:?}")).unwrap_or_default(),
         EventBody::Unknown => "(an event type this version does not know)".to_owned(),
     };
-    format!("{:>4}  {:<14} {}", event.seq, event.body.type_name(), detail)
+    format!("{:>4}  {:<18} {}", event.seq, event.body.type_name(), detail)
 }
 
 fn describe_run(run: &RunView) -> String {
@@ -229,8 +316,11 @@ fn describe_run(run: &RunView) -> String {
     if let Some(output) = &run.output {
         line.push_str(&format!(" output={output}"));
     }
-    if let Some(error) = &run.error {
-        line.push_str(&format!(" error={}: {}", error.code, error.message));
+    match &run.error {
+        // The message already says "cancelled" (and why).
+        Some(error) if error.code == ErrorCode::Cancelled => line.push_str(&format!(" {}", error.message)),
+        Some(error) => line.push_str(&format!(" error={}: {}", error.code, error.message)),
+        None => {}
     }
     line
 }
@@ -350,4 +440,114 @@ pub async fn workers(args: ClientArgs, config: Option<&Path>) -> anyhow::Result<
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn signal(args: SignalArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    let payload: serde_json::Value =
+        serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let reply = args.client.connect(config).await?.signal(run, &args.key, payload).await?;
+    print_signal(&args.client, &reply, &format!("signal {}", reply.key))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn approve(args: ApproveArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    let decision = match &args.edit {
+        Some(edit) => {
+            ApprovalDecision::Edit { input: serde_json::from_str(edit).context("--edit is not valid JSON")? }
+        }
+        None => ApprovalDecision::Approve,
+    };
+    decide(&args.client, config, run, args.key, decision).await
+}
+
+pub async fn reject(args: RejectArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    decide(&args.client, config, run, args.key, ApprovalDecision::Reject { reason: args.reason }).await
+}
+
+/// Sends an approval decision under `key`, or under the key of the run's
+/// latest `approval.requested`.
+async fn decide(
+    client_args: &ClientArgs,
+    config: Option<&Path>,
+    run: RunId,
+    key: Option<String>,
+    decision: ApprovalDecision,
+) -> anyhow::Result<ExitCode> {
+    let client = client_args.connect(config).await?;
+    let key = match key {
+        Some(key) => key,
+        None => match client.latest_approval_request(run).await? {
+            Some(request) => request.key.to_string(),
+            None => anyhow::bail!("run {run} has not requested an approval (yet); pass --key"),
+        },
+    };
+    let what = match &decision {
+        ApprovalDecision::Approve => "approval",
+        ApprovalDecision::Reject { .. } => "rejection",
+        ApprovalDecision::Edit { .. } => "approval with edited input",
+    };
+    let reply = client.signal(run, &key, serde_json::to_value(&decision)?).await?;
+    print_signal(client_args, &reply, &format!("{what} ({key})"))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_signal(client: &ClientArgs, reply: &SignalResponse, what: &str) -> anyhow::Result<()> {
+    if client.json {
+        return print_json(reply);
+    }
+    let stored = if reply.created { "stored" } else { "was already stored" };
+    let effect = if reply.woke {
+        "run woken".to_owned()
+    } else {
+        format!("run is {}, not waiting on it (yet)", reply.state)
+    };
+    println!("run {}: {what} {stored}; {effect}", reply.run_id);
+    Ok(())
+}
+
+pub async fn cancel(args: CancelArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let run = parse_run(&args.run)?;
+    let client = args.client.connect(config).await?;
+    let mut reply = client.cancel(run, args.reason).await?;
+    if args.wait && !reply.state.is_terminal() {
+        reply.state = wait_terminal(&client, run).await?;
+    }
+    if args.client.json {
+        print_json(&reply)?;
+    } else {
+        println!("{}", describe_cancel(&reply));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the run until it has ended; fails after [`CANCEL_WAIT`].
+async fn wait_terminal(client: &Client, run: RunId) -> anyhow::Result<RunState> {
+    let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+    loop {
+        let state = client.get(run).await?.state;
+        if state.is_terminal() {
+            return Ok(state);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "run {run} is still {state} after {}s; its worker has been asked to stop it \
+                 (check `runfleet get {run}` later)",
+                CANCEL_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(CANCEL_POLL).await;
+    }
+}
+
+fn describe_cancel(reply: &CancelResponse) -> String {
+    let run = reply.run_id;
+    match (reply.state, reply.cancelled) {
+        (RunState::Cancelled, true) => format!("run {run}: cancelled"),
+        (state, false) => format!("run {run}: already {state}; nothing to cancel"),
+        (state, true) if state.is_terminal() => format!("run {run}: {state}"),
+        (state, true) => format!("run {run}: cancel requested; it is {state} and its worker stops it"),
+    }
 }

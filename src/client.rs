@@ -30,10 +30,11 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::{HeaderMap, RequestErrorKind};
 use futures::{Stream, StreamExt, TryStreamExt};
 use runfleet_protocol::api::{
-    EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SubmitRequest,
-    SubmitResponse,
+    CancelRequest, CancelResponse, EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse,
+    Reply, RunView, SignalRequest, SignalResponse, SubmitRequest, SubmitResponse,
 };
-use runfleet_protocol::event::Event;
+use runfleet_protocol::event::{ApprovalRequested, Event, EventBody};
+use runfleet_protocol::limits::MAX_EVENTS_PAGE_SIZE;
 use runfleet_protocol::names::{self, HEADER_CONTENT_TYPE};
 use runfleet_protocol::worker::WorkerInfo;
 use runfleet_protocol::{codec, ApiError, Names, RunId, TenantId, CONTENT_TYPE};
@@ -163,6 +164,50 @@ impl Client {
         limit: Option<u32>,
     ) -> Result<EventsResponse, Error> {
         self.call(names::VERB_EVENTS, &EventsRequest { run_id: run.to_string(), after_seq, limit }).await
+    }
+
+    /// Sends `payload` to the run under `key`. The first signal for a key
+    /// wins: repeating it is harmless (`created: false`), a different
+    /// payload under the same key is a `conflict`. A run waiting on `key` is
+    /// woken (`woke: true`); a run not waiting on it yet reads the signal
+    /// when it gets there. A run that has ended answers `run_terminal`.
+    pub async fn signal(
+        &self,
+        run: RunId,
+        key: &str,
+        payload: serde_json::Value,
+    ) -> Result<SignalResponse, Error> {
+        let request = SignalRequest { run_id: run.to_string(), key: key.to_owned(), payload };
+        self.call(names::VERB_SIGNAL, &request).await
+    }
+
+    /// Cancels the run. A queued or waiting run is cancelled at once
+    /// (`state: cancelled`); a running one is stopped by its worker within
+    /// moments (`state: running`, `cancelled: true`: poll [`Client::get`]
+    /// for the end); a run that already ended is left as it is
+    /// (`cancelled: false`).
+    pub async fn cancel(&self, run: RunId, reason: Option<String>) -> Result<CancelResponse, Error> {
+        self.call(names::VERB_CANCEL, &CancelRequest { run_id: run.to_string(), reason }).await
+    }
+
+    /// The run's latest `approval.requested`, if it made one: what an
+    /// approver decides on, and the key the decision goes under. Reads the
+    /// registry's copy of the log, which may lag the run by milliseconds.
+    pub async fn latest_approval_request(&self, run: RunId) -> Result<Option<ApprovalRequested>, Error> {
+        let mut after_seq = 0;
+        let mut latest = None;
+        loop {
+            let page = self.events(run, after_seq, Some(MAX_EVENTS_PAGE_SIZE)).await?;
+            for event in &page.events {
+                after_seq = after_seq.max(event.seq);
+                if let EventBody::ApprovalRequested(request) = &event.body {
+                    latest = Some(request.clone());
+                }
+            }
+            if !page.has_more || page.events.is_empty() {
+                return Ok(latest);
+            }
+        }
     }
 
     /// Every event of the run from seq 1, then live ones as they are

@@ -124,6 +124,8 @@ impl DevFleet {
                 queues: Vec::new(),
                 slots: Some(slots),
                 prefix: None,
+                shutdown_grace: None,
+                handoff_timeout: None,
                 test_agents: false,
                 test_journal: None,
                 test_step_prefix: None,

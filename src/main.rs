@@ -33,6 +33,10 @@ async fn main() -> ExitCode {
         Command::Get(args) => cli::get(args, config).await,
         Command::List(args) => cli::list(args, config).await,
         Command::Watch(args) => cli::watch(args, config).await,
+        Command::Signal(args) => cli::signal(args, config).await,
+        Command::Approve(args) => cli::approve(args, config).await,
+        Command::Reject(args) => cli::reject(args, config).await,
+        Command::Cancel(args) => cli::cancel(args, config).await,
         Command::Workers(args) => cli::workers(args, config).await,
     };
     match result {

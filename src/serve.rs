@@ -55,8 +55,19 @@ pub struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    /// Also register the test agents: `crash` (aborts this worker) and a
-    /// `steps` agent that journals every step execution. For runfleet's own
+    /// On SIGTERM, how long running runs may take to finish before they are
+    /// handed off at their next step, e.g. `30s` [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+    /// After the grace, how long runs get to reach a step boundary before
+    /// they are stopped where they are and handed off [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff_timeout: Option<String>,
+    /// Also register the test agents: `crash` (aborts this worker), a
+    /// `steps` agent that journals every step execution and `await` (waits
+    /// for a signal with a timeout). For runfleet's own
     /// crash tests and `runfleet chaos`; never on a production fleet.
     #[arg(long)]
     #[serde(skip)]

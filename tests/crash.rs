@@ -31,6 +31,7 @@ async fn fleet(workers: usize, slots: u32, journal: &Path) -> Fleet {
         lease_ttl: Some("2s".to_owned()),
         test_agents: true,
         journal: Some(journal.to_owned()),
+        ..Default::default()
     };
     Fleet::start_with(TestDb::sqlite(), options).await
 }

@@ -66,6 +66,21 @@ pub struct CoordinatorConfig {
     /// (the SQL registry keeps its copy regardless). Default `0s`.
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
+    /// Largest accepted signal payload, in MessagePack-encoded bytes. Signals
+    /// live in a KV bucket and are read by every attempt of the run, so they
+    /// are bounded like inputs. Default 262144 (256 KiB), 1 ..= 8 MiB.
+    pub max_signal_bytes: usize,
+    /// How often the recovery loop looks for runs nothing owns (no job,
+    /// lease, timer or signal) and re-dispatches them. Default `30s`, more
+    /// than `0s`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_interval: Duration,
+    /// Only runs whose registry row has not changed for this long are
+    /// examined by the recovery loop, so runs in the middle of a transition
+    /// (submitted, claimed, parked a moment ago) are left alone. Default
+    /// `60s`, more than `0s`.
+    #[serde(with = "humantime_serde")]
+    pub recovery_min_age: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -82,6 +97,9 @@ impl Default for CoordinatorConfig {
             api_concurrency: 256,
             projector_batch: 512,
             events_max_age: Duration::ZERO,
+            max_signal_bytes: limits::DEFAULT_MAX_INPUT_BYTES,
+            recovery_interval: Duration::from_secs(30),
+            recovery_min_age: Duration::from_secs(60),
         }
     }
 }
@@ -123,6 +141,18 @@ impl CoordinatorConfig {
         if !(1..=10_000).contains(&self.projector_batch) {
             return Err(invalid("projector_batch", format!("{} is outside 1..=10000", self.projector_batch)));
         }
+        if !(1..=MAX_INPUT_BYTES_LIMIT).contains(&self.max_signal_bytes) {
+            return Err(invalid(
+                "max_signal_bytes",
+                format!("{} is outside 1..={MAX_INPUT_BYTES_LIMIT}", self.max_signal_bytes),
+            ));
+        }
+        if self.recovery_interval.is_zero() {
+            return Err(invalid("recovery_interval", "must be longer than 0s"));
+        }
+        if self.recovery_min_age.is_zero() {
+            return Err(invalid("recovery_min_age", "must be longer than 0s"));
+        }
         Ok(())
     }
 
@@ -159,6 +189,15 @@ mod tests {
             ("database_url", CoordinatorConfig { database_url: "mysql://x".into(), ..Default::default() }),
             ("api_concurrency", CoordinatorConfig { api_concurrency: 0, ..Default::default() }),
             ("default_max_attempts", CoordinatorConfig { default_max_attempts: 0, ..Default::default() }),
+            ("max_signal_bytes", CoordinatorConfig { max_signal_bytes: 0, ..Default::default() }),
+            (
+                "recovery_interval",
+                CoordinatorConfig { recovery_interval: Duration::ZERO, ..Default::default() },
+            ),
+            (
+                "recovery_min_age",
+                CoordinatorConfig { recovery_min_age: Duration::ZERO, ..Default::default() },
+            ),
         ];
         for (key, config) in cases {
             match config.validate() {
@@ -170,9 +209,12 @@ mod tests {
 
     #[test]
     fn durations_are_humantime_strings() {
-        let json = serde_json::json!({"lease_ttl": "20s", "events_max_age": "7days"});
+        let json =
+            serde_json::json!({"lease_ttl": "20s", "events_max_age": "7days", "recovery_interval": "200ms"});
         let config: CoordinatorConfig = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.lease_ttl, Duration::from_secs(20));
+        assert_eq!(config.recovery_interval, Duration::from_millis(200));
+        assert_eq!(config.recovery_min_age, Duration::from_secs(60));
         assert_eq!(config.events_max_age, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(config.worker_ttl, Duration::from_secs(15));
     }

@@ -1,5 +1,6 @@
 //! The runfleet coordinator: the API service, submission and idempotency,
-//! the SQL registry and the event projector.
+//! signals and cancellation, the SQL registry, the event projector and the
+//! recovery of runs nothing owns.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), runfleet_coordinator::Error> {
@@ -12,16 +13,20 @@
 //!
 //! [`Coordinator::start`] connects to NATS, creates or updates the JetStream
 //! topology ([`setup`]), connects to the registry and migrates it
-//! ([`registry`]); [`Coordinator::run`] serves the API ([`api`]) and projects
-//! events ([`projector`]) until cancelled. Any number of replicas may run
-//! against the same NATS account and database.
+//! ([`registry`]); [`Coordinator::run`] serves the API ([`api`]), projects
+//! events ([`projector`]) and recovers runs nothing owns ([`recovery`]) until
+//! cancelled. Any number of replicas may run against the same NATS account
+//! and database. [`runs`] reads and writes one run's JetStream state for the
+//! API and the recovery loop.
 //!
 //! Architecture invariant: this is the only crate that talks SQL.
 
 pub mod api;
 pub mod config;
 pub mod projector;
+pub mod recovery;
 pub mod registry;
+pub mod runs;
 pub mod setup;
 
 pub use config::CoordinatorConfig;
@@ -32,7 +37,9 @@ use tracing::{info, warn};
 
 use crate::api::{Api, ApiLimits};
 use crate::projector::Projector;
+use crate::recovery::{Recovery, RecoveryConfig};
 use crate::registry::Registry;
+use crate::runs::Runs;
 
 /// The coordinator could not start, or a component failed while running.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +62,8 @@ pub enum Error {
     Projector(#[from] projector::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error(transparent)]
+    Recovery(#[from] recovery::Error),
     /// A component's task panicked: a bug.
     #[error("coordinator {component} task failed: {reason}")]
     Task { component: &'static str, reason: String },
@@ -68,6 +77,7 @@ pub struct Coordinator {
     registry: Registry,
     api: Api,
     projector: Projector,
+    recovery: Recovery,
 }
 
 impl Coordinator {
@@ -89,11 +99,18 @@ impl Coordinator {
         let limits = ApiLimits {
             max_input_bytes: config.max_input_bytes,
             default_max_attempts: config.default_max_attempts,
+            max_signal_bytes: config.max_signal_bytes,
             concurrency: config.api_concurrency,
         };
+        let recovery = Recovery::new(
+            client.clone(),
+            Runs::new(js.clone(), names.clone(), &topology),
+            registry.clone(),
+            RecoveryConfig { interval: config.recovery_interval, min_age: config.recovery_min_age },
+        );
         let api = Api::new(client.clone(), names, &topology, registry.clone(), limits);
         info!(prefix = %config.prefix, "coordinator started");
-        Ok(Self { client, registry, api, projector })
+        Ok(Self { client, registry, api, projector, recovery })
     }
 
     /// The coordinator's NATS connection.
@@ -106,25 +123,28 @@ impl Coordinator {
         &self.registry
     }
 
-    /// Serves the API and runs the projector until `shutdown` is cancelled,
-    /// then stops in order: the API stops taking requests and answers those
-    /// in flight, the projector finishes its batch, the NATS connection is
-    /// flushed and the registry closed. If one component fails, the other is
-    /// stopped too and the failure returned.
+    /// Serves the API, runs the projector and the recovery loop until
+    /// `shutdown` is cancelled, then stops in order: the API stops taking
+    /// requests and answers those in flight, the projector finishes its
+    /// batch, the recovery loop finishes the run it is examining, the NATS
+    /// connection is flushed and the registry closed. If one component
+    /// fails, the others are stopped too and the failure returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let stop = shutdown.child_token();
         let api = tokio::spawn(self.api.run(stop.clone()));
         let projector = tokio::spawn(self.projector.run(stop.clone()));
-        let (api, projector) = tokio::join!(
+        let recovery = tokio::spawn(self.recovery.run(stop.clone()));
+        let (api, projector, recovery) = tokio::join!(
             supervise("api", api, &shutdown, &stop),
             supervise("projector", projector, &shutdown, &stop),
+            supervise("recovery", recovery, &shutdown, &stop),
         );
         if let Err(error) = self.client.flush().await {
             warn!(error = %error, "could not flush the nats connection");
         }
         self.registry.close().await;
         info!("coordinator stopped");
-        api.and(projector)
+        api.and(projector).and(recovery)
     }
 }
 

@@ -5,6 +5,11 @@
 //! loses a race to another replica is retried as an update). Workers create
 //! their own per-(queue, band) job consumers; the coordinator only creates the
 //! projector's consumer (see [`crate::projector`]).
+//!
+//! Run timers (durable sleeps, wait deadlines, retry backoff) are JetStream
+//! message schedules stored in the jobs stream, so the jobs stream needs
+//! nats-server 2.12 or newer; [`ensure`] refuses older servers with an error
+//! that says so rather than failing the first time a run sleeps.
 
 use std::future::Future;
 use std::time::Duration;
@@ -22,6 +27,9 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Attempts at creating or updating one resource before giving up.
 const ATTEMPTS: u32 = 5;
 
+/// The oldest nats-server (major, minor) that supports message schedules.
+pub const MIN_SCHEDULES_SERVER: (u64, u64) = (2, 12);
+
 /// A stream or bucket could not be created or updated.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -32,6 +40,15 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The server cannot store run timers. Not retryable: upgrade the server.
+    #[error(
+        "nats-server {server_version} cannot hold run timers in stream {stream}: JetStream message \
+         schedules need nats-server {}.{} or newer; upgrade the server{}",
+        MIN_SCHEDULES_SERVER.0,
+        MIN_SCHEDULES_SERVER.1,
+        .detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+    )]
+    SchedulesUnsupported { stream: String, server_version: String, detail: Option<String> },
 }
 
 /// The handles the rest of the coordinator works with.
@@ -39,8 +56,16 @@ pub enum Error {
 pub struct Topology {
     /// The per-run event log (direct get enabled).
     pub events: stream::Stream,
+    /// The work-queue stream of jobs, which also holds the run timers.
+    pub jobs: stream::Stream,
     /// The idempotency-key bucket.
     pub idempotency: kv::Store,
+    /// One lease per running run.
+    pub leases: kv::Store,
+    /// Signals and approvals, first write wins.
+    pub signals: kv::Store,
+    /// Cancel requests, watched by every worker.
+    pub control: kv::Store,
 }
 
 /// Creates or updates every stream and bucket runfleet uses.
@@ -49,12 +74,12 @@ pub async fn ensure(
     names: &Names,
     config: &CoordinatorConfig,
 ) -> Result<Topology, Error> {
-    ensure_stream(js, jobs_stream_config(names)).await?;
+    let jobs = ensure_jobs_stream(js, names).await?;
     let events = ensure_stream(js, events_stream_config(names, config)).await?;
-    ensure_leases_bucket(js, names, config.lease_ttl).await?;
+    let leases = ensure_leases_bucket(js, names, config.lease_ttl).await?;
     ensure_bucket(js, bucket(names.checkpoints_bucket(), "completed step checkpoints")).await?;
-    ensure_bucket(js, bucket(names.signals_bucket(), "signals and approvals")).await?;
-    ensure_bucket(js, bucket(names.control_bucket(), "cancel requests")).await?;
+    let signals = ensure_bucket(js, bucket(names.signals_bucket(), "signals and approvals")).await?;
+    let control = ensure_bucket(js, bucket(names.control_bucket(), "cancel requests")).await?;
     let idempotency = ensure_bucket(
         js,
         kv::Config {
@@ -70,20 +95,24 @@ pub async fn ensure(
     .await?;
     ensure_object_store(js, names.blobs_bucket()).await?;
     info!(prefix = %names.prefix(), "jetstream topology ready");
-    Ok(Topology { events, idempotency })
+    Ok(Topology { events, jobs, idempotency, leases, signals, control })
 }
 
-/// The work-queue stream of job messages.
+/// The work-queue stream of job messages, which also holds each run's timer
+/// (a message schedule on `<prefix>.timers.<run_id>` whose body is the run's
+/// job): a timer that fires stores the run's next job in the same stream.
 pub fn jobs_stream_config(names: &Names) -> stream::Config {
     stream::Config {
         name: names.jobs_stream(),
-        description: Some("runfleet jobs: one message per dispatch of a run".to_owned()),
-        subjects: vec![names.jobs_stream_subjects()],
+        description: Some("runfleet jobs: one message per dispatch of a run, and run timers".to_owned()),
+        subjects: vec![names.jobs_stream_subjects(), names.timers_stream_subjects()],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         duplicate_window: DUPLICATE_WINDOW,
+        allow_message_schedules: true,
         // Workers wake on these headers-only copies of every stored job
-        // rather than polling (and never get the payload twice).
+        // rather than polling (and never get the payload twice). Timers are
+        // not jobs until they fire, so only `jobs.>` is republished.
         republish: Some(stream::Republish {
             source: names.jobs_stream_subjects(),
             destination: names.job_wakeups(),
@@ -91,6 +120,36 @@ pub fn jobs_stream_config(names: &Names) -> stream::Config {
         }),
         ..Default::default()
     }
+}
+
+/// Creates or updates the jobs stream, refusing servers that cannot store
+/// message schedules: a server too old to know the setting may otherwise
+/// accept the stream without it and drop every timer.
+async fn ensure_jobs_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, Error> {
+    let config = jobs_stream_config(names);
+    let server_version = js.client().server_info().version;
+    let unsupported = |detail: Option<String>| Error::SchedulesUnsupported {
+        stream: config.name.clone(),
+        server_version: server_version.clone(),
+        detail,
+    };
+    if parse_version(&server_version).is_some_and(|version| version < MIN_SCHEDULES_SERVER) {
+        return Err(unsupported(None));
+    }
+    let stream = ensure_stream(js, config.clone()).await?;
+    if stream.cached_info().config.allow_message_schedules {
+        Ok(stream)
+    } else {
+        Err(unsupported(Some("the server stored the stream without allow_msg_schedules".to_owned())))
+    }
+}
+
+/// `(major, minor)` of a server version such as `2.12.1` or `2.14.0-beta.2`.
+fn parse_version(version: &str) -> Option<(u64, u64)> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// The per-run event log stream.
@@ -193,4 +252,30 @@ async fn ensure_object_store(js: &jetstream::Context, name: String) -> Result<()
     })
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(parse_version("2.12.1"), Some((2, 12)));
+        assert_eq!(parse_version("v2.14.0-beta.2"), Some((2, 14)));
+        assert_eq!(parse_version("2.10"), Some((2, 10)));
+        assert_eq!(parse_version("nightly"), None);
+        assert!(parse_version("2.11.9").is_some_and(|v| v < MIN_SCHEDULES_SERVER));
+        assert!(parse_version("3.0.0").is_some_and(|v| v >= MIN_SCHEDULES_SERVER));
+    }
+
+    #[test]
+    fn too_old_server_error_says_what_to_do() {
+        let error = Error::SchedulesUnsupported {
+            stream: "RUNFLEET_JOBS".into(),
+            server_version: "2.11.4".into(),
+            detail: None,
+        };
+        let message = error.to_string();
+        assert!(message.contains("2.11.4") && message.contains("2.12 or newer"), "{message}");
+    }
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::codec;
 use crate::error::{ApiError, ErrorCode};
 use crate::event::{Event, RunError};
-use crate::ids::{self, AgentName, IdempotencyKey, QueueName, RunId, TenantId, WorkerId};
+use crate::ids::{self, AgentName, IdempotencyKey, QueueName, RunId, SignalKey, TenantId, WorkerId};
 use crate::limits;
 use crate::state::RunState;
 
@@ -294,4 +294,87 @@ pub struct EventsResponse {
     pub events: Vec<Event>,
     /// Whether more events follow the last one returned (as of the reply).
     pub has_more: bool,
+}
+
+// ---- signal ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalRequest {
+    pub run_id: String,
+    /// The key the run awaits (`[A-Za-z0-9_-]{1,64}`).
+    pub key: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+impl SignalRequest {
+    /// Validates the ids and the payload's encoded size.
+    pub fn validate(self, max_payload_bytes: usize) -> Result<(RunId, SignalKey, Value), ApiError> {
+        let run_id = validate_run_id("run_id", &self.run_id)?;
+        let key = SignalKey::new(self.key).map_err(|e| invalid("key", e))?;
+        let len =
+            codec::encoded_len(&self.payload).map_err(|e| ApiError::invalid("payload", e.to_string()))?;
+        if len > max_payload_bytes {
+            return Err(ApiError {
+                code: ErrorCode::PayloadTooLarge,
+                message: format!("signal payload is {len} bytes encoded, the limit is {max_payload_bytes}"),
+                field: Some("payload".to_owned()),
+            });
+        }
+        Ok((run_id, key, self.payload))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalResponse {
+    pub run_id: RunId,
+    pub key: SignalKey,
+    /// False when the same signal was already stored (a retry).
+    pub created: bool,
+    /// Whether this request re-dispatched the run (it was waiting on `key`).
+    /// A run that is not waiting on the key yet consumes the signal when it
+    /// gets there.
+    pub woke: bool,
+    /// The run's state as of the reply.
+    pub state: RunState,
+}
+
+// ---- cancel ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub run_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Longest accepted cancel reason, in bytes.
+pub const MAX_CANCEL_REASON_BYTES: usize = 1024;
+
+impl CancelRequest {
+    pub fn validate(self) -> Result<(RunId, Option<String>), ApiError> {
+        let run_id = validate_run_id("run_id", &self.run_id)?;
+        if let Some(reason) = &self.reason {
+            if reason.len() > MAX_CANCEL_REASON_BYTES {
+                return Err(ApiError::invalid(
+                    "reason",
+                    format!("reason is {} bytes, the limit is {MAX_CANCEL_REASON_BYTES}", reason.len()),
+                ));
+            }
+        }
+        Ok((run_id, self.reason))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelResponse {
+    pub run_id: RunId,
+    /// The run's state as of the reply: `cancelled` when the coordinator
+    /// cancelled it (queued or waiting), the terminal state when it had
+    /// already ended, `running` when the worker running it was told to stop
+    /// (it writes `run.cancelled` within moments).
+    pub state: RunState,
+    /// Whether this request cancelled the run or asked its worker to.
+    /// False for a run that had already ended.
+    pub cancelled: bool,
 }

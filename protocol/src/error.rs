@@ -39,6 +39,10 @@ pub enum ErrorCode {
     /// Run failure: the run used up its `max_attempts` (crashes, lost
     /// leases and failed attempts together).
     MaxAttemptsExceeded,
+    /// Run end: the run was cancelled (`run.cancelled` carries the reason).
+    Cancelled,
+    /// The request needs a run that is not terminal, and the run is.
+    RunTerminal,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -62,6 +66,8 @@ impl ErrorCode {
             Self::StepFailed => "step_failed",
             Self::Divergence => "divergence",
             Self::MaxAttemptsExceeded => "max_attempts_exceeded",
+            Self::Cancelled => "cancelled",
+            Self::RunTerminal => "run_terminal",
             Self::Unknown => "unknown",
         }
     }

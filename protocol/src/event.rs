@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ErrorCode;
-use crate::ids::{AgentName, QueueName, RunId, TenantId, WorkerId};
+use crate::ids::{AgentName, QueueName, RunId, SignalKey, TenantId, WorkerId};
 use crate::state::RunState;
 
 /// One event of a run's log.
@@ -69,6 +69,21 @@ pub enum EventBody {
     /// after `retry_in_ms` and the next attempt resumes from its checkpoints.
     #[serde(rename = "run.retrying")]
     Retrying(RunRetrying),
+    /// The run is parked until a signal arrives or a deadline passes; its
+    /// job is acked and its lease released. Next: a `run.resumed` when a
+    /// signal or timer wakes it, or `run.cancelled`.
+    #[serde(rename = "run.waiting")]
+    Waiting(RunWaiting),
+    /// The agent asks a person to decide on an action (see
+    /// [`crate::signal::ApprovalDecision`]); a `run.waiting` on `key` follows
+    /// unless the decision is already there.
+    #[serde(rename = "approval.requested")]
+    ApprovalRequested(ApprovalRequested),
+    /// The worker handed the run off (it is shutting down): the lease is
+    /// released and the job nak'd for immediate redelivery. Does not count
+    /// against `max_attempts`.
+    #[serde(rename = "run.handoff")]
+    Handoff(RunHandoff),
     /// An event the agent emitted through its run context.
     #[serde(rename = "agent.event")]
     Agent(AgentEvent),
@@ -78,6 +93,9 @@ pub enum EventBody {
     /// The run failed for good. Terminal.
     #[serde(rename = "run.failed")]
     Failed(RunFailed),
+    /// The run was cancelled. Terminal.
+    #[serde(rename = "run.cancelled")]
+    Cancelled(RunCancelled),
     /// An event type this version does not know (written by a newer peer).
     /// Readers skip it; it never changes a run's state. Never written.
     #[serde(rename = "unknown")]
@@ -108,6 +126,10 @@ impl<'de> Deserialize<'de> for EventBody {
             "step.completed" => Self::StepCompleted(data(&kind, value)?),
             "step.failed" => Self::StepFailed(data(&kind, value)?),
             "run.retrying" => Self::Retrying(data(&kind, value)?),
+            "run.waiting" => Self::Waiting(data(&kind, value)?),
+            "approval.requested" => Self::ApprovalRequested(data(&kind, value)?),
+            "run.handoff" => Self::Handoff(data(&kind, value)?),
+            "run.cancelled" => Self::Cancelled(data(&kind, value)?),
             "agent.event" => Self::Agent(data(&kind, value)?),
             "run.completed" => Self::Completed(data(&kind, value)?),
             "run.failed" => Self::Failed(data(&kind, value)?),
@@ -127,6 +149,10 @@ impl EventBody {
             Self::StepCompleted(_) => "step.completed",
             Self::StepFailed(_) => "step.failed",
             Self::Retrying(_) => "run.retrying",
+            Self::Waiting(_) => "run.waiting",
+            Self::ApprovalRequested(_) => "approval.requested",
+            Self::Handoff(_) => "run.handoff",
+            Self::Cancelled(_) => "run.cancelled",
             Self::Agent(_) => "agent.event",
             Self::Completed(_) => "run.completed",
             Self::Failed(_) => "run.failed",
@@ -138,8 +164,10 @@ impl EventBody {
     /// is reported as `running`: only known types end or create a run.
     pub fn state_after(&self) -> RunState {
         match self {
-            Self::Created(_) | Self::Retrying(_) => RunState::Queued,
+            Self::Created(_) | Self::Retrying(_) | Self::Handoff(_) => RunState::Queued,
+            Self::Waiting(_) => RunState::Waiting,
             Self::Started(_)
+            | Self::ApprovalRequested(_)
             | Self::Resumed(_)
             | Self::StepStarted(_)
             | Self::StepCompleted(_)
@@ -148,11 +176,24 @@ impl EventBody {
             | Self::Unknown => RunState::Running,
             Self::Completed(_) => RunState::Completed,
             Self::Failed(_) => RunState::Failed,
+            Self::Cancelled(_) => RunState::Cancelled,
         }
     }
 
     pub fn is_terminal(&self) -> bool {
         self.state_after().is_terminal()
+    }
+
+    /// For an event that ends an attempt without ending the run
+    /// (`run.waiting`, `run.handoff`, `run.retrying`): how many attempts have
+    /// failed so far, this one included. `None` for every other event.
+    pub fn failures(&self) -> Option<u32> {
+        match self {
+            Self::Waiting(e) => Some(e.failures),
+            Self::Handoff(e) => Some(e.failures),
+            Self::Retrying(e) => Some(e.failures),
+            _ => None,
+        }
     }
 }
 
@@ -181,6 +222,11 @@ pub struct RunResumed {
     /// How many completed steps the attempt found checkpointed (and replays
     /// without executing them).
     pub steps_replayed: u32,
+    /// How many earlier attempts failed (crashed, lost the lease or failed
+    /// retryably); waits and hand-offs are not failures. A run fails with
+    /// `max_attempts_exceeded` once this reaches `max_attempts`.
+    #[serde(default)]
+    pub failures: u32,
 }
 
 /// A step try began. `index` is the step's position in the run (from 0),
@@ -226,6 +272,62 @@ pub struct StepFailed {
 pub struct RunRetrying {
     pub error: RunError,
     pub retry_in_ms: u64,
+    /// Failed attempts so far, this one included.
+    #[serde(default)]
+    pub failures: u32,
+}
+
+impl RunRetrying {
+    /// When the retry is due, given the event's timestamp.
+    pub fn due_ms(&self, ts_ms: i64) -> i64 {
+        ts_ms.saturating_add(i64::try_from(self.retry_in_ms).unwrap_or(i64::MAX))
+    }
+}
+
+/// What a parked run waits for: a signal under `key`, a deadline, or both
+/// (whichever comes first). A durable sleep has only a deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunWaiting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<SignalKey>,
+    /// When the wait ends without a signal, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+    /// Failed attempts so far (carried over; waiting is not a failure).
+    #[serde(default)]
+    pub failures: u32,
+}
+
+/// A request for a human decision, complete enough to decide from the
+/// event stream alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequested {
+    /// The signal key the decision is expected under.
+    pub key: SignalKey,
+    /// The tool (or action) the agent wants to run.
+    pub tool: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub arguments: Value,
+    /// Why the agent wants to run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the request expires, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunHandoff {
+    /// Failed attempts so far (carried over; a hand-off is not a failure).
+    #[serde(default)]
+    pub failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCancelled {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -126,6 +126,12 @@ token_newtype!(
     WorkerId,
     "worker id"
 );
+token_newtype!(
+    /// The key a run awaits a signal under (and the last token of the
+    /// signal's KV key `<run_id>.<key>`).
+    SignalKey,
+    "signal key"
+);
 
 impl WorkerId {
     /// A fresh worker id: `w-` followed by a UUIDv7 in simple form.

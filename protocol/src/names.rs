@@ -8,7 +8,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::ids::{self, QueueName, RunId, TenantId, WorkerId};
+use crate::ids::{self, QueueName, RunId, SignalKey, TenantId, WorkerId};
 
 /// Header carrying the payload's content type on every runfleet message.
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";
@@ -24,6 +24,12 @@ pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subj
 pub const HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
 /// The subject prefix of every KV bucket's keys (`$KV.<bucket>.<key>`).
 pub const KV_SUBJECT_PREFIX: &str = "$KV";
+/// JetStream message schedules (nats-server ≥ 2.12): a message carrying
+/// this header (`@at <RFC 3339>`) is a schedule; at that time the server
+/// publishes its body to [`HEADER_SCHEDULE_TARGET`] and removes it.
+pub const HEADER_SCHEDULE: &str = "Nats-Schedule";
+/// The subject a schedule publishes to (in the same stream).
+pub const HEADER_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 /// Set on API replies that carry an error, with the [`crate::ErrorCode`] string.
 pub const HEADER_ERROR_CODE: &str = "Runfleet-Error-Code";
 
@@ -36,11 +42,13 @@ pub const SERVICE_NAME: &str = "runfleet";
 pub const API_QUEUE_GROUP: &str = "runfleet-coordinator";
 
 /// The API verbs served on `<prefix>.api.<tenant>.<verb>`.
-pub const API_VERBS: &[&str] = &[VERB_SUBMIT, VERB_GET, VERB_LIST, VERB_EVENTS];
+pub const API_VERBS: &[&str] = &[VERB_SUBMIT, VERB_GET, VERB_LIST, VERB_EVENTS, VERB_SIGNAL, VERB_CANCEL];
 pub const VERB_SUBMIT: &str = "submit";
 pub const VERB_GET: &str = "get";
 pub const VERB_LIST: &str = "list";
 pub const VERB_EVENTS: &str = "events";
+pub const VERB_SIGNAL: &str = "signal";
+pub const VERB_CANCEL: &str = "cancel";
 
 /// The first token of every runfleet subject and the stem of stream and bucket
 /// names. Lowercase letters, digits, `-` and `_`.
@@ -138,6 +146,19 @@ impl Names {
         format!("{}.jobs.>", self.prefix)
     }
 
+    /// `<prefix>.timers.>`: the jobs stream's schedule subjects.
+    pub fn timers_stream_subjects(&self) -> String {
+        format!("{}.timers.>", self.prefix)
+    }
+
+    /// `<prefix>.timers.<run_id>`: a run's one timer, a JetStream message
+    /// schedule in the jobs stream whose body is the run's job and whose
+    /// target is the run's job subject. A new schedule on the subject
+    /// replaces the old one; purging the subject cancels it.
+    pub fn run_timer(&self, run: RunId) -> String {
+        format!("{}.timers.{run}", self.prefix)
+    }
+
     /// `<prefix>.jobs.<queue>.p<band>.<run_id>`
     pub fn job(&self, queue: &QueueName, band: u8, run: RunId) -> String {
         format!("{}.jobs.{queue}.p{band}.{run}", self.prefix)
@@ -170,6 +191,20 @@ impl Names {
     /// deliberate re-dispatches of the same run from retried publishes.
     pub fn job_msg_id(&self, run: RunId, dispatch: u32) -> String {
         format!("{run}:job:{dispatch}")
+    }
+
+    /// The de-duplication id of the job that wakes a run parked by the
+    /// `run.waiting` event at `waiting_seq`: the coordinator (on a signal)
+    /// and the worker (finding the signal already there) publish the same
+    /// id, so a wake is dispatched once.
+    pub fn wake_msg_id(&self, run: RunId, waiting_seq: u64) -> String {
+        format!("{run}:wake:{waiting_seq}")
+    }
+
+    /// The de-duplication id of a job the recovery loop re-dispatches for a
+    /// run whose last event has `seq`.
+    pub fn recovery_msg_id(&self, run: RunId, seq: u64) -> String {
+        format!("{run}:recover:{seq}")
     }
 
     // ---- events ----
@@ -288,6 +323,27 @@ impl Names {
     pub fn idempotency_key(&self, tenant: &TenantId, key: &ids::IdempotencyKey) -> String {
         let digest = Sha256::digest(key.as_str().as_bytes());
         format!("{tenant}.{}", hex::encode(digest))
+    }
+
+    /// A signal's key in the signals bucket: `<run_id>.<key>`.
+    pub fn signal_key(&self, run: RunId, key: &SignalKey) -> String {
+        format!("{run}.{key}")
+    }
+
+    /// A run's key in the control bucket: `<run_id>`.
+    pub fn control_key(&self, run: RunId) -> String {
+        run.to_string()
+    }
+
+    /// The run a control key belongs to.
+    pub fn parse_control_key(&self, key: &str) -> Option<RunId> {
+        key.parse().ok()
+    }
+
+    /// JetStream's advisory when a consumer's message reached its
+    /// `max_deliver`, for every consumer of the jobs stream.
+    pub fn jobs_max_deliveries_advisory(&self) -> String {
+        format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*", self.jobs_stream())
     }
 
     /// A worker's key in the worker registry.

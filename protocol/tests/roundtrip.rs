@@ -52,6 +52,10 @@ fn worker_id() -> impl Strategy<Value = WorkerId> {
     token().prop_map(|t| WorkerId::new(t).unwrap_or_else(|e| panic!("{e}")))
 }
 
+fn signal_key() -> impl Strategy<Value = SignalKey> {
+    token().prop_map(|t| SignalKey::new(t).unwrap_or_else(|e| panic!("{e}")))
+}
+
 fn error_code() -> impl Strategy<Value = ErrorCode> {
     prop_oneof![
         Just(ErrorCode::MalformedRequest),
@@ -69,6 +73,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::StepFailed),
         Just(ErrorCode::Divergence),
         Just(ErrorCode::MaxAttemptsExceeded),
+        Just(ErrorCode::Cancelled),
+        Just(ErrorCode::RunTerminal),
     ]
 }
 
@@ -95,10 +101,9 @@ fn body() -> impl Strategy<Value = EventBody> {
             }
         ),
         any::<u64>().prop_map(|delivery| EventBody::Started(RunStarted { delivery })),
-        (any::<u64>(), any::<u32>()).prop_map(|(delivery, steps_replayed)| EventBody::Resumed(RunResumed {
-            delivery,
-            steps_replayed
-        })),
+        (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(delivery, steps_replayed, failures)| {
+            EventBody::Resumed(RunResumed { delivery, steps_replayed, failures })
+        }),
         (any::<u32>(), "\\PC{0,20}", any::<u32>())
             .prop_map(|(index, name, attempt)| EventBody::StepStarted(StepStarted { index, name, attempt })),
         (any::<u32>(), "\\PC{0,20}", any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
@@ -133,8 +138,24 @@ fn body() -> impl Strategy<Value = EventBody> {
         ("\\PC{0,20}", json()).prop_map(|(name, data)| EventBody::Agent(AgentEvent { name, data })),
         json().prop_map(|output| EventBody::Completed(RunCompleted { output })),
         run_error().prop_map(|error| EventBody::Failed(RunFailed { error })),
-        (run_error(), any::<u64>())
-            .prop_map(|(error, retry_in_ms)| EventBody::Retrying(RunRetrying { error, retry_in_ms })),
+        (run_error(), any::<u64>(), any::<u32>()).prop_map(|(error, retry_in_ms, failures)| {
+            EventBody::Retrying(RunRetrying { error, retry_in_ms, failures })
+        }),
+        (proptest::option::of(signal_key()), proptest::option::of(any::<i64>()), any::<u32>()).prop_map(
+            |(key, deadline_ms, failures)| EventBody::Waiting(RunWaiting { key, deadline_ms, failures })
+        ),
+        (
+            signal_key(),
+            "\\PC{0,20}",
+            json(),
+            proptest::option::of("\\PC{0,20}"),
+            proptest::option::of(any::<i64>())
+        )
+            .prop_map(|(key, tool, arguments, reason, deadline_ms)| {
+                EventBody::ApprovalRequested(ApprovalRequested { key, tool, arguments, reason, deadline_ms })
+            }),
+        any::<u32>().prop_map(|failures| EventBody::Handoff(RunHandoff { failures })),
+        proptest::option::of("\\PC{0,40}").prop_map(|reason| EventBody::Cancelled(RunCancelled { reason })),
     ]
 }
 
@@ -257,6 +278,20 @@ proptest! {
         roundtrip(&Reply::Ok(SubmitResponse { run_id, state, created }))?;
         roundtrip(&Reply::Ok(ListResponse { runs: vec![view], next_cursor: cursor }))?;
         roundtrip(&Reply::Ok(EventsResponse { events, has_more }))?;
+        roundtrip(&Reply::Ok(CancelResponse { run_id, state, cancelled: created }))?;
+    }
+
+    #[test]
+    fn signals_and_control_roundtrip(run in "\\PC{0,40}", key in token(), key2 in signal_key(), payload in json(),
+                                     reason in proptest::option::of("\\PC{0,40}"), ms in any::<i64>(),
+                                     run_id in run_id(), state in state(), flags in any::<(bool, bool)>()) {
+        roundtrip(&SignalRequest { run_id: run.clone(), key, payload: payload.clone() })?;
+        roundtrip(&CancelRequest { run_id: run, reason: reason.clone() })?;
+        roundtrip(&Reply::Ok(SignalResponse { run_id, key: key2, created: flags.0, woke: flags.1, state }))?;
+        roundtrip(&signal::SignalRecord { payload: payload.clone(), received_ms: ms })?;
+        roundtrip(&control::CancelRecord { reason: reason.clone(), requested_ms: ms })?;
+        roundtrip(&signal::ApprovalDecision::Edit { input: payload })?;
+        roundtrip(&signal::ApprovalDecision::Reject { reason })?;
     }
 }
 

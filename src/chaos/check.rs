@@ -799,7 +799,11 @@ mod tests {
         b.step(1, 1, "w1", 10);
         b.started(2, 1, "w1", 10);
         b.fence(2, "w2", 20);
-        b.event(2, Some("w2"), EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 2 }));
+        b.event(
+            2,
+            Some("w2"),
+            EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 2, failures: 1 }),
+        );
         b.step(2, 2, "w2", 20);
         b.step(3, 2, "w2", 20);
         b.event(2, Some("w2"), EventBody::Completed(RunCompleted { output: expected_output(STEPS) }));
@@ -979,7 +983,8 @@ mod tests {
     fn a_replay_count_that_disagrees_with_the_checkpoints_is_detected() {
         let mut record = crashed_and_resumed();
         let resumed = position_of(&record, |b| matches!(b, EventBody::Resumed(_)));
-        record.events[resumed].body = EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 3 });
+        record.events[resumed].body =
+            EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 3, failures: 1 });
         let found = violations(&record);
         assert!(found.iter().any(|v| matches!(v, Violation::ReplayedCheckpointFromLater { index: 2, .. })));
         // Attempt 2 also re-ran step 2, which it claims to have replayed.

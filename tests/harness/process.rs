@@ -20,10 +20,16 @@ pub struct RunfleetProcess {
 
 impl RunfleetProcess {
     pub fn spawn(name: &str, args: &[String]) -> Self {
+        Self::spawn_with_env(name, args, &[])
+    }
+
+    /// [`RunfleetProcess::spawn`] with extra environment variables.
+    pub fn spawn_with_env(name: &str, args: &[String], env: &[(String, String)]) -> Self {
         let log = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("log file: {e}"));
         let stderr = log.reopen().unwrap_or_else(|e| panic!("log file: {e}"));
         let child = Command::new(runfleet_binary())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -107,6 +113,11 @@ pub struct FleetOptions {
     pub test_agents: bool,
     /// With `test_agents`: the journal the `steps` agent appends to.
     pub journal: Option<PathBuf>,
+    /// Extra environment of the coordinator, e.g.
+    /// `RUNFLEET_COORDINATOR__RECOVERY_INTERVAL`.
+    pub coordinator_env: Vec<(String, String)>,
+    /// Extra arguments of every worker, e.g. `--shutdown-grace 1s`.
+    pub worker_args: Vec<String>,
 }
 
 /// A NATS server, a registry database, one coordinator and some workers, all
@@ -118,6 +129,9 @@ pub struct Fleet {
     pub nats: NatsServer,
     /// Extra arguments every worker of this fleet gets.
     worker_extra: Vec<String>,
+    /// How the coordinator was started, to restart it the same way.
+    coordinator_args: Vec<String>,
+    coordinator_env: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -155,20 +169,37 @@ impl Fleet {
         if let Some(ttl) = &options.lease_ttl {
             coordinator_args.extend(["--lease-ttl".to_owned(), ttl.clone()]);
         }
-        let coordinator = RunfleetProcess::spawn("coordinator", &coordinator_args);
-        let mut worker_extra = Vec::new();
+        let coordinator =
+            RunfleetProcess::spawn_with_env("coordinator", &coordinator_args, &options.coordinator_env);
+        let mut worker_extra = options.worker_args.clone();
         if options.test_agents {
             worker_extra.push("--test-agents".to_owned());
             if let Some(journal) = &options.journal {
                 worker_extra.extend(["--test-journal".to_owned(), journal.display().to_string()]);
             }
         }
-        let mut fleet = Self { workers: Vec::new(), coordinator, db, nats, worker_extra };
+        let mut fleet = Self {
+            workers: Vec::new(),
+            coordinator,
+            db,
+            nats,
+            worker_extra,
+            coordinator_args,
+            coordinator_env: options.coordinator_env,
+        };
         for _ in 0..options.workers {
             fleet.add_worker(&["default"], options.slots);
         }
         fleet.wait_ready().await;
         fleet
+    }
+
+    /// Kills the coordinator (SIGKILL) and starts a new one the same way.
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.signal(9);
+        self.coordinator.wait_exit(Duration::from_secs(10));
+        self.coordinator =
+            RunfleetProcess::spawn_with_env("coordinator", &self.coordinator_args, &self.coordinator_env);
     }
 
     /// A client of this fleet for `tenant`.

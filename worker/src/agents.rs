@@ -1,5 +1,6 @@
 //! Built-in agents, shipped so a fleet can be exercised without writing code:
-//! `echo`, `sleep`, `fail` and `steps` (see [`builtin`]), plus the test
+//! `echo`, `sleep`, `fail`, `steps`, `approval` and `timer` (see
+//! [`builtin`]), plus the test
 //! agents runfleet's own crash tests and `runfleet chaos` use
 //! ([`with_test_agents`]).
 
@@ -13,17 +14,19 @@ use runfleet_protocol::AgentName;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::sdk::{Agent, AgentError, Agents, RunContext, StepContext, StepError};
+use crate::sdk::{Agent, AgentError, Agents, Approval, ApprovalRequest, RunContext, StepContext, StepError};
 
-/// The built-in agents under their names: `echo`, `sleep`, `fail` and
-/// `steps`.
+/// The built-in agents under their names: `echo`, `sleep`, `fail`,
+/// `steps`, `approval` and `timer`.
 pub fn builtin() -> Agents {
     let mut agents = Agents::new();
-    let builtins: [(&str, Arc<dyn Agent>); 4] = [
+    let builtins: [(&str, Arc<dyn Agent>); 6] = [
         ("echo", Arc::new(Echo)),
         ("sleep", Arc::new(Sleep)),
         ("fail", Arc::new(Fail)),
         ("steps", Arc::new(Steps::default())),
+        ("approval", Arc::new(ApprovalAgent)),
+        ("timer", Arc::new(Timer)),
     ];
     register(&mut agents, builtins);
     agents
@@ -40,8 +43,8 @@ pub struct TestAgents {
     pub step_prefix: Option<String>,
 }
 
-/// [`builtin`] with the test agents added: `steps` with `options`, and
-/// `crash`, which aborts its worker process. Only for tests and chaos runs:
+/// [`builtin`] with the test agents added: `steps` with `options`, `crash`,
+/// which aborts its worker process, and `await` (see [`Await`]). Only for tests and chaos runs:
 /// anyone who can submit `crash` can kill such a worker.
 pub fn with_test_agents(options: TestAgents) -> Agents {
     let mut agents = builtin();
@@ -49,7 +52,8 @@ pub fn with_test_agents(options: TestAgents) -> Agents {
         journal: options.journal,
         prefix: options.step_prefix.unwrap_or_else(|| DEFAULT_STEP_PREFIX.to_owned()),
     };
-    let tests: [(&str, Arc<dyn Agent>); 2] = [("steps", Arc::new(steps)), ("crash", Arc::new(Crash))];
+    let tests: [(&str, Arc<dyn Agent>); 3] =
+        [("steps", Arc::new(steps)), ("crash", Arc::new(Crash)), ("await", Arc::new(Await))];
     register(&mut agents, tests);
     agents
 }
@@ -100,6 +104,99 @@ impl Agent for Sleep {
             ctx.emit("progress", json!({ "step": step, "steps": steps })).await?;
         }
         Ok(json!({ "steps": steps }))
+    }
+}
+
+/// `approval`: input `{"action": S}`; asks for approval of `S`
+/// (`approval.requested` with tool `action` and arguments `{"action": S}`),
+/// waits for the decision without holding a slot, and completes with
+/// `{"decision": "approve"|"reject"|"edit", "action": <final action>}`. An
+/// edit's input is the final action: a string, or an object's `action`
+/// field.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApprovalAgent;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalInput {
+    action: String,
+}
+
+#[async_trait]
+impl Agent for ApprovalAgent {
+    async fn run(&self, ctx: &mut RunContext, input: Value) -> Result<Value, AgentError> {
+        let ApprovalInput { action } = serde_json::from_value(input).map_err(|e| {
+            AgentError::invalid_input(format!("approval expects {{\"action\": string}}: {e}"))
+        })?;
+        let request = ApprovalRequest::new("action", json!({ "action": action }))
+            .reason(format!("the agent wants to {action}"));
+        let output = match ctx.approval(request).await? {
+            Approval::Approved => json!({ "decision": "approve", "action": action }),
+            Approval::Rejected { reason } => {
+                json!({ "decision": "reject", "action": null, "reason": reason })
+            }
+            Approval::Edited { input } => {
+                let edited = match &input {
+                    Value::String(s) => Value::String(s.clone()),
+                    Value::Object(map) => map.get("action").cloned().unwrap_or(input.clone()),
+                    other => other.clone(),
+                };
+                json!({ "decision": "edit", "action": edited })
+            }
+            Approval::Expired => json!({ "decision": "expired", "action": null }),
+        };
+        Ok(output)
+    }
+}
+
+/// `timer`: input `{"sleep_ms": M}`; one durable sleep of M milliseconds
+/// (no slot held while it sleeps), then completes with `{"slept_ms": M}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timer;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimerInput {
+    sleep_ms: u64,
+}
+
+#[async_trait]
+impl Agent for Timer {
+    async fn run(&self, ctx: &mut RunContext, input: Value) -> Result<Value, AgentError> {
+        let TimerInput { sleep_ms } = serde_json::from_value(input).map_err(|e| {
+            AgentError::invalid_input(format!("timer expects {{\"sleep_ms\": integer}}: {e}"))
+        })?;
+        ctx.sleep(Duration::from_millis(sleep_ms)).await?;
+        Ok(json!({ "slept_ms": sleep_ms }))
+    }
+}
+
+/// `await` (test agent): input `{"key": K, "timeout_ms": T}` (`timeout_ms`
+/// optional); waits for signal `K` and completes with `{"signal": payload}`
+/// or, after the timeout, `{"timed_out": true}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Await;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AwaitInput {
+    key: String,
+    timeout_ms: Option<u64>,
+}
+
+#[async_trait]
+impl Agent for Await {
+    async fn run(&self, ctx: &mut RunContext, input: Value) -> Result<Value, AgentError> {
+        let AwaitInput { key, timeout_ms } = serde_json::from_value(input).map_err(|e| {
+            AgentError::invalid_input(format!(
+                "await expects {{\"key\": string, \"timeout_ms\"?: integer}}: {e}"
+            ))
+        })?;
+        let received: Option<Value> = ctx.await_signal(&key, timeout_ms.map(Duration::from_millis)).await?;
+        Ok(match received {
+            Some(payload) => json!({ "signal": payload }),
+            None => json!({ "timed_out": true }),
+        })
     }
 }
 

@@ -104,6 +104,14 @@ pub struct WorkerConfig {
     /// Default `10s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After `shutdown_grace`, how long the remaining runs get to reach a
+    /// step boundary, where they are handed off without redoing any work;
+    /// a run still inside a step after this is stopped there (that step
+    /// runs again on the next worker). Set Kubernetes'
+    /// `terminationGracePeriodSeconds` above `shutdown_grace +
+    /// handoff_timeout`. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub handoff_timeout: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -122,6 +130,7 @@ impl Default for WorkerConfig {
             idle_poll: Duration::from_millis(500),
             lease_held_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            handoff_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -345,8 +345,13 @@ async fn stolen_lease_stops_the_run_without_further_writes() -> anyhow::Result<(
 #[tokio::test]
 async fn shutdown_hands_unfinished_runs_to_another_worker() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
-    let config =
-        runfleet_worker::WorkerConfig { shutdown_grace: Duration::from_millis(500), ..env.config(1) };
+    // `sleep` has no steps, so it reaches no step boundary: it is stopped
+    // where it is once the hand-off timeout is over.
+    let config = runfleet_worker::WorkerConfig {
+        shutdown_grace: Duration::from_millis(500),
+        handoff_timeout: Duration::from_millis(500),
+        ..env.config(1)
+    };
     let first = env.worker(config.clone(), agents::builtin()).await?;
     let first_id = first.id.clone();
 
@@ -366,6 +371,10 @@ async fn shutdown_hands_unfinished_runs_to_another_worker() -> anyhow::Result<()
     assert!(env.workers.get(env.names.worker_key(&first_id)).await?.is_none());
     let before = env.events(run).await?;
     assert!(before.iter().all(|(_, e)| !e.body.is_terminal()));
+    assert!(
+        matches!(before.last().map(|(_, e)| &e.body), Some(EventBody::Handoff(_))),
+        "the hand-off is in the log"
+    );
 
     let second = env.worker(config, agents::builtin()).await?;
     let events = env.wait_terminal(run).await?;

@@ -11,21 +11,22 @@
 //! replica; when that many are in flight the replica stops reading its
 //! subscription until one finishes.
 
+mod control;
 mod read;
 mod submit;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, kv};
 use async_nats::service::{Request, ServiceExt};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use runfleet_protocol::api::{self, Reply};
 use runfleet_protocol::names::{
-    API_QUEUE_GROUP, API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, SERVICE_NAME, VERB_EVENTS, VERB_GET,
-    VERB_LIST, VERB_SUBMIT,
+    API_QUEUE_GROUP, API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, SERVICE_NAME, VERB_CANCEL,
+    VERB_EVENTS, VERB_GET, VERB_LIST, VERB_SIGNAL, VERB_SUBMIT,
 };
 use runfleet_protocol::{codec, ApiError, ErrorCode, Names, TenantId};
 use serde::de::DeserializeOwned;
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::registry::Registry;
+use crate::runs::{self, Runs};
 use crate::setup::Topology;
 
 /// The API service could not start.
@@ -58,6 +60,8 @@ pub struct ApiLimits {
     pub max_input_bytes: usize,
     /// `max_attempts` of a run whose submitter names none.
     pub default_max_attempts: u32,
+    /// Largest accepted signal payload, in encoded bytes.
+    pub max_signal_bytes: usize,
     /// Most requests handled at once.
     pub concurrency: usize,
 }
@@ -73,7 +77,7 @@ struct Inner {
     client: async_nats::Client,
     js: jetstream::Context,
     names: Names,
-    events: stream::Stream,
+    runs: Runs,
     idempotency: kv::Store,
     registry: Registry,
     limits: ApiLimits,
@@ -88,15 +92,9 @@ impl Api {
         limits: ApiLimits,
     ) -> Self {
         let js = jetstream::new(client.clone());
-        let inner = Inner {
-            client,
-            js,
-            names,
-            events: topology.events.clone(),
-            idempotency: topology.idempotency.clone(),
-            registry,
-            limits,
-        };
+        let runs = Runs::new(js.clone(), names.clone(), topology);
+        let inner =
+            Inner { client, js, names, runs, idempotency: topology.idempotency.clone(), registry, limits };
         Self { inner: Arc::new(inner) }
     }
 
@@ -185,6 +183,8 @@ impl Api {
             VERB_GET => encode_reply(self.decode_then(verb, token, payload, Self::get).await),
             VERB_LIST => encode_reply(self.decode_then(verb, token, payload, Self::list).await),
             VERB_EVENTS => encode_reply(self.decode_then(verb, token, payload, Self::events).await),
+            VERB_SIGNAL => encode_reply(self.decode_then(verb, token, payload, Self::signal).await),
+            VERB_CANCEL => encode_reply(self.decode_then(verb, token, payload, Self::cancel).await),
             other => encode_reply::<()>(Err(ApiError::new(
                 ErrorCode::Internal,
                 format!("verb {other} has no handler"),
@@ -242,6 +242,16 @@ fn encode_reply<T: Serialize>(result: Result<T, ApiError>) -> (Bytes, Option<Err
 /// Maps a JetStream or registry failure to the `unavailable` reply.
 fn unavailable(what: impl std::fmt::Display, error: impl std::fmt::Display) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, format!("{what}: {error}; retry later"))
+}
+
+/// Maps a failure reading or writing a run's JetStream state to a reply:
+/// `unavailable` when retrying may help, `internal` when it cannot.
+fn runs_error(error: runs::Error) -> ApiError {
+    if error.is_retryable() {
+        unavailable("jetstream", error)
+    } else {
+        ApiError::new(ErrorCode::Internal, error.to_string())
+    }
 }
 
 async fn wait_for(mut tasks: JoinSet<()>) {

@@ -9,18 +9,17 @@
 //! to the stream for a run the registry does not know yet; a page from the
 //! registry may miss the newest events for the same reason.
 
-use async_nats::jetstream::message::StreamMessage;
-use async_nats::jetstream::stream::DirectGetErrorKind;
 use runfleet_protocol::api::{
     self, EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, RunView,
 };
 use runfleet_protocol::event::{Event, EventBody};
-use runfleet_protocol::{codec, ApiError, ErrorCode, RunId, TenantId};
-use tracing::warn;
+use runfleet_protocol::{ApiError, ErrorCode, RunId, TenantId};
 
-use super::{unavailable, Api};
+use super::{runs_error, unavailable, Api};
+use crate::registry::outcome_of;
+use crate::runs::{stored_event, Lookup};
 
-fn not_found(run: RunId) -> ApiError {
+pub(super) fn not_found(run: RunId) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("run {run} does not exist"))
 }
 
@@ -92,14 +91,20 @@ impl Api {
         let mut next_stream_seq = 0;
         let mut found_any = false;
         while events.len() <= limit {
-            let Some(message) = self.direct_get(&subject, Lookup::NextFrom(next_stream_seq)).await? else {
+            let message = self
+                .inner
+                .runs
+                .direct_get(&subject, Lookup::NextFrom(next_stream_seq))
+                .await
+                .map_err(runs_error)?;
+            let Some(message) = message else {
                 break;
             };
             found_any = true;
             next_stream_seq = message.sequence + 1;
-            if let Some(event) = decode_stored(&message) {
-                if event.seq > after_seq {
-                    events.push(event);
+            if let Some(stored) = stored_event(&message) {
+                if stored.event.seq > after_seq {
+                    events.push(stored.event);
                 }
             }
         }
@@ -113,41 +118,12 @@ impl Api {
 
     /// The run's newest event in the stream, if any.
     pub(super) async fn last_event(&self, subject: &str) -> Result<Option<Event>, ApiError> {
-        Ok(self.direct_get(subject, Lookup::Last).await?.as_ref().and_then(decode_stored))
+        let last = self.inner.runs.last_event_on(subject).await.map_err(runs_error)?;
+        Ok(last.map(|stored| stored.event))
     }
 
     async fn first_event(&self, subject: &str) -> Result<Option<Event>, ApiError> {
-        Ok(self.direct_get(subject, Lookup::NextFrom(0)).await?.as_ref().and_then(decode_stored))
-    }
-
-    async fn direct_get(&self, subject: &str, lookup: Lookup) -> Result<Option<StreamMessage>, ApiError> {
-        let events = &self.inner.events;
-        let result = match lookup {
-            Lookup::Last => events.direct_get_last_for_subject(subject).await,
-            Lookup::NextFrom(seq) => events.direct_get_next_for_subject(subject, Some(seq)).await,
-        };
-        match result {
-            Ok(message) => Ok(Some(message)),
-            Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
-            Err(error) => Err(unavailable("could not read the run's events from the stream", error)),
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Lookup {
-    Last,
-    /// The first message for the subject at or after this stream sequence.
-    NextFrom(u64),
-}
-
-fn decode_stored(message: &StreamMessage) -> Option<Event> {
-    match codec::decode(&message.payload) {
-        Ok(event) => Some(event),
-        Err(error) => {
-            warn!(subject = %message.subject, stream_seq = message.sequence, error = %error, "stored event does not decode");
-            None
-        }
+        self.inner.runs.first_event_on(subject).await.map_err(runs_error)
     }
 }
 
@@ -158,11 +134,7 @@ pub(crate) fn freshen(mut view: RunView, event: &Event) -> RunView {
     view.worker_id = event.worker_id.clone();
     view.updated_ms = event.ts_ms;
     view.last_seq = event.seq;
-    (view.output, view.error) = match &event.body {
-        EventBody::Completed(done) => (Some(done.output.clone()), None),
-        EventBody::Failed(failed) => (None, Some(failed.error.clone())),
-        _ => (None, None),
-    };
+    (view.output, view.error) = outcome_of(event);
     view
 }
 

@@ -16,11 +16,12 @@ use runfleet_protocol::api::{SubmitRequest, SubmitResponse, ValidSubmit};
 use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::idempotency::{self, IdempotencyRecord};
 use runfleet_protocol::job::Job;
-use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
+use runfleet_protocol::names::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use runfleet_protocol::{codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId};
 use tracing::{info, instrument, warn};
 
 use super::{unavailable, Api};
+use crate::runs::content_headers;
 
 /// How often a submit retries when its idempotency key vanishes between a
 /// failed create and the read (the key expired or was deleted meanwhile).
@@ -222,11 +223,4 @@ impl Api {
         let ack = self.inner.js.publish_with_headers(subject, headers, Bytes::from(payload)).await?;
         ack.await.map(|_| ())
     }
-}
-
-fn content_headers(msg_id: &str) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-    headers.insert(HEADER_MSG_ID, msg_id);
-    headers
 }

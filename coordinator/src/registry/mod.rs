@@ -19,8 +19,8 @@ mod sqlite;
 use std::collections::BTreeSet;
 
 use runfleet_protocol::api::{EventsResponse, ListFilter, ListResponse, RunView};
-use runfleet_protocol::event::{Event, EventBody, RunCreated};
-use runfleet_protocol::{RunId, RunState, TenantId};
+use runfleet_protocol::event::{Event, EventBody, RunCreated, RunError};
+use runfleet_protocol::{ErrorCode, RunId, RunState, TenantId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tracing::info;
@@ -105,6 +105,39 @@ fn redact(url: &str) -> String {
             format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
         }
         _ => url.to_owned(),
+    }
+}
+
+/// A non-terminal run the registry has not seen move for a while: what the
+/// recovery loop examines (see [`Registry::stale_runs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRun {
+    pub run_id: RunId,
+    pub tenant: TenantId,
+    /// The state the registry last projected (JetStream may be newer).
+    pub state: RunState,
+    pub updated_ms: i64,
+}
+
+/// The states a run can stay in without a worker making progress, which is
+/// what the recovery loop checks. Spelled as SQL literals (not bound) so the
+/// partial index `runs_active` applies on both backends.
+const ACTIVE_STATES_SQL: &str = "('queued', 'running', 'waiting')";
+
+/// The output and error a run's row carries after `event`: set by the
+/// terminal events, cleared by every other.
+pub(crate) fn outcome_of(event: &Event) -> (Option<serde_json::Value>, Option<RunError>) {
+    match &event.body {
+        EventBody::Completed(done) => (Some(done.output.clone()), None),
+        EventBody::Failed(failed) => (None, Some(failed.error.clone())),
+        EventBody::Cancelled(cancelled) => {
+            let message = match &cancelled.reason {
+                Some(reason) => format!("cancelled: {reason}"),
+                None => "cancelled".to_owned(),
+            };
+            (None, Some(RunError { code: ErrorCode::Cancelled, message }))
+        }
+        _ => (None, None),
     }
 }
 
@@ -266,6 +299,45 @@ impl Registry {
         Ok(Some(EventsResponse { events, has_more }))
     }
 
+    /// Up to `limit` runs of any tenant that are queued, running or waiting
+    /// and whose row was last updated before `updated_before_ms`, in run id
+    /// order after `after` (keyset paging: pass the last run id of the
+    /// previous page). Feeds the recovery loop, which checks each against
+    /// JetStream; the registry may lag, so a run listed here may have moved.
+    pub async fn stale_runs(
+        &self,
+        updated_before_ms: i64,
+        after: Option<RunId>,
+        limit: u32,
+    ) -> Result<Vec<StaleRun>, Error> {
+        let sql = format!(
+            "SELECT run_id, tenant, state, updated_ms FROM runs \
+             WHERE state IN {ACTIVE_STATES_SQL} AND updated_ms < $1 AND run_id > $2 \
+             ORDER BY run_id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(updated_before_ms)
+            .bind(after.map(|run| run.to_string()).unwrap_or_default())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("listing stale runs"))?;
+        rows.iter()
+            .map(|row| {
+                let run_id: String = row
+                    .try_get("run_id")
+                    .map_err(|e| Error::Corrupt { run_id: "?".to_owned(), reason: e.to_string() })?;
+                let r = RunRow { row, run_id };
+                Ok(StaleRun {
+                    run_id: r.parsed("run_id")?,
+                    tenant: r.parsed("tenant")?,
+                    state: r.parsed("state")?,
+                    updated_ms: r.int("updated_ms")?,
+                })
+            })
+            .collect()
+    }
+
     async fn has_events(&self, tenant: &TenantId, run: RunId) -> Result<bool, Error> {
         let row = sqlx::query("SELECT seq FROM run_events WHERE tenant = $1 AND run_id = $2 LIMIT 1")
             .bind(tenant.as_str())
@@ -387,11 +459,9 @@ async fn insert_run(tx: &mut Transaction<'_, Any>, event: &Event, body: &RunCrea
 }
 
 async fn update_run(tx: &mut Transaction<'_, Any>, latest: &Event) -> Result<(), Error> {
-    let (output, error) = match &latest.body {
-        EventBody::Completed(done) => (Some(json_text(&done.output, latest.run_id)?), None),
-        EventBody::Failed(failed) => (None, Some(json_text(&failed.error, latest.run_id)?)),
-        _ => (None, None),
-    };
+    let (output, error) = outcome_of(latest);
+    let output = output.map(|output| json_text(&output, latest.run_id)).transpose()?;
+    let error = error.map(|error| json_text(&error, latest.run_id)).transpose()?;
     sqlx::query(
         "UPDATE runs SET state = $1, attempt = $2, output = $3, error = $4, worker_id = $5, \
          updated_ms = $6, last_seq = $7 WHERE run_id = $8 AND last_seq < $7",
@@ -495,6 +565,36 @@ mod tests {
         assert_eq!(Backend::of("sqlite:x.db").ok(), Some(Backend::Sqlite));
         assert_eq!(Backend::of("postgres://u:p@h/db").ok(), Some(Backend::Postgres));
         assert!(matches!(Backend::of("mysql://u:p@h/db"), Err(Error::UnsupportedUrl(_))));
+    }
+
+    #[test]
+    fn cancelled_runs_carry_a_cancelled_error() {
+        use runfleet_protocol::event::RunCancelled;
+        let event = |reason: Option<&str>| Event {
+            run_id: RunId::generate(),
+            tenant: TenantId::default_tenant(),
+            seq: 3,
+            ts_ms: 1,
+            attempt: 1,
+            worker_id: None,
+            body: EventBody::Cancelled(RunCancelled { reason: reason.map(str::to_owned) }),
+        };
+        let (output, error) = outcome_of(&event(Some("operator said so")));
+        assert_eq!(output, None);
+        assert_eq!(
+            error,
+            Some(RunError { code: ErrorCode::Cancelled, message: "cancelled: operator said so".to_owned() })
+        );
+        let (_, error) = outcome_of(&event(None));
+        assert_eq!(error.map(|e| e.message), Some("cancelled".to_owned()));
+    }
+
+    #[test]
+    fn active_states_are_the_non_terminal_ones() {
+        for state in RunState::ALL {
+            let quoted = format!("'{}'", state.as_str());
+            assert_eq!(ACTIVE_STATES_SQL.contains(&quoted), !state.is_terminal(), "{state}");
+        }
     }
 
     #[test]

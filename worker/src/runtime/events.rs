@@ -5,9 +5,11 @@
 //! run's previous event, so the server refuses the append if anyone else wrote
 //! to the log since this worker read it: at most one worker commits for a run.
 
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
+use futures::StreamExt;
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
@@ -34,6 +36,9 @@ pub enum Error {
     /// The run's last event could not be read.
     #[error("last event of run {run_id} could not be read: {source}")]
     Read { run_id: RunId, source: stream::DirectGetError },
+    /// The run's log could not be scanned.
+    #[error("event log of run {run_id} could not be scanned: {message}")]
+    Scan { run_id: RunId, message: String },
     /// The run's last event is not a decodable runfleet event.
     #[error("last event of run {run_id} (stream seq {stream_seq}) is not decodable: {source}")]
     Decode { run_id: RunId, stream_seq: u64, source: codec::Error },
@@ -75,6 +80,44 @@ pub async fn read_last(
         Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::Read { run_id, source }),
     }
+}
+
+/// How many attempts of the run had failed before the attempt that wrote
+/// `last` started: the `failures` its `run.started` (0) or `run.resumed`
+/// recorded. Scans the run's log (short-lived ordered consumer), so it is
+/// used only when an attempt ended without saying so (a crash or a lost
+/// lease). If the start is not found every earlier attempt counts as failed.
+pub async fn failures_before(events: &stream::Stream, names: &Names, last: &LastEvent) -> Result<u32, Error> {
+    let run_id = last.event.run_id;
+    let attempt = last.event.attempt;
+    let scan_error = |e: String| Error::Scan { run_id, message: e };
+    let consumer = events
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: names.run_events(&last.event.tenant, run_id),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| scan_error(e.to_string()))?;
+    let mut messages = consumer.messages().await.map_err(|e| scan_error(e.to_string()))?;
+    let mut failures = attempt.saturating_sub(1);
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| scan_error(e.to_string()))?;
+        let stream_seq = message.info().map_err(|e| scan_error(e.to_string()))?.stream_sequence;
+        if let Ok(event) = codec::decode::<Event>(&message.payload) {
+            if event.attempt == attempt {
+                match &event.body {
+                    EventBody::Started(_) => failures = 0,
+                    EventBody::Resumed(resumed) => failures = resumed.failures,
+                    _ => {}
+                }
+            }
+        }
+        if stream_seq >= last.stream_seq {
+            break;
+        }
+    }
+    Ok(failures)
 }
 
 /// The append side of one run's log, owned by the attempt that holds the

@@ -1,18 +1,21 @@
 //! The worker runtime: one pull loop, slots, leases, heartbeats, event
-//! publishing and drain.
+//! publishing, parking, cancellation and drain.
 //!
 //! Shape: [`Worker::start`] connects and prepares (consumers, wake-up
 //! subscriptions, registry entry); [`Worker::run`] runs the pull loop until
 //! its cancellation token fires, then drains. Besides the pull loop the
-//! worker owns exactly two tasks, the heartbeat (`heartbeat.rs`) and the
-//! registry refresh (`registry.rs`), plus one task per running run.
+//! worker owns exactly three tasks, the heartbeat (`heartbeat.rs`), the
+//! registry refresh (`registry.rs`) and the control-bucket watch
+//! (`control.rs`), plus one task per running run.
 
 pub mod checkpoints;
+mod control;
 pub mod events;
 mod heartbeat;
 pub mod lease;
 mod registry;
 mod run;
+mod wake;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,7 +76,13 @@ pub(crate) struct Shared {
     pub names: Names,
     pub js: jetstream::Context,
     pub events: stream::Stream,
+    /// The jobs stream, which also holds the runs' timers.
+    pub jobs: stream::Stream,
     pub leases: kv::Store,
+    pub signals: kv::Store,
+    pub control: kv::Store,
+    /// The runs being claimed or run, for the control watch.
+    pub cancels: Arc<control::Cancels>,
     pub workers: kv::Store,
     /// The checkpoints bucket's stream, written through `$KV` subjects.
     pub checkpoints: stream::Stream,
@@ -180,7 +189,7 @@ impl Worker {
             .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
         let js = jetstream::new(client.clone());
 
-        let Infrastructure { jobs, events, leases, workers, checkpoints, blobs } =
+        let Infrastructure { jobs, events, leases, workers, checkpoints, blobs, signals, control } =
             wait_for_infrastructure(&js, &names).await;
         if !events.cached_info().config.allow_direct {
             return Err(Error::DirectGetDisabled { stream: names.events_stream() });
@@ -232,7 +241,11 @@ impl Worker {
             names,
             js,
             events,
+            jobs: jobs.clone(),
             leases,
+            signals,
+            control,
+            cancels: Arc::new(control::Cancels::default()),
             workers,
             checkpoints: checkpoints.stream,
             blobs,
@@ -263,18 +276,27 @@ impl Worker {
     }
 
     /// Runs the pull loop until `shutdown` is cancelled, then drains: stops
-    /// fetching, lets running runs finish for up to `shutdown_grace`, hands
-    /// the rest off (stops them, releases their leases, NAKs their jobs for
-    /// immediate redelivery), stops the heartbeat and deregisters.
+    /// fetching, lets running runs finish for up to `shutdown_grace`, then
+    /// hands the rest off at their next step boundary (`run.handoff`, lease
+    /// released, job NAKed for immediate redelivery, so another worker
+    /// resumes them at once); runs that reach no boundary within
+    /// `handoff_timeout` are stopped where they are and handed off the same
+    /// way. Then it stops the heartbeat and deregisters.
     ///
     /// Transient NATS failures are logged and retried; they do not end the
     /// loop.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let Self { shared, bands, wake } = self;
         let background = CancellationToken::new();
-        let handoff = CancellationToken::new();
+        let stopping = run::Shutdown { drain: CancellationToken::new(), handoff: CancellationToken::new() };
         let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), background.clone()));
         let registry = tokio::spawn(registry::run(shared.clone(), background.clone()));
+        let watch = tokio::spawn(control::watch(
+            shared.control.clone(),
+            shared.names.clone(),
+            shared.cancels.clone(),
+            background.clone(),
+        ));
 
         let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
         let mut wake: Option<SelectAll<Subscriber>> = Some(futures::stream::select_all(wake));
@@ -306,7 +328,7 @@ impl Worker {
             if !messages.is_empty() {
                 debug!(count = messages.len(), free, "jobs fetched");
                 for message in messages {
-                    runs.spawn(run::handle(shared.clone(), message, handoff.clone()));
+                    runs.spawn(run::handle(shared.clone(), message, stopping.clone()));
                 }
                 continue;
             }
@@ -323,6 +345,7 @@ impl Worker {
 
         drop(wake);
         let grace = shared.config.shutdown_grace;
+        let handoff_timeout = shared.config.handoff_timeout;
         info!(worker_id = %shared.id, running = runs.len(), grace_ms = grace.as_millis() as u64, "worker stopping; draining runs");
         let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
@@ -332,15 +355,21 @@ impl Worker {
                     Some(done) => report_join(done),
                     None => break,
                 },
-                () = &mut deadline, if !handoff.is_cancelled() => {
-                    info!(worker_id = %shared.id, running = runs.len(), "shutdown grace over; handing off remaining runs");
-                    handoff.cancel();
+                () = &mut deadline, if !stopping.handoff.is_cancelled() => {
+                    if stopping.drain.is_cancelled() {
+                        info!(worker_id = %shared.id, running = runs.len(), "hand-off timeout over; stopping remaining runs where they are");
+                        stopping.handoff.cancel();
+                    } else {
+                        info!(worker_id = %shared.id, running = runs.len(), "shutdown grace over; handing off remaining runs at their next step");
+                        stopping.drain.cancel();
+                        deadline.as_mut().reset(tokio::time::Instant::now() + handoff_timeout);
+                    }
                 }
             }
         }
 
         background.cancel();
-        for task in [heartbeat, registry] {
+        for task in [heartbeat, registry, watch] {
             if let Err(e) = task.await {
                 error!(worker_id = %shared.id, error = %e, "worker background task failed");
             }
@@ -429,6 +458,8 @@ struct Infrastructure {
     workers: kv::Store,
     checkpoints: kv::Store,
     blobs: object_store::ObjectStore,
+    signals: kv::Store,
+    control: kv::Store,
 }
 
 /// Waits until the coordinator has created what the worker needs, logging
@@ -463,9 +494,19 @@ async fn wait_for_infrastructure(js: &jetstream::Context, names: &Names) -> Infr
                     .await
                     .map_err(|e| (names.blobs_bucket(), e.to_string()))
             },
+            async {
+                js.get_key_value(names.signals_bucket())
+                    .await
+                    .map_err(|e| (names.signals_bucket(), e.to_string()))
+            },
+            async {
+                js.get_key_value(names.control_bucket())
+                    .await
+                    .map_err(|e| (names.control_bucket(), e.to_string()))
+            },
         ) {
-            Ok((jobs, events, leases, workers, checkpoints, blobs)) => {
-                return Infrastructure { jobs, events, leases, workers, checkpoints, blobs }
+            Ok((jobs, events, leases, workers, checkpoints, blobs, signals, control)) => {
+                return Infrastructure { jobs, events, leases, workers, checkpoints, blobs, signals, control }
             }
             Err(missing) => missing,
         };

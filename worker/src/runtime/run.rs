@@ -15,24 +15,37 @@ use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::Message;
 use futures::FutureExt;
 use runfleet_protocol::event::{
-    EventBody, RunCompleted, RunError, RunFailed, RunResumed, RunRetrying, RunStarted,
+    EventBody, RunCancelled, RunCompleted, RunError, RunFailed, RunHandoff, RunResumed, RunRetrying,
+    RunStarted, RunWaiting,
 };
 use runfleet_protocol::job::Job;
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::{codec, time, ErrorCode, RunId};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::checkpoints::{CheckpointLog, Writer};
+use super::control::{self, CancelSlot};
 use super::events::{self, EventLog, LastEvent};
 use super::lease::{self, Held};
-use super::Shared;
-use crate::sdk::{AgentError, Interruption, RunContext};
+use super::{wake, Shared};
+use crate::sdk::{AgentError, ContextParts, Interruption, Park, RunContext};
+
+/// The stop tokens a run task gets from the pull loop at shutdown.
+#[derive(Clone, Debug)]
+pub(crate) struct Shutdown {
+    /// Cancelled when the shutdown grace is over: runs hand off at their
+    /// next step boundary.
+    pub drain: CancellationToken,
+    /// Cancelled when the hand-off timeout is over too: runs are stopped
+    /// wherever they are and handed off.
+    pub handoff: CancellationToken,
+}
 
 /// Handles one fetched job message to the end. Never panics on run-time
-/// failures; every outcome is logged. `handoff` is cancelled when the worker
-/// stops waiting for runs at shutdown.
-pub(crate) async fn handle(shared: Arc<Shared>, message: Message, handoff: CancellationToken) {
+/// failures; every outcome is logged.
+pub(crate) async fn handle(shared: Arc<Shared>, message: Message, shutdown: Shutdown) {
     let (stream_seq, delivered) = match message.info() {
         Ok(info) => (info.stream_sequence, u64::try_from(info.delivered).unwrap_or(0)),
         Err(e) => {
@@ -51,10 +64,13 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: Message, handoff: Cance
             return;
         }
     };
-    let Some(claim) = claim(&shared, job, acker, delivered).await else {
+    // Registered before the claim reads the control bucket, so a cancel
+    // request is either seen by that read or delivered by the watch.
+    let cancel = shared.cancels.register(job.run_id);
+    let Some(claim) = claim(&shared, job, acker, delivered, cancel.slot()).await else {
         return;
     };
-    execute(&shared, claim, handoff).await;
+    execute(&shared, claim, cancel.slot(), shutdown).await;
 }
 
 /// A claimed run: the lease is held, the attempt's first event
@@ -68,6 +84,8 @@ struct Claim {
     revision: u64,
     log: EventLog,
     checkpoints: CheckpointLog,
+    /// Failed attempts before this one (see `RunResumed::failures`).
+    failures: u32,
 }
 
 /// How often a claim starts over when an earlier attempt wrote to the log
@@ -77,7 +95,55 @@ const CLAIM_ROUNDS: u32 = 5;
 /// The smallest delay of a NAK for a job whose run is leased elsewhere.
 const MIN_HELD_DELAY: Duration = Duration::from_millis(100);
 
-async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Option<Claim> {
+/// What a claimant does with a run whose last event parked it.
+enum Parked {
+    /// Not parked, or its wait is over: run it.
+    Due,
+    /// Still waiting: the job is early (a duplicate wake or a stray timer).
+    /// Re-arm the timer for this deadline, if any, and drop the job.
+    NotYet { deadline_ms: Option<i64> },
+}
+
+async fn parked(shared: &Shared, last: &LastEvent) -> Parked {
+    let now = time::now_ms();
+    match &last.event.body {
+        EventBody::Waiting(waiting) => {
+            if waiting.deadline_ms.is_some_and(|deadline| now >= deadline) {
+                return Parked::Due;
+            }
+            if let Some(key) = &waiting.key {
+                match wake::signal_arrived(shared, last.event.run_id, key).await {
+                    Ok(true) => return Parked::Due,
+                    Ok(false) => {}
+                    // Run it: the attempt reads the signal again and parks
+                    // once more if it is not there.
+                    Err(e) => {
+                        warn!(run_id = %last.event.run_id, error = %e, "could not check the awaited signal; resuming the run to find out");
+                        return Parked::Due;
+                    }
+                }
+            }
+            Parked::NotYet { deadline_ms: waiting.deadline_ms }
+        }
+        EventBody::Retrying(retrying) => {
+            let due = retrying.due_ms(last.event.ts_ms);
+            if now >= due {
+                Parked::Due
+            } else {
+                Parked::NotYet { deadline_ms: Some(due) }
+            }
+        }
+        _ => Parked::Due,
+    }
+}
+
+async fn claim(
+    shared: &Shared,
+    job: Job,
+    acker: Acker,
+    delivered: u64,
+    cancel: &CancelSlot,
+) -> Option<Claim> {
     let run_id = job.run_id;
     let delay = shared.config.lease_held_delay;
     let key = shared.names.lease_key(run_id);
@@ -130,8 +196,83 @@ async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Optio
             return None;
         }
 
-        let attempt = last.event.attempt.saturating_add(1);
-        if attempt > job.max_attempts {
+        // Cancelled while queued or waiting, or its worker died after the
+        // request: cancel it here, as the attempt that wrote `last`.
+        let request = match control::read(&shared.control, &shared.names, run_id).await {
+            Ok(request) => request.or_else(|| cancel.request()),
+            Err(e) => {
+                warn!(run_id = %run_id, error = %e, "could not read the run's cancel request; relying on the control watch");
+                cancel.request()
+            }
+        };
+        if let Some(request) = request {
+            let mut log = EventLog::new(
+                shared.js.clone(),
+                shared.names.clone(),
+                shared.id.clone(),
+                last.event.attempt,
+                &last,
+            );
+            match log.append(EventBody::Cancelled(RunCancelled { reason: request.reason })).await {
+                Ok(_) => {
+                    info!(run_id = %run_id, "run cancelled before it resumed");
+                    ack(&acker, run_id).await;
+                    if let Err(e) = wake::disarm(shared, run_id).await {
+                        warn!(run_id = %run_id, error = %e, "could not disarm the cancelled run's timer; it will find the run terminal");
+                    }
+                    release(shared, &key, run_id, revision).await;
+                    return None;
+                }
+                Err(e) if e.is_lease_lost() => match still_ours(shared, &key, &lease, revision).await {
+                    Some(renewed) => {
+                        revision = renewed;
+                        continue;
+                    }
+                    None => return None,
+                },
+                Err(e) => {
+                    warn!(run_id = %run_id, error = %e, "could not cancel the run; lease released, job nak'd with delay");
+                    release(shared, &key, run_id, revision).await;
+                    nak(&acker, run_id, Some(delay)).await;
+                    return None;
+                }
+            }
+        }
+
+        if let Parked::NotYet { deadline_ms } = parked(shared, &last).await {
+            // An early job: the wait is not over. Make sure the timer is
+            // armed (the parking worker may have died before arming it),
+            // then drop the job; the timer or the signal dispatches again.
+            if let Some(deadline_ms) = deadline_ms {
+                if let Err(e) = wake::arm(shared, &job, deadline_ms).await {
+                    warn!(run_id = %run_id, error = %e, "could not arm the parked run's timer; lease released, job nak'd with delay");
+                    release(shared, &key, run_id, revision).await;
+                    nak(&acker, run_id, Some(delay)).await;
+                    return None;
+                }
+            }
+            debug!(run_id = %run_id, seq = last.event.seq, "job for a run whose wait is not over dropped");
+            ack(&acker, run_id).await;
+            release(shared, &key, run_id, revision).await;
+            return None;
+        }
+
+        let failures = match last.event.body.failures() {
+            Some(failures) => failures,
+            None if last.event.attempt == 0 => 0,
+            // The last attempt ended without saying so: it crashed, lost its
+            // lease or was stopped. That is a failure.
+            None => match events::failures_before(&shared.events, &shared.names, &last).await {
+                Ok(before) => before.saturating_add(1),
+                Err(e) => {
+                    warn!(run_id = %run_id, error = %e, "could not count the run's failed attempts; lease released, job nak'd with delay");
+                    release(shared, &key, run_id, revision).await;
+                    nak(&acker, run_id, Some(delay)).await;
+                    return None;
+                }
+            },
+        };
+        if failures >= job.max_attempts {
             // Written as the last attempt: no new attempt starts.
             let mut log = EventLog::new(
                 shared.js.clone(),
@@ -140,10 +281,10 @@ async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Optio
                 last.event.attempt,
                 &last,
             );
-            let body = EventBody::Failed(RunFailed { error: attempts_exhausted(&job, &last) });
+            let body = EventBody::Failed(RunFailed { error: attempts_exhausted(&job, &last, failures) });
             match log.append(body).await {
                 Ok(_) => {
-                    warn!(run_id = %run_id, attempts = last.event.attempt, max_attempts = job.max_attempts, "run failed: max_attempts used up");
+                    warn!(run_id = %run_id, failures, max_attempts = job.max_attempts, "run failed: max_attempts used up");
                     ack(&acker, run_id).await;
                     release(shared, &key, run_id, revision).await;
                     return None;
@@ -166,6 +307,7 @@ async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Optio
 
         // Record the attempt in the lease; its new revision is the
         // attempt's fencing token.
+        let attempt = last.event.attempt.saturating_add(1);
         lease.attempt = attempt;
         revision = match lease::update(&shared.leases, &key, &lease, revision).await {
             Ok(revision) => revision,
@@ -203,12 +345,13 @@ async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Optio
             EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
-            return Some(Claim { job, acker, key, lease, revision, log, checkpoints });
+            return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
         }
         let first = if resume {
             EventBody::Resumed(RunResumed {
                 delivery: delivered,
                 steps_replayed: checkpoints.recorded_count(),
+                failures,
             })
         } else {
             EventBody::Started(RunStarted { delivery: delivered })
@@ -216,9 +359,16 @@ async fn claim(shared: &Shared, job: Job, acker: Acker, delivered: u64) -> Optio
         match log.append(first).await {
             Ok(_) => {
                 if resume {
-                    info!(run_id = %run_id, attempt, delivered, steps_replayed = checkpoints.recorded_count(), "run resumed");
+                    info!(run_id = %run_id, attempt, delivered, failures, steps_replayed = checkpoints.recorded_count(), "run resumed");
                 }
-                return Some(Claim { job, acker, key, lease, revision, log, checkpoints });
+                // Woken before its deadline (by a signal): its timer would
+                // only deliver a job to drop later.
+                if matches!(&last.event.body, EventBody::Waiting(w) if w.deadline_ms.is_some()) {
+                    if let Err(e) = wake::disarm(shared, run_id).await {
+                        debug!(run_id = %run_id, error = %e, "could not disarm the woken run's timer");
+                    }
+                }
+                return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
             }
             // An earlier attempt wrote after our read: if the lease is still
             // ours it has just not noticed yet; read again.
@@ -263,7 +413,7 @@ async fn held_delay(shared: &Shared, key: &str) -> Option<Duration> {
 
 /// The failure of a run that used up its attempts, saying how the last one
 /// ended.
-fn attempts_exhausted(job: &Job, last: &LastEvent) -> RunError {
+fn attempts_exhausted(job: &Job, last: &LastEvent, failures: u32) -> RunError {
     let how = match &last.event.body {
         EventBody::Retrying(retrying) => format!("the last one failed: {}", retrying.error.message),
         _ => {
@@ -272,14 +422,14 @@ fn attempts_exhausted(job: &Job, last: &LastEvent) -> RunError {
                 .worker_id
                 .as_ref()
                 .map_or_else(|| "a worker".to_owned(), |w| format!("worker {w}"));
-            format!("the last one (on {worker}) stopped without finishing: its worker crashed, lost the run's lease or was stopped")
+            format!("the last one (on {worker}) stopped without finishing: its worker crashed or lost the run's lease")
         }
     };
     RunError {
         code: ErrorCode::MaxAttemptsExceeded,
         message: format!(
-            "run {} used all {} of its attempts (max_attempts {}); {how}",
-            job.run_id, last.event.attempt, job.max_attempts
+            "run {} used all {failures} of its attempts (max_attempts {}); {how}",
+            job.run_id, job.max_attempts
         ),
     }
 }
@@ -288,22 +438,46 @@ fn attempts_exhausted(job: &Job, last: &LastEvent) -> RunError {
 enum Outcome {
     /// A terminal event was written.
     Terminal,
-    /// The run must stop without writing more: lease lost, handed off, a
-    /// write failed, or (with `run.retrying` written) retried later.
+    /// The agent parked on a wait: write `run.waiting`, arm its timer, ack.
+    Park(Park),
+    /// The worker is shutting down: write `run.handoff`, NAK without delay.
+    HandOff,
+    /// A retryable failure with attempts left: write `run.retrying`, arm a
+    /// timer for the backoff, ack.
+    Retry { error: RunError, delay: Duration },
+    /// The run must stop without writing more: the lease is lost, or a
+    /// write failed and the log's position is unknown.
     Interrupted(Option<Interruption>),
 }
 
+/// What stopped the agent's future.
+enum Ended {
+    /// The agent returned (or panicked).
+    Returned(Result<Result<Value, AgentError>, Box<dyn Any + Send>>),
+    /// The stop token fired: lease lost or hard hand-off.
+    Stopped,
+    /// A cancel request arrived.
+    Cancelled,
+}
+
 #[tracing::instrument(skip_all, fields(run_id = %claim.job.run_id, attempt = claim.lease.attempt))]
-async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
-    let Claim { job, acker, key, lease, revision, log, checkpoints } = claim;
+async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: Shutdown) {
+    let Claim { job, acker, key, lease, revision, log, checkpoints, failures } = claim;
     let run_id = job.run_id;
     let attempt = lease.attempt;
-    let stop = handoff.child_token();
+    let stop = shutdown.handoff.child_token();
     let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
 
-    let mut ctx = RunContext::new(log, checkpoints, job.agent.clone(), job.input.clone(), stop.clone());
-    let mut retry_in = None;
+    let parts = ContextParts {
+        log,
+        checkpoints,
+        signals: shared.signals.clone(),
+        names: shared.names.clone(),
+        stop: stop.clone(),
+        drain: shutdown.drain.child_token(),
+    };
+    let mut ctx = RunContext::new(parts, job.agent.clone(), job.input.clone());
 
     let outcome = match shared.agents.get(&job.agent).cloned() {
         None => {
@@ -323,140 +497,249 @@ async fn execute(shared: &Shared, claim: Claim, handoff: CancellationToken) {
         Some(_) if stop.is_cancelled() => Outcome::Interrupted(None),
         Some(agent) => {
             info!(run_id = %run_id, attempt, agent = %job.agent, steps_recorded = ctx.steps_recorded(), "run claimed");
-            let result = {
-                let run = AssertUnwindSafe(agent.run(&mut ctx, job.input)).catch_unwind();
+            let ended = if cancel.is_requested() {
+                Ended::Cancelled
+            } else {
+                let run = AssertUnwindSafe(agent.run(&mut ctx, job.input.clone())).catch_unwind();
                 tokio::select! {
                     biased;
-                    () = stop.cancelled() => None,
-                    result = run => Some(result),
+                    () = stop.cancelled() => Ended::Stopped,
+                    () = cancel.requested() => Ended::Cancelled,
+                    result = run => Ended::Returned(result),
                 }
             };
-            let fatal = ctx.fatal().cloned();
-            let log = ctx.log_mut();
-            match result {
-                None => Outcome::Interrupted(None),
-                Some(Ok(Err(AgentError::Interrupted(e)))) => Outcome::Interrupted(Some(e)),
-                // A divergence fails the run whatever the agent made of it.
-                Some(Ok(_)) if fatal.is_some() => {
-                    let (code, message) = fatal.unwrap_or((ErrorCode::Internal, String::new()));
-                    warn!(run_id = %run_id, attempt, %code, %message, "run failed");
-                    append_terminal(
-                        log,
-                        &stop,
-                        EventBody::Failed(RunFailed { error: RunError { code, message } }),
-                    )
-                    .await
-                }
-                Some(Ok(Ok(output))) => {
-                    info!(run_id = %run_id, attempt, "run completed");
-                    append_terminal(log, &stop, EventBody::Completed(RunCompleted { output })).await
-                }
-                Some(Ok(Err(e @ AgentError::Retryable { .. }))) if attempt < job.max_attempts => {
-                    let delay = retry_delay(shared, attempt);
-                    info!(run_id = %run_id, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "run attempt failed; retrying");
-                    let error = RunError { code: e.code(), message: e.to_string() };
-                    let body = EventBody::Retrying(RunRetrying {
-                        error,
-                        retry_in_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                    });
-                    match append_terminal(log, &stop, body).await {
-                        Outcome::Terminal => {
-                            retry_in = Some(delay);
-                            Outcome::Interrupted(None)
-                        }
-                        interrupted => interrupted,
-                    }
-                }
-                Some(Ok(Err(e))) => {
-                    info!(run_id = %run_id, attempt, code = %e.code(), error = %e, "run failed");
-                    let (code, message) = match &e {
-                        AgentError::Retryable { .. } => (
-                            ErrorCode::MaxAttemptsExceeded,
-                            format!(
-                                "run {run_id} used all {attempt} of its attempts (max_attempts {}); the last one failed: {e}",
-                                job.max_attempts
-                            ),
-                        ),
-                        _ => (e.code(), e.to_string()),
-                    };
-                    append_terminal(
-                        log,
-                        &stop,
-                        EventBody::Failed(RunFailed { error: RunError { code, message } }),
-                    )
-                    .await
-                }
-                Some(Err(panic)) => {
-                    let message = format!("agent {} panicked: {}", job.agent, panic_message(&*panic));
-                    error!(run_id = %run_id, attempt, agent = %job.agent, %message, "agent panicked; run failed");
-                    let body = EventBody::Failed(RunFailed {
-                        error: RunError { code: ErrorCode::AgentPanicked, message },
-                    });
-                    append_terminal(log, &stop, body).await
-                }
-            }
+            outcome_of(shared, &job, attempt, failures, &mut ctx, &stop, cancel, ended).await
         }
     };
+    settle(shared, &job, &held, &mut ctx, failures, outcome, &shutdown).await;
+}
 
-    match outcome {
-        Outcome::Terminal => {
-            // Terminal event first, then the job, then the lease: a crash in
-            // between leaves a terminal run whose next claimant only acks.
-            let revision = held.finish().await;
-            ack(&held.acker, run_id).await;
-            if let Some(revision) = revision {
-                release(shared, &held.key, run_id, revision).await;
-            }
+/// Turns how the agent ended into an outcome, writing the terminal event
+/// if there is one.
+#[allow(clippy::too_many_arguments)]
+async fn outcome_of(
+    shared: &Shared,
+    job: &Job,
+    attempt: u32,
+    failures: u32,
+    ctx: &mut RunContext,
+    stop: &CancellationToken,
+    cancel: &CancelSlot,
+    ended: Ended,
+) -> Outcome {
+    let run_id = job.run_id;
+    let fatal = ctx.fatal().cloned();
+    let parked = ctx.parked().cloned();
+    let log = ctx.log_mut();
+    match ended {
+        Ended::Stopped => Outcome::Interrupted(None),
+        Ended::Cancelled => {
+            // The agent's future is dropped: no further step starts.
+            let reason = cancel.request().and_then(|r| r.reason);
+            info!(run_id = %run_id, attempt, ?reason, "run cancelled");
+            append_terminal(log, stop, EventBody::Cancelled(RunCancelled { reason })).await
         }
-        Outcome::Interrupted(error) => {
-            // After `finish` the heartbeat no longer renews the lease, so
-            // whether it found the lease lost is settled. The logs remember a
-            // refused write even if the agent swallowed the error and went
-            // on to return something else.
-            let revision = held.finish().await;
-            let refused = ctx.is_lost() || error.as_ref().is_some_and(|e| e.is_lease_lost());
-            if refused || held.is_lost() {
-                // Someone else owns the run now: write nothing, leave the job
-                // and the lease to their new owner (or to redelivery).
-                held.mark_lost();
-                if refused {
-                    warn!(run_id = %run_id, attempt, "lease lost: the server refused a write (a newer attempt owns the run); run stopped without writing more");
-                } else {
-                    warn!(run_id = %run_id, attempt, "lease lost: the heartbeat found the lease changed; run stopped without writing more");
-                }
-            } else {
-                // A retry after backoff, a hand-off (shutdown) or an unknown
-                // log position (publish failure): release and let another
-                // attempt continue.
-                let delay = match retry_in {
-                    Some(delay) => Some(delay),
-                    None if handoff.is_cancelled() => None,
-                    None => Some(shared.config.lease_held_delay),
-                };
-                match &error {
-                    Some(e) => {
-                        warn!(run_id = %run_id, attempt, error = %e, "run interrupted; lease released, job nak'd")
-                    }
-                    None if retry_in.is_some() => {}
-                    None => {
-                        info!(run_id = %run_id, attempt, "run handed off at shutdown; lease released, job nak'd")
-                    }
-                }
-                if let Some(revision) = revision {
-                    release(shared, &held.key, run_id, revision).await;
-                }
-                nak(&held.acker, run_id, delay).await;
-            }
+        Ended::Returned(Ok(Err(AgentError::Interrupted(Interruption::HandedOff)))) => Outcome::HandOff,
+        // A divergence fails the run whatever the agent made of it.
+        Ended::Returned(Ok(_)) if fatal.is_some() => {
+            let (code, message) = fatal.unwrap_or((ErrorCode::Internal, String::new()));
+            warn!(run_id = %run_id, attempt, %code, %message, "run failed");
+            append_terminal(log, stop, EventBody::Failed(RunFailed { error: RunError { code, message } }))
+                .await
+        }
+        // Parked, whatever the agent returned after the wait told it to.
+        Ended::Returned(Ok(_)) if parked.is_some() => match parked {
+            Some(park) => Outcome::Park(park),
+            None => Outcome::Interrupted(None),
+        },
+        Ended::Returned(Ok(Err(AgentError::Interrupted(e)))) => Outcome::Interrupted(Some(e)),
+        Ended::Returned(Ok(Ok(output))) => {
+            info!(run_id = %run_id, attempt, "run completed");
+            append_terminal(log, stop, EventBody::Completed(RunCompleted { output })).await
+        }
+        Ended::Returned(Ok(Err(e @ AgentError::Retryable { .. })))
+            if failures.saturating_add(1) < job.max_attempts =>
+        {
+            let delay = retry_delay(shared, failures.saturating_add(1));
+            info!(run_id = %run_id, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "run attempt failed; retrying");
+            Outcome::Retry { error: RunError { code: e.code(), message: e.to_string() }, delay }
+        }
+        Ended::Returned(Ok(Err(e))) => {
+            info!(run_id = %run_id, attempt, code = %e.code(), error = %e, "run failed");
+            let (code, message) = match &e {
+                AgentError::Retryable { .. } => (
+                    ErrorCode::MaxAttemptsExceeded,
+                    format!(
+                        "run {run_id} used all {} of its attempts (max_attempts {}); the last one failed: {e}",
+                        failures.saturating_add(1),
+                        job.max_attempts
+                    ),
+                ),
+                _ => (e.code(), e.to_string()),
+            };
+            append_terminal(log, stop, EventBody::Failed(RunFailed { error: RunError { code, message } }))
+                .await
+        }
+        Ended::Returned(Err(panic)) => {
+            let message = format!("agent {} panicked: {}", job.agent, panic_message(&*panic));
+            error!(run_id = %run_id, attempt, agent = %job.agent, %message, "agent panicked; run failed");
+            let body =
+                EventBody::Failed(RunFailed { error: RunError { code: ErrorCode::AgentPanicked, message } });
+            append_terminal(log, stop, body).await
         }
     }
 }
 
-/// The delay before attempt `attempt + 1` of a run whose attempt failed
+/// Settles the job and the lease after an attempt: ack or NAK, release,
+/// and for parked and retried runs the event and timer that wake them.
+async fn settle(
+    shared: &Shared,
+    job: &Job,
+    held: &Arc<Held>,
+    ctx: &mut RunContext,
+    failures: u32,
+    outcome: Outcome,
+    shutdown: &Shutdown,
+) {
+    let run_id = job.run_id;
+    let attempt = ctx.attempt();
+    // A hard hand-off stops the agent through the stop token: with the
+    // lease still ours that is a hand-off, not an interruption.
+    let outcome = match outcome {
+        Outcome::Interrupted(None)
+            if shutdown.handoff.is_cancelled() && !held.is_lost() && !ctx.is_lost() =>
+        {
+            Outcome::HandOff
+        }
+        outcome => outcome,
+    };
+    // After `finish` the heartbeat no longer renews the lease, so whether it
+    // found the lease lost is settled.
+    let revision = held.finish().await;
+    let refused = ctx.is_lost() || matches!(&outcome, Outcome::Interrupted(Some(e)) if e.is_lease_lost());
+    if refused || held.is_lost() {
+        // Someone else owns the run now: write nothing, leave the job and
+        // the lease to their new owner (or to redelivery). The logs remember
+        // a refused write even if the agent swallowed the error.
+        held.mark_lost();
+        if refused {
+            warn!(run_id = %run_id, attempt, "lease lost: the server refused a write (a newer attempt owns the run); run stopped without writing more");
+        } else {
+            warn!(run_id = %run_id, attempt, "lease lost: the heartbeat found the lease changed; run stopped without writing more");
+        }
+        return;
+    }
+    let release_lease = || async {
+        if let Some(revision) = revision {
+            release(shared, &held.key, run_id, revision).await;
+        }
+    };
+    let log = ctx.log_mut();
+    match outcome {
+        Outcome::Terminal => {
+            // Terminal event first, then the job, then the lease: a crash in
+            // between leaves a terminal run whose next claimant only acks.
+            ack(&held.acker, run_id).await;
+            release_lease().await;
+        }
+        Outcome::Park(park) => {
+            let waiting = RunWaiting { key: park.key.clone(), deadline_ms: park.deadline_ms, failures };
+            let seq = match log.append(EventBody::Waiting(waiting)).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await
+                }
+            };
+            // Arm the timer before the job is acked: if this worker dies in
+            // between, the job is redelivered and its claimant arms it.
+            if let Some(deadline_ms) = park.deadline_ms {
+                if let Err(e) = wake::arm(shared, job, deadline_ms).await {
+                    warn!(run_id = %run_id, error = %e, "could not arm the timer of a parked run; job nak'd so another claim arms it");
+                    release_lease().await;
+                    nak(&held.acker, run_id, Some(shared.config.lease_held_delay)).await;
+                    return;
+                }
+            }
+            // A signal that arrived while we parked found the run not yet
+            // waiting: wake it ourselves (the coordinator uses the same
+            // message id, so the wake is stored once).
+            if let Some(key) = &park.key {
+                match wake::signal_arrived(shared, run_id, key).await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Err(e) = wake::dispatch(shared, job, seq).await {
+                            warn!(run_id = %run_id, error = %e, "could not wake a run whose signal arrived; job nak'd instead");
+                            release_lease().await;
+                            nak(&held.acker, run_id, None).await;
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(run_id = %run_id, error = %e, "could not re-check the awaited signal; the recovery loop will")
+                    }
+                }
+            }
+            info!(run_id = %run_id, attempt, key = ?park.key, deadline_ms = ?park.deadline_ms, "run waiting; lease released, slot freed");
+            ack(&held.acker, run_id).await;
+            release_lease().await;
+        }
+        Outcome::Retry { error, delay } => {
+            let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            let body =
+                EventBody::Retrying(RunRetrying { error, retry_in_ms, failures: failures.saturating_add(1) });
+            if let Err(e) = log.append(body).await {
+                return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await;
+            }
+            let due = time::now_ms().saturating_add(i64::try_from(retry_in_ms).unwrap_or(i64::MAX));
+            match wake::arm(shared, job, due).await {
+                Ok(()) => ack(&held.acker, run_id).await,
+                Err(e) => {
+                    warn!(run_id = %run_id, error = %e, "could not arm the retry timer; job nak'd with the backoff instead");
+                    nak(&held.acker, run_id, Some(delay)).await;
+                }
+            }
+            release_lease().await;
+        }
+        Outcome::HandOff => {
+            if let Err(e) = log.append(EventBody::Handoff(RunHandoff { failures })).await {
+                return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await;
+            }
+            info!(run_id = %run_id, attempt, "run handed off at shutdown; lease released, job nak'd for immediate redelivery");
+            // The lease first, so the next claimant finds it free.
+            release_lease().await;
+            nak(&held.acker, run_id, None).await;
+        }
+        Outcome::Interrupted(error) => interrupted(shared, held, run_id, attempt, error, release_lease).await,
+    }
+}
+
+/// An attempt that cannot go on (its log's position is unknown): release
+/// and let another attempt continue after a short delay.
+async fn interrupted<F, Fut>(
+    shared: &Shared,
+    held: &Held,
+    run_id: RunId,
+    attempt: u32,
+    error: Option<Interruption>,
+    release_lease: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    match &error {
+        Some(e) => warn!(run_id = %run_id, attempt, error = %e, "run interrupted; lease released, job nak'd"),
+        None => info!(run_id = %run_id, attempt, "run stopped; lease released, job nak'd"),
+    }
+    release_lease().await;
+    nak(&held.acker, run_id, Some(shared.config.lease_held_delay)).await;
+}
+
+/// The delay before attempt `failures + 1` of a run whose attempt failed
 /// with a retryable error: exponential from `retry_backoff_min`, capped.
-fn retry_delay(shared: &Shared, attempt: u32) -> Duration {
+fn retry_delay(shared: &Shared, failures: u32) -> Duration {
     let min = shared.config.retry_backoff_min;
     let max = shared.config.retry_backoff_max.max(min);
-    min.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max)
+    min.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(max)
 }
 
 async fn append_terminal(log: &mut EventLog, stop: &CancellationToken, body: EventBody) -> Outcome {

@@ -12,13 +12,15 @@
 //! them again.
 
 mod step;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use async_nats::jetstream::kv;
 use runfleet_protocol::event::{AgentEvent, EventBody};
-use runfleet_protocol::{AgentName, ErrorCode, RunId, TenantId, WorkerId};
+use runfleet_protocol::{AgentName, ErrorCode, Names, RunId, TenantId, WorkerId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +29,8 @@ use crate::runtime::events::{self, EventLog};
 
 pub use async_trait::async_trait;
 pub use step::{StepContext, StepError, StepOptions};
+pub(crate) use wait::Park;
+pub use wait::{Approval, ApprovalRequest};
 
 /// Agent code: one invocation per run attempt.
 ///
@@ -132,9 +136,20 @@ pub enum Interruption {
     Events(#[from] events::Error),
     #[error(transparent)]
     Checkpoints(#[from] checkpoints::Error),
-    /// The lease was lost or the run is being handed off.
-    #[error("the run is being stopped (lease lost or handed off)")]
+    /// The lease was lost, the run was cancelled or it is being handed off.
+    #[error("the run is being stopped (lease lost, cancelled or handed off)")]
     Stopped,
+    /// The worker is shutting down: the run is handed off to another worker
+    /// at this step boundary (the steps so far are checkpointed).
+    #[error("the worker is shutting down; the run is handed off at this step boundary")]
+    HandedOff,
+    /// The run waits for a signal or a timer: the runtime parks it (no
+    /// slot, no lease) and it resumes on any worker when woken.
+    #[error("the run is waiting for a signal or a timer")]
+    Waiting,
+    /// The run's signals could not be read.
+    #[error("signal {key} could not be read: {message}")]
+    Signals { key: String, message: String },
 }
 
 impl Interruption {
@@ -143,7 +158,7 @@ impl Interruption {
         match self {
             Self::Events(e) => e.is_lease_lost(),
             Self::Checkpoints(e) => e.is_lease_lost(),
-            Self::Stopped => false,
+            Self::Stopped | Self::HandedOff | Self::Waiting | Self::Signals { .. } => false,
         }
     }
 }
@@ -193,9 +208,16 @@ impl AgentError {
 pub struct RunContext {
     log: EventLog,
     checkpoints: CheckpointLog,
+    /// The signals bucket and the names to read it with.
+    signals: kv::Store,
+    names: Names,
     agent: AgentName,
     input: Value,
     stop: CancellationToken,
+    /// Cancelled when the worker drains: no new step starts.
+    drain: CancellationToken,
+    /// Set when the run parked on a wait (see [`RunContext::await_signal`]).
+    parked: Option<Park>,
     /// The position of the next step.
     next_step: u32,
     /// Set when the run must fail whatever the agent returns (divergence).
@@ -213,14 +235,26 @@ impl fmt::Debug for RunContext {
 }
 
 impl RunContext {
-    pub(crate) fn new(
-        log: EventLog,
-        checkpoints: CheckpointLog,
-        agent: AgentName,
-        input: Value,
-        stop: CancellationToken,
-    ) -> Self {
-        Self { log, checkpoints, agent, input, stop, next_step: 0, fatal: None }
+    pub(crate) fn new(parts: ContextParts, agent: AgentName, input: Value) -> Self {
+        let ContextParts { log, checkpoints, signals, names, stop, drain } = parts;
+        Self {
+            log,
+            checkpoints,
+            signals,
+            names,
+            agent,
+            input,
+            stop,
+            drain,
+            parked: None,
+            next_step: 0,
+            fatal: None,
+        }
+    }
+
+    /// What the run parked on, if it did.
+    pub(crate) fn parked(&self) -> Option<&Park> {
+        self.parked.as_ref()
     }
 
     pub(crate) fn log_mut(&mut self) -> &mut EventLog {
@@ -291,6 +325,9 @@ impl RunContext {
     /// Appends one event unless the run is being stopped. A refusal stops
     /// the run at once, even if the agent swallows the error.
     async fn append(&mut self, body: EventBody) -> Result<(), AgentError> {
+        if self.parked.is_some() {
+            return Err(AgentError::Interrupted(Interruption::Waiting));
+        }
         if self.stop.is_cancelled() {
             self.log.close();
             return Err(AgentError::Interrupted(Interruption::Stopped));
@@ -322,6 +359,19 @@ impl RunContext {
     pub fn worker_id(&self) -> &WorkerId {
         self.log.worker_id()
     }
+}
+
+/// What the runtime hands a [`RunContext`]: the attempt's fenced logs, the
+/// signals bucket and its stop tokens.
+pub(crate) struct ContextParts {
+    pub log: EventLog,
+    pub checkpoints: CheckpointLog,
+    pub signals: kv::Store,
+    pub names: Names,
+    /// Stops the run at once (lease lost, cancelled, hard hand-off).
+    pub stop: CancellationToken,
+    /// Stops the run at its next step boundary (drain).
+    pub drain: CancellationToken,
 }
 
 /// A registry of agents by name, handed to [`crate::Worker::start`].

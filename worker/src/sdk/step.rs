@@ -256,6 +256,9 @@ impl RunContext {
         if let Some((code, message)) = &self.fatal {
             return Err(fatal_error(*code, message.clone()));
         }
+        if self.parked.is_some() {
+            return Err(AgentError::Interrupted(Interruption::Waiting));
+        }
         if self.stop.is_cancelled() {
             return Err(AgentError::Interrupted(Interruption::Stopped));
         }
@@ -287,6 +290,11 @@ impl RunContext {
             });
         }
 
+        // A step boundary: a draining worker hands the run off here rather
+        // than start work another worker would have to redo.
+        if self.drain.is_cancelled() {
+            return Err(AgentError::Interrupted(Interruption::HandedOff));
+        }
         let mut delays = options.delays();
         let mut attempt = 1;
         loop {
