@@ -6,7 +6,8 @@ mod harness;
 use runfleet_coordinator::registry::Registry;
 use runfleet_protocol::api::{ListFilter, RunView};
 use runfleet_protocol::event::{
-    AgentEvent, Event, EventBody, RunCompleted, RunCreated, RunError, RunFailed, RunStarted,
+    AgentEvent, Event, EventBody, RunCancelled, RunCompleted, RunCreated, RunError, RunFailed, RunStarted,
+    RunWaiting,
 };
 use runfleet_protocol::{AgentName, ErrorCode, QueueName, RunId, RunState, TenantId, WorkerId};
 use serde_json::json;
@@ -46,6 +47,7 @@ registry_suite!(
     replay_is_idempotent,
     out_of_order_delivery_converges,
     tenants_are_isolated,
+    stale_runs_pages_non_terminal_rows_older_than_the_cut,
 );
 
 async fn connect(db: &TestDb) -> Registry {
@@ -365,4 +367,36 @@ async fn concurrent_connects_migrate_once_sqlite() {
 #[tokio::test]
 async fn concurrent_connects_migrate_once_postgres() {
     concurrent_connects_migrate_once(&TestDb::postgres().await).await;
+}
+
+/// `stale_runs` (the recovery loop's query): only non-terminal rows not
+/// updated since the cut, across tenants, paged by run id.
+async fn stale_runs_pages_non_terminal_rows_older_than_the_cut(registry: &Registry) {
+    let acme = tenant("acme");
+    let at = |mut event: Event, ts_ms: i64| {
+        event.ts_ms = ts_ms;
+        event
+    };
+    let mut runs: Vec<RunId> = (0..5).map(|_| RunId::generate()).collect();
+    runs.sort();
+    let mut events: Vec<Event> =
+        runs.iter().map(|run| at(created(&acme, *run, "echo", "default"), 1_000)).collect();
+    // runs[1] waits, runs[2] is cancelled, runs[3] moved after the cut.
+    let waiting = EventBody::Waiting(RunWaiting { key: None, deadline_ms: Some(5), failures: 0 });
+    events.push(at(next(&events[1], waiting), 1_100));
+    events.push(at(next(&events[2], EventBody::Cancelled(RunCancelled { reason: None })), 1_100));
+    events.push(at(next(&events[3], EventBody::Started(RunStarted { delivery: 1 })), 9_000));
+    apply(registry, &events).await;
+
+    let all = registry.stale_runs(5_000, None, 100).await.unwrap_or_else(|e| panic!("stale_runs: {e}"));
+    let ids: Vec<RunId> = all.iter().map(|r| r.run_id).collect();
+    assert_eq!(ids, vec![runs[0], runs[1], runs[4]]);
+    assert_eq!(all[1].state, RunState::Waiting);
+    assert_eq!(all[1].tenant, acme);
+
+    let first = registry.stale_runs(5_000, None, 2).await.unwrap_or_else(|e| panic!("stale_runs: {e}"));
+    assert_eq!(first.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![runs[0], runs[1]]);
+    let rest =
+        registry.stale_runs(5_000, Some(runs[1]), 2).await.unwrap_or_else(|e| panic!("stale_runs: {e}"));
+    assert_eq!(rest.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![runs[4]]);
 }

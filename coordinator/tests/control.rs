@@ -7,10 +7,6 @@
 #[path = "../../tests/harness/nats.rs"]
 mod nats;
 
-#[allow(dead_code)]
-#[path = "../../tests/harness/db.rs"]
-mod db;
-
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -18,14 +14,13 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use nats::NatsServer;
-use runfleet_coordinator::registry::Registry;
 use runfleet_coordinator::{Coordinator, CoordinatorConfig};
 use runfleet_protocol::api::{
     CancelRequest, CancelResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SignalRequest,
     SignalResponse, SubmitRequest, SubmitResponse,
 };
 use runfleet_protocol::control::CancelRecord;
-use runfleet_protocol::event::{Event, EventBody, RunCreated, RunStarted, RunWaiting};
+use runfleet_protocol::event::{Event, EventBody, RunStarted, RunWaiting};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::names::{
@@ -700,77 +695,4 @@ async fn jobs_past_max_deliveries_are_redispatched() {
     .await;
     assert_eq!(f.count(&f.job_subject(run)).await, 1);
     f.stop().await;
-}
-
-// ---- registry ----
-
-/// `stale_runs` on one backend: only non-terminal rows older than the cut,
-/// paged by run id.
-async fn stale_runs_suite(url: &str) {
-    let registry = ok(Registry::connect(url).await);
-    let tenant = ok(TenantId::new(TENANT));
-    let created = |run_id: RunId, ts_ms: i64| Event {
-        run_id,
-        tenant: tenant.clone(),
-        seq: 1,
-        ts_ms,
-        attempt: 0,
-        worker_id: None,
-        body: EventBody::Created(RunCreated {
-            agent: ok(AgentName::new("echo")),
-            queue: QueueName::default_queue(),
-            priority: 2,
-            input: json!(null),
-            max_attempts: 3,
-            idempotency_key: None,
-        }),
-    };
-    let mut runs: Vec<RunId> = (0..5).map(|_| RunId::generate()).collect();
-    runs.sort();
-    let mut events: Vec<Event> = runs.iter().map(|run| created(*run, 1_000)).collect();
-    // runs[1] is waiting, runs[2] cancelled, runs[3] too recent.
-    events.push(Event {
-        seq: 2,
-        ts_ms: 1_100,
-        body: EventBody::Waiting(RunWaiting { key: None, deadline_ms: Some(5), failures: 0 }),
-        ..created(runs[1], 0)
-    });
-    events.push(Event {
-        seq: 2,
-        ts_ms: 1_100,
-        body: EventBody::Cancelled(runfleet_protocol::event::RunCancelled { reason: None }),
-        ..created(runs[2], 0)
-    });
-    events.push(Event {
-        seq: 2,
-        ts_ms: 9_000,
-        body: EventBody::Started(RunStarted { delivery: 1 }),
-        ..created(runs[3], 0)
-    });
-    ok(registry.apply(&events).await);
-
-    let all = ok(registry.stale_runs(5_000, None, 100).await);
-    let ids: Vec<RunId> = all.iter().map(|r| r.run_id).collect();
-    assert_eq!(ids, vec![runs[0], runs[1], runs[4]]);
-    assert_eq!(all[1].state, RunState::Waiting);
-    assert_eq!(all[1].tenant, tenant);
-
-    let first = ok(registry.stale_runs(5_000, None, 2).await);
-    assert_eq!(first.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![runs[0], runs[1]]);
-    let rest = ok(registry.stale_runs(5_000, Some(runs[1]), 2).await);
-    assert_eq!(rest.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![runs[4]]);
-    registry.close().await;
-}
-
-#[tokio::test]
-async fn stale_runs_sqlite() {
-    let db = db::TestDb::sqlite();
-    stale_runs_suite(&db.url).await;
-}
-
-#[tokio::test]
-#[ignore = "needs RUNFLEET_TEST_POSTGRES_URL (scripts/postgres.sh start)"]
-async fn stale_runs_postgres() {
-    let db = db::TestDb::postgres().await;
-    stale_runs_suite(&db.url).await;
 }

@@ -72,17 +72,15 @@ impl Api {
         Ok(SignalResponse { run_id: run, key, created, woke, state })
     }
 
-    /// Dispatches the wake job of a run parked by its last event. A job
-    /// already queued for the run wakes it as well, so none is added then;
-    /// otherwise the job goes out under the wake message id the worker uses
-    /// too. Returns whether the run is woken (by this request or a peer).
+    /// Dispatches the wake job of a run parked by its last event, under the
+    /// wake message id the worker uses too. Published even when a job for
+    /// the run is already queued: that job may be an early one a worker is
+    /// about to drop (it read the signal before it was stored), and a
+    /// duplicate wake is harmless (its claimant finds the run running or
+    /// terminal, or the wait over and the run already resumed).
     async fn wake(&self, facts: &RunFacts) -> Result<bool, ApiError> {
-        let runs = &self.inner.runs;
-        if runs.job_present(&facts.job).await.map_err(runs_error)? {
-            return Ok(true);
-        }
         let msg_id = self.inner.names.wake_msg_id(facts.job.run_id, facts.last.event.seq);
-        runs.publish_job(&facts.job, &msg_id).await.map_err(runs_error)?;
+        self.inner.runs.publish_job(&facts.job, &msg_id).await.map_err(runs_error)?;
         Ok(true)
     }
 
