@@ -154,8 +154,14 @@ async fn claim(
         Ok(revision) => revision,
         Err(lease::Error::Held { .. }) => {
             // Come back when the holder's lease would have expired, so a
-            // crashed holder's run fails over within about one lease TTL.
-            let delay = held_delay(shared, &key).await.unwrap_or(delay);
+            // crashed holder's run fails over within about one lease TTL;
+            // but soon if the holder is letting go (it just parked or handed
+            // off the run, and a wake raced its release).
+            let delay = if letting_go(shared, &job).await {
+                MIN_HELD_DELAY
+            } else {
+                held_delay(shared, &key).await.unwrap_or(delay)
+            };
             debug!(run_id = %run_id, delivered, delay_ms = delay.as_millis() as u64, "run leased by another worker; job nak'd with delay");
             nak(&acker, run_id, Some(delay)).await;
             return None;
@@ -363,7 +369,8 @@ async fn claim(
                 }
                 // Woken before its deadline (by a signal): its timer would
                 // only deliver a job to drop later.
-                if matches!(&last.event.body, EventBody::Waiting(w) if w.deadline_ms.is_some()) {
+                if matches!(&last.event.body, EventBody::Waiting(w) if w.deadline_ms.is_some_and(|d| d > time::now_ms()))
+                {
                     if let Err(e) = wake::disarm(shared, run_id).await {
                         debug!(run_id = %run_id, error = %e, "could not disarm the woken run's timer");
                     }
@@ -399,6 +406,16 @@ async fn still_ours(shared: &Shared, key: &str, lease: &Lease, revision: u64) ->
             warn!(run_id = %lease.run_id, error = %e, "lease not ours any more while claiming; run left alone");
             None
         }
+    }
+}
+
+/// Whether the run's last event ends an attempt without ending the run
+/// (`run.waiting`, `run.handoff`, `run.retrying`): its lease holder is
+/// about to release it.
+async fn letting_go(shared: &Shared, job: &Job) -> bool {
+    match events::read_last(&shared.events, &shared.names, &job.tenant, job.run_id).await {
+        Ok(Some(last)) => last.event.body.failures().is_some(),
+        _ => false,
     }
 }
 
@@ -650,12 +667,14 @@ async fn settle(
                     return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await
                 }
             };
+            // The lease first: a wake job claimed at once (the signal came
+            // while we parked) must find the run free.
+            release_lease().await;
             // Arm the timer before the job is acked: if this worker dies in
             // between, the job is redelivered and its claimant arms it.
             if let Some(deadline_ms) = park.deadline_ms {
                 if let Err(e) = wake::arm(shared, job, deadline_ms).await {
                     warn!(run_id = %run_id, error = %e, "could not arm the timer of a parked run; job nak'd so another claim arms it");
-                    release_lease().await;
                     nak(&held.acker, run_id, Some(shared.config.lease_held_delay)).await;
                     return;
                 }
@@ -669,7 +688,6 @@ async fn settle(
                     Ok(true) => {
                         if let Err(e) = wake::dispatch(shared, job, seq).await {
                             warn!(run_id = %run_id, error = %e, "could not wake a run whose signal arrived; job nak'd instead");
-                            release_lease().await;
                             nak(&held.acker, run_id, None).await;
                             return;
                         }
@@ -681,7 +699,6 @@ async fn settle(
             }
             info!(run_id = %run_id, attempt, key = ?park.key, deadline_ms = ?park.deadline_ms, "run waiting; lease released, slot freed");
             ack(&held.acker, run_id).await;
-            release_lease().await;
         }
         Outcome::Retry { error, delay } => {
             let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
