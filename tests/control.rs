@@ -409,3 +409,44 @@ async fn recovery_redispatches_a_purged_job() {
     assert_ended(run, &events, RunState::Completed);
     assert_eq!(output(&events), Some(json!({ "recovered": true })));
 }
+
+/// Bad signals and decisions are refused with an error naming the problem,
+/// and a decision the agent cannot read fails the run with `invalid_input`
+/// instead of being taken as some decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_signals_and_decisions_get_clear_errors() {
+    let fleet = fleet(FleetOptions { workers: 1, slots: 2, ..Default::default() }).await;
+    let run = submit(&fleet, "approval", json!({ "action": "deploy" })).await;
+    wait_for(&fleet, run, "the run to wait for approval", is_waiting).await;
+    let id = run.to_string();
+
+    let stderr = |out: std::process::Output| {
+        assert!(!out.status.success(), "must fail: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let bad_key = stderr(fleet.cli(&["signal", &id, "no spaces", "--payload", "1"]));
+    assert!(bad_key.contains("key"), "{bad_key}");
+    let bad_json = stderr(fleet.cli(&["signal", &id, "approval-0", "--payload", "{not json"]));
+    assert!(bad_json.contains("payload") || bad_json.contains("JSON"), "{bad_json}");
+    let unknown = stderr(fleet.cli(&["signal", &RunId::generate().to_string(), "k", "--payload", "1"]));
+    assert!(unknown.contains("not_found") || unknown.contains("not found"), "{unknown}");
+    let done = submit(&fleet, "echo", json!(1)).await;
+    wait_for(&fleet, done, "the echo run to complete", is_terminal).await;
+    let no_request = stderr(fleet.cli(&["approve", &done.to_string()]));
+    assert!(no_request.contains("approval"), "{no_request}");
+
+    // Nothing above touched the waiting run.
+    assert!(is_waiting(&events(&fleet, run).await));
+    cli_ok(&fleet, &["signal", &id, "approval-0", "--payload", r#"{"decision": "maybe"}"#]);
+    let log = wait_for(&fleet, run, "the run to fail on the unreadable decision", is_terminal).await;
+    assert_ended(run, &log, RunState::Failed);
+    let error = log
+        .iter()
+        .find_map(|e| match &e.body {
+            EventBody::Failed(failed) => Some(failed.error.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no run.failed: {log:#?}"));
+    assert_eq!(error.code, runfleet_protocol::ErrorCode::InvalidInput, "{error:?}");
+    assert!(error.message.contains("decision"), "{error:?}");
+}
