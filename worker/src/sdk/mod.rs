@@ -52,9 +52,17 @@ pub use wait::{Approval, ApprovalRequest};
 /// run twice.
 ///
 /// **Cancellation:** the returned future is dropped at an `.await` point when
-/// the worker loses the run's lease or hands the run off at shutdown, so agent
-/// code must tolerate being stopped between any two awaits (use
-/// [`RunContext::cancelled`] to clean up first).
+/// the run is cancelled (`runfleet cancel`), when the worker loses the run's
+/// lease, or when a draining worker's hand-off timeout is over, so agent
+/// code must tolerate being stopped between any two awaits. A draining
+/// worker first asks nicely: the next [`RunContext::step`] returns
+/// [`AgentError::Interrupted`] and the run is handed off at that boundary.
+///
+/// **Waiting:** [`RunContext::await_signal`], [`RunContext::approval`] and
+/// [`RunContext::sleep`] park the run when they cannot return at once: they
+/// return [`AgentError::Interrupted`], which the agent returns (`?`), and a
+/// later attempt gets past them. The run holds no slot and no lease while it
+/// waits.
 ///
 /// # Example
 ///
@@ -343,9 +351,11 @@ impl RunContext {
         }
     }
 
-    /// Completes when the run is being stopped (lease lost, or handed off at
-    /// shutdown). Cancellation safe. The runtime drops the agent's future
-    /// shortly after, so use this only for quick cleanup.
+    /// Completes when the run is being stopped at once (lease lost, or the
+    /// hand-off timeout of a draining worker is over). Cancellation safe.
+    /// The runtime drops the agent's future shortly after, so use this only
+    /// for quick cleanup. A cancelled run's future is dropped without
+    /// notice.
     pub async fn cancelled(&self) {
         self.stop.cancelled().await;
     }
