@@ -2,7 +2,9 @@
 # The runfleet demo: installs nats-server if missing, builds runfleet, starts
 # `runfleet dev` (a child nats-server, a coordinator on SQLite, 2 workers with
 # 2 slots each), submits runs of mixed priority, shows one streaming and all
-# finishing in priority order, then stops the fleet.
+# finishing in priority order, then runs an approval round trip (a run that
+# waits for a person without holding a slot, approved with `runfleet
+# approve`), then stops the fleet.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -65,4 +67,34 @@ print(started["ts_ms"], "band", created["data"]["priority"], created["data"]["in
 done | sort -n | awk '{print "  " $2 " " $3 "  " $4}'
 echo "==> a run that waits and fails: runfleet submit --agent fail --wait"
 "$RF" submit --agent fail --input '{"message": "tool call rejected"}' --wait || echo "(exit status $? — failed runs exit non-zero)"
+
+state_of() { "$RF" get "$1" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])'; }
+# Polls (at most ~20 s) until run $1 is in state $2.
+wait_state() {
+  for _ in $(seq 1 200); do
+    [ "$(state_of "$1")" = "$2" ] && return 0
+    sleep 0.1
+  done
+  echo "run $1 did not reach state $2 (it is $(state_of "$1"))" >&2
+  return 1
+}
+echo "==> an approval round trip: runfleet submit --agent approval --input '{\"action\": \"deploy\"}'"
+approval="$("$RF" submit --agent approval --input '{"action": "deploy"}')"
+echo "$approval"
+wait_state "$approval" waiting
+echo "==> runfleet get $approval   (waiting for a person: no lease, no job, no worker slot)"
+"$RF" get "$approval"
+# `approve` finds the key of the run's approval request in the registry,
+# which may lag the run by a moment: wait until it lists the run as waiting.
+for _ in $(seq 1 100); do
+  "$RF" list --state waiting --agent approval --json | grep -q "$approval" && break
+  sleep 0.1
+done
+echo "==> runfleet approve $approval"
+"$RF" approve "$approval"
+wait_state "$approval" completed
+echo "==> runfleet watch $approval   (the whole round trip: request, wait, resume on any worker, completion)"
+"$RF" watch "$approval"
+echo "==> runfleet get $approval"
+"$RF" get "$approval"
 echo "==> done; stopping runfleet dev"

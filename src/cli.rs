@@ -307,10 +307,14 @@ fn describe_event(event: &Event) -> String {
 
 fn describe_run(run: &RunView) -> String {
     let mut line = format!(
-        "{}  {:<9}  agent={} queue={} p{} attempt={}/{}",
+        "{}  {:<9}  agent={} queue={} p{} attempt={} max_attempts={}",
         run.run_id, run.state, run.agent, run.queue, run.priority, run.attempt, run.max_attempts
     );
-    if let Some(worker) = &run.worker_id {
+    // A queued or waiting run is held by no worker, whoever wrote its last
+    // event.
+    if let Some(worker) =
+        run.worker_id.as_ref().filter(|_| !matches!(run.state, RunState::Queued | RunState::Waiting))
+    {
         line.push_str(&format!(" worker={worker}"));
     }
     if let Some(output) = &run.output {
@@ -469,6 +473,29 @@ pub async fn reject(args: RejectArgs, config: Option<&Path>) -> anyhow::Result<E
 
 /// Sends an approval decision under `key`, or under the key of the run's
 /// latest `approval.requested`.
+/// How long `approve`/`reject` look for the run's `approval.requested`:
+/// the events API reads the registry, which may lag the run's log by
+/// moments (a run seen waiting may not show its request there yet).
+const APPROVAL_LOOKUP: Duration = Duration::from_secs(3);
+
+/// The key of the run's latest approval request, waiting briefly for the
+/// registry to catch up while the run is not over.
+async fn approval_key(client: &Client, run: RunId) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + APPROVAL_LOOKUP;
+    loop {
+        if let Some(request) = client.latest_approval_request(run).await? {
+            return Ok(request.key.to_string());
+        }
+        let state = client.get(run).await?.state;
+        if state.is_terminal() || tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "run {run} ({state}) has not requested an approval; pass --key to signal a specific key"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn decide(
     client_args: &ClientArgs,
     config: Option<&Path>,
@@ -479,10 +506,7 @@ async fn decide(
     let client = client_args.connect(config).await?;
     let key = match key {
         Some(key) => key,
-        None => match client.latest_approval_request(run).await? {
-            Some(request) => request.key.to_string(),
-            None => anyhow::bail!("run {run} has not requested an approval (yet); pass --key"),
-        },
+        None => approval_key(&client, run).await?,
     };
     let what = match &decision {
         ApprovalDecision::Approve => "approval",
