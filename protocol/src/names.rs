@@ -177,6 +177,14 @@ impl Names {
         format!("{}.wake.>", self.prefix)
     }
 
+    /// `<prefix>.wake.<queue>.p<band>.<run_id>`: where the jobs stream
+    /// republishes the headers of the job [`Names::job`] names. A worker
+    /// that NAKs a job for immediate redelivery (a hand-off) publishes here
+    /// too, since a redelivery stores nothing and so wakes no idle worker.
+    pub fn job_wakeup(&self, queue: &QueueName, band: u8, run: RunId) -> String {
+        format!("{}.wake.{queue}.p{band}.{run}", self.prefix)
+    }
+
     /// `<prefix>.wake.<queue>.>`: the wake-ups of one queue.
     pub fn job_wakeup_filter(&self, queue: &QueueName) -> String {
         format!("{}.wake.{queue}.>", self.prefix)
@@ -396,6 +404,7 @@ mod tests {
         assert_eq!(n.job(&queue, 2, run), format!("runfleet.jobs.gpu.p2.{run}"));
         assert_eq!(n.jobs_stream(), "RUNFLEET_JOBS");
         assert_eq!(n.job_wakeup_filter(&queue), "runfleet.wake.gpu.>");
+        assert_eq!(n.job_wakeup(&queue, 2, run), format!("runfleet.wake.gpu.p2.{run}"));
         assert_eq!(n.events_stream(), "RUNFLEET_EVENTS");
         assert_eq!(n.leases_bucket(), "runfleet-leases");
         let subject = n.run_events(&tenant, run);

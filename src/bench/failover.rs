@@ -33,23 +33,19 @@
 //! tracker: failover ≤ TTL + 1 s for every run of every trial.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt;
 use runfleet_protocol::api::SubmitRequest;
-use runfleet_protocol::event::{Event, EventBody};
-use runfleet_protocol::{codec, RunId, WorkerId};
+use runfleet_protocol::event::EventBody;
+use runfleet_protocol::{RunId, WorkerId};
 use serde::Serialize;
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet::Fleet;
-use super::{millis, progress, BenchArgs, Spread};
-use crate::client::Client;
+use super::observe::{observe, Observation};
+use super::procs::WorkerProcesses;
+use super::{millis, progress, random_fraction, BenchArgs, Spread};
 
 /// Worker processes per trial.
 const WORKERS: usize = 2;
@@ -190,7 +186,7 @@ async fn trial(
             // expiries and the other's polls at the same few phases.
             tokio::time::sleep(idle_poll().mul_f64(random_fraction())).await;
         }
-        workers.spawn(&fleet.url(), &fleet.dir().join(format!("worker-{i}.log")))?;
+        workers.spawn(&fleet.url(), &fleet.dir().join(format!("worker-{i}.log")), SLOTS, &[])?;
     }
     let ids = workers.await_registered(&client).await?;
 
@@ -303,22 +299,6 @@ fn phase_window(ttl: Duration) -> Duration {
     (ttl / 3).max(idle_poll())
 }
 
-/// A uniformly distributed number in [0, 1), from the first 48 bits of a v4
-/// UUID (all random; the version and variant bits come after them).
-fn random_fraction() -> f64 {
-    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
-    (high >> 16) as f64 / (1u64 << 48) as f64
-}
-
-/// Something the bench saw, stamped when it arrived.
-enum Observation {
-    Event(Instant, Event),
-    /// A lease was created or renewed.
-    LeaseWritten(Instant, String),
-    /// A lease was removed: expired (`MaxAge` marker) or released.
-    LeaseRemoved(Instant, String),
-}
-
 /// What the bench saw of the trial's runs, by run.
 #[derive(Default)]
 struct Observations {
@@ -357,139 +337,6 @@ impl Observations {
                     self.expired.entry(run).or_insert(at);
                 }
             }
-        }
-    }
-}
-
-/// Subscribes to the tenant's events and watches the leases bucket; each
-/// observation is stamped on arrival by a task of its own (so a busy bench
-/// loop cannot delay the stamp) and sent down the returned channel. The
-/// tasks end when `stop` is cancelled or the channel is dropped.
-async fn observe(
-    client: &Client,
-    stop: CancellationToken,
-) -> anyhow::Result<mpsc::UnboundedReceiver<Observation>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut events = client
-        .nats()
-        .subscribe(client.names().tenant_events(client.tenant()))
-        .await
-        .context("could not subscribe to the run events")?;
-    let js = async_nats::jetstream::new(client.nats().clone());
-    let leases =
-        js.get_key_value(client.names().leases_bucket()).await.context("could not open the leases bucket")?;
-    let mut lease_updates = leases.watch_all().await.context("could not watch the leases bucket")?;
-
-    let (events_tx, events_stop) = (tx.clone(), stop.clone());
-    tokio::spawn(async move {
-        loop {
-            let message = tokio::select! {
-                () = events_stop.cancelled() => return,
-                message = events.next() => message,
-            };
-            let Some(message) = message else { return };
-            let at = Instant::now();
-            let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
-            if events_tx.send(Observation::Event(at, event)).is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        loop {
-            let entry = tokio::select! {
-                () = stop.cancelled() => return,
-                entry = lease_updates.next() => entry,
-            };
-            let Some(Ok(entry)) = entry else { return };
-            let at = Instant::now();
-            let observation = match entry.operation {
-                async_nats::jetstream::kv::Operation::Put => Observation::LeaseWritten(at, entry.key),
-                _ => Observation::LeaseRemoved(at, entry.key),
-            };
-            if tx.send(observation).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-/// The trial's worker processes, SIGKILLed when dropped (and by
-/// [`WorkerProcesses::kill_all`]).
-#[derive(Default)]
-struct WorkerProcesses {
-    children: Vec<Child>,
-}
-
-impl WorkerProcesses {
-    /// Starts `runfleet worker --nats-url URL --slots 4 --test-agents` from
-    /// this very binary, logging to `log`.
-    fn spawn(&mut self, url: &str, log: &Path) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("could not find the runfleet binary")?;
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
-        let child = Command::new(&exe)
-            .args(["worker", "--nats-url", url, "--slots", &SLOTS.to_string(), "--test-agents"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("could not start {} worker", exe.display()))?;
-        self.children.push(child);
-        Ok(())
-    }
-
-    /// Waits until every process is in the worker registry; returns their
-    /// worker ids, in spawn order.
-    async fn await_registered(&mut self, client: &Client) -> anyhow::Result<Vec<WorkerId>> {
-        let pids: Vec<u32> = self.children.iter().filter_map(Child::id).collect();
-        anyhow::ensure!(pids.len() == self.children.len(), "a worker process exited at start");
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            for child in &mut self.children {
-                if let Some(status) = child.try_wait()? {
-                    anyhow::bail!("a worker process exited at start ({status})");
-                }
-            }
-            // The registry lists every worker of the fleet; ours are told
-            // apart by pid (they all run on this host).
-            let registered = client.workers().await.unwrap_or_default();
-            let ids: Vec<Option<WorkerId>> = pids
-                .iter()
-                .map(|pid| registered.iter().find(|w| w.pid == *pid).map(|w| w.worker_id.clone()))
-                .collect();
-            if let Some(ids) = ids.into_iter().collect::<Option<Vec<_>>>() {
-                return Ok(ids);
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the worker processes did not register within {}s",
-                START_TIMEOUT.as_secs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILLs worker `index` and reaps it; returns the instant taken just
-    /// before the signal was sent.
-    async fn kill(&mut self, index: usize) -> anyhow::Result<Instant> {
-        let child = self.children.get_mut(index).context("no such worker process")?;
-        let pid = child.id().context("the worker process had already exited")?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
-        let at = Instant::now();
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
-            .context("could not SIGKILL the worker")?;
-        child.wait().await.context("could not reap the killed worker")?;
-        Ok(at)
-    }
-
-    /// SIGKILLs and reaps every process still running.
-    async fn kill_all(&mut self) {
-        for child in &mut self.children {
-            // An error means it is gone already.
-            let _ = child.kill().await;
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The fleet the `steps` and `failover` scenarios measure: a child
+//! The fleet the `steps`, `signal`, `failover` and `drain` scenarios measure: a child
 //! nats-server in a temp dir, an in-process coordinator on SQLite with a
 //! chosen lease TTL, and in-process workers with the agents the scenario
 //! registers. Like [`crate::dev::DevFleet`], but the coordinator's lease TTL

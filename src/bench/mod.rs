@@ -1,7 +1,9 @@
 //! `runfleet bench [SCENARIO…]`: measurements on fleets the bench starts for
 //! the purpose (a child nats-server in a temp dir, a coordinator on SQLite,
-//! workers), torn down afterwards. With no scenario named, all three run, in
-//! this order:
+//! workers), torn down afterwards. With no scenario named, all five run, in
+//! this order (none takes long: `signal` a few seconds, `drain` about 6 s a
+//! trial, both less than `failover`, so the default run stays a check of
+//! everything at once):
 //!
 //! - **`runs`** ([`runs`]): throughput and latency of short runs. N `echo`
 //!   runs go through two in-process workers, closed-loop (at most
@@ -15,24 +17,43 @@
 //!   `step.completed`) and, as the baseline measured in the same run, a plain
 //!   async call doing the same nothing. The overhead is step minus baseline.
 //!   For scale, one acknowledged JetStream publish is timed between the runs.
+//! - **`signal`** ([`signal`]): how long a parked run takes to resume. One
+//!   in-process worker; per trial an `await` run is signalled once it is
+//!   parked (`run.waiting` seen and its lease released), and signal →
+//!   `run.resumed` / `run.completed` and the signal API's reply are timed;
+//!   the baseline, measured in the same trial, is an `echo` run's submit →
+//!   `run.started`. Reports p50 / p90 / p99 / max and signal→resumed p50 over
+//!   the baseline's p50.
 //! - **`failover`** ([`failover`]): how long a crashed worker's runs wait. Per
 //!   lease TTL, on a fresh fleet with two worker *processes*, the worker
 //!   holding most of K running `steps` runs gets SIGKILL, and the time from
 //!   the kill to each of its runs' `run.resumed` on the other worker is
 //!   measured, with a breakdown (lease age at the kill, kill → lease expiry
 //!   seen in the leases bucket).
+//! - **`drain`** ([`drain`]): how long a gracefully stopped worker's runs
+//!   wait. Per trial, on a fresh fleet with a 15 s lease TTL, a worker
+//!   *process* with `--shutdown-grace 500ms` runs `--drain-runs` `steps`
+//!   runs; a second worker process starts, the first gets SIGTERM, and
+//!   SIGTERM → `run.handoff` and SIGTERM → `run.resumed` on the second are
+//!   timed per run; each run's log is then checked (one terminal event,
+//!   `run.completed`, steps once, hand-off from the first worker to the
+//!   second). Reported against the lease TTL a crash would cost.
 //!
 //! The machine a bench runs on is usually shared and noisy: each scenario
 //! reports medians and ranges, and compares only figures measured in the same
 //! run. Targets are reported, never asserted.
 //!
 //! `--json` prints, and `--output FILE` writes, one JSON object with a key per
-//! scenario that ran (`runs`, `steps`, `failover`); the `runs` object keeps the
-//! fields the bench had before scenarios existed.
+//! scenario that ran (`runs`, `steps`, `signal`, `failover`, `drain`); the
+//! `runs` object keeps the fields the bench had before scenarios existed.
 
+mod drain;
 mod failover;
 mod fleet;
+mod observe;
+mod procs;
 mod runs;
+mod signal;
 mod steps;
 
 use std::path::PathBuf;
@@ -43,8 +64,10 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+pub use drain::{DrainResult, DrainTrial};
 pub use failover::{FailoverResult, FailoverTrial, TtlResult};
 pub use runs::RunsResult;
+pub use signal::SignalResult;
 pub use steps::StepsResult;
 
 /// What `runfleet bench` measures; see the module documentation.
@@ -54,13 +77,18 @@ pub enum Scenario {
     Runs,
     /// Checkpoint overhead of one durable step against a plain async call.
     Steps,
+    /// Signal → `run.resumed` of a parked run against submit → `run.started`.
+    Signal,
     /// SIGKILL of a worker process → `run.resumed` on another, per lease TTL.
     Failover,
+    /// SIGTERM of a worker process → `run.handoff` → `run.resumed` on another.
+    Drain,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, in any order: runs, steps, failover [default: all three].
+    /// Scenarios to run, in any order: runs, steps, signal, failover, drain
+    /// [default: all five].
     #[arg(value_enum)]
     pub scenarios: Vec<Scenario>,
     /// runs: runs to push through the fleet.
@@ -90,6 +118,16 @@ pub struct BenchArgs {
     /// failover: trials per TTL, each on a fresh fleet.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
+    /// signal: trials measured, one after the other (after 5 warm-up
+    /// trials), each an `await` run signalled once parked and an `echo` run.
+    #[arg(long, default_value_t = 200)]
+    pub signal_runs: u32,
+    /// drain: `steps` runs on the worker that gets SIGTERM, per trial.
+    #[arg(long, default_value_t = 10)]
+    pub drain_runs: u32,
+    /// drain: trials, each on a fresh fleet.
+    #[arg(long, default_value_t = 3)]
+    pub drain_trials: u32,
     /// Print the result as JSON (one object, a key per scenario).
     #[arg(long)]
     pub json: bool,
@@ -135,6 +173,11 @@ impl BenchArgs {
                         "--failover-runs and --repeat must be positive"
                     );
                 }
+                Scenario::Signal => anyhow::ensure!(self.signal_runs > 0, "--signal-runs must be positive"),
+                Scenario::Drain => anyhow::ensure!(
+                    self.drain_runs > 0 && self.drain_trials > 0,
+                    "--drain-runs and --drain-trials must be positive"
+                ),
             }
         }
         Ok(())
@@ -154,7 +197,11 @@ pub struct BenchReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<StepsResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainResult>,
 }
 
 /// p50 / p99 / max of a latency histogram, in milliseconds.
@@ -180,6 +227,28 @@ impl Latency {
         let ms = |value: u64| value as f64 / per_ms;
         Self {
             p50_ms: ms(hist.value_at_quantile(0.50)),
+            p99_ms: ms(hist.value_at_quantile(0.99)),
+            max_ms: ms(hist.max()),
+        }
+    }
+}
+
+/// p50 / p90 / p99 / max of a latency histogram, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Quantiles {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Quantiles {
+    /// From a histogram of microseconds.
+    fn from_micros(hist: &Histogram<u64>) -> Self {
+        let ms = |value: u64| value as f64 / 1e3;
+        Self {
+            p50_ms: ms(hist.value_at_quantile(0.50)),
+            p90_ms: ms(hist.value_at_quantile(0.90)),
             p99_ms: ms(hist.value_at_quantile(0.99)),
             max_ms: ms(hist.max()),
         }
@@ -252,12 +321,26 @@ async fn run_scenarios(args: &BenchArgs, selected: &[Scenario]) -> anyhow::Resul
                 }
                 report.steps = Some(result);
             }
+            Scenario::Signal => {
+                let result = signal::measure(args).await.context("bench signal")?;
+                if !args.json {
+                    signal::print(&result);
+                }
+                report.signal = Some(result);
+            }
             Scenario::Failover => {
                 let result = failover::measure(args).await.context("bench failover")?;
                 if !args.json {
                     failover::print(&result);
                 }
                 report.failover = Some(result);
+            }
+            Scenario::Drain => {
+                let result = drain::measure(args).await.context("bench drain")?;
+                if !args.json {
+                    drain::print(&result);
+                }
+                report.drain = Some(result);
             }
         }
     }
@@ -273,6 +356,13 @@ fn progress(args: &BenchArgs, line: impl std::fmt::Display) {
 
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
+}
+
+/// A uniformly distributed number in [0, 1), from the first 48 bits of a v4
+/// UUID (all random; the version and variant bits come after them).
+fn random_fraction() -> f64 {
+    let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
+    (high >> 16) as f64 / (1u64 << 48) as f64
 }
 
 #[cfg(test)]
@@ -295,7 +385,12 @@ mod tests {
     #[test]
     fn no_scenario_means_all_in_order() {
         let args = parse(&[]);
-        assert_eq!(args.selected(), vec![Scenario::Runs, Scenario::Steps, Scenario::Failover]);
+        assert_eq!(
+            args.selected(),
+            vec![Scenario::Runs, Scenario::Steps, Scenario::Signal, Scenario::Failover, Scenario::Drain]
+        );
+        assert!(args.validate(&args.selected()).is_ok());
+        assert_eq!((args.signal_runs, args.drain_runs, args.drain_trials), (200, 10, 3));
         assert_eq!(args.ttls, vec![Duration::from_secs(2), Duration::from_secs(5)]);
     }
 
@@ -315,6 +410,14 @@ mod tests {
         assert!(args.validate(&args.selected()).is_err());
         assert!(Cli::try_parse_from(["bench", "--ttls", "soon"]).is_err());
         assert!(Cli::try_parse_from(["bench", "walk"]).is_err());
+        let args = parse(&["signal", "--signal-runs", "0"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["drain", "--drain-trials", "0"]);
+        assert!(args.validate(&args.selected()).is_err());
+        // A flag of a scenario that does not run is not checked.
+        let args = parse(&["drain", "signal", "--drain-runs", "2", "--steps", "0"]);
+        assert_eq!(args.selected(), vec![Scenario::Signal, Scenario::Drain]);
+        assert!(args.validate(&args.selected()).is_ok());
     }
 
     #[test]
@@ -333,5 +436,17 @@ mod tests {
         let latency = Latency::from_nanos(&hist);
         assert!((latency.max_ms - 2.0).abs() < 0.01, "{latency:?}");
         assert!((latency.p50_ms - 1.0).abs() < 0.01, "{latency:?}");
+    }
+
+    #[test]
+    fn quantiles_scale_microseconds_to_milliseconds() {
+        let mut hist = Histogram::<u64>::new(3).unwrap_or_else(|e| panic!("{e}"));
+        for us in 1..=100u64 {
+            hist.record(us * 1000).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let q = Quantiles::from_micros(&hist);
+        for (got, want) in [(q.p50_ms, 50.0), (q.p90_ms, 90.0), (q.p99_ms, 99.0), (q.max_ms, 100.0)] {
+            assert!((got - want).abs() < 0.1, "{q:?}");
+        }
     }
 }

@@ -725,6 +725,12 @@ async fn settle(
             // The lease first, so the next claimant finds it free.
             release_lease().await;
             nak(&held.acker, run_id, None).await;
+            // A redelivery stores no message, so it wakes no idle worker:
+            // wake one, or the run waits for somebody's idle poll.
+            let wakeup = shared.names.job_wakeup(&job.queue, job.priority, run_id);
+            if let Err(e) = shared.js.client().publish(wakeup, bytes::Bytes::new()).await {
+                debug!(run_id = %run_id, error = %e, "could not publish the hand-off wake-up; idle workers find the job by polling");
+            }
         }
         Outcome::Interrupted(error) => interrupted(shared, held, run_id, attempt, error, release_lease).await,
     }

@@ -1,0 +1,120 @@
+//! Worker *processes* of the bench's fleets (the `failover` and `drain`
+//! scenarios): this very binary's `runfleet worker --test-agents`, each
+//! logging to a file of the fleet's directory, SIGKILLed when dropped. They
+//! run without the bench's `RUNFLEET_*` environment, so, like the
+//! in-process parts of the fleet, they are configured by the bench's flags
+//! alone.
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::Signal;
+use runfleet_protocol::WorkerId;
+use tokio::process::{Child, Command};
+
+use crate::client::Client;
+
+/// How long to wait for the worker processes to register.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The worker processes of one trial, in spawn order, SIGKILLed when
+/// dropped (and by [`WorkerProcesses::kill_all`]).
+#[derive(Default)]
+pub(super) struct WorkerProcesses {
+    children: Vec<Child>,
+}
+
+impl WorkerProcesses {
+    /// Starts `runfleet worker --nats-url URL --slots SLOTS --test-agents
+    /// EXTRA…` from this very binary, logging to `log`. Returns its index.
+    pub fn spawn(&mut self, url: &str, log: &Path, slots: u32, extra: &[&str]) -> anyhow::Result<usize> {
+        let exe = std::env::current_exe().context("could not find the runfleet binary")?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+        let slots = slots.to_string();
+        let mut command = Command::new(&exe);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("RUNFLEET_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
+            .args(["worker", "--nats-url", url, "--slots", &slots, "--test-agents"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("could not start {} worker", exe.display()))?;
+        self.children.push(child);
+        Ok(self.children.len() - 1)
+    }
+
+    /// Waits until every process is in the worker registry; returns their
+    /// worker ids, in spawn order.
+    pub async fn await_registered(&mut self, client: &Client) -> anyhow::Result<Vec<WorkerId>> {
+        let pids: Vec<u32> = self.children.iter().filter_map(Child::id).collect();
+        anyhow::ensure!(pids.len() == self.children.len(), "a worker process exited at start");
+        let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+        loop {
+            for child in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    anyhow::bail!("a worker process exited at start ({status})");
+                }
+            }
+            // The registry lists every worker of the fleet; ours are told
+            // apart by pid (they all run on this host).
+            let registered = client.workers().await.unwrap_or_default();
+            let ids: Vec<Option<WorkerId>> = pids
+                .iter()
+                .map(|pid| registered.iter().find(|w| w.pid == *pid).map(|w| w.worker_id.clone()))
+                .collect();
+            if let Some(ids) = ids.into_iter().collect::<Option<Vec<_>>>() {
+                return Ok(ids);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the worker processes did not register within {}s",
+                REGISTER_TIMEOUT.as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends `signal` to worker `index` without waiting for it to exit;
+    /// returns the instant taken just before the signal was sent.
+    pub fn signal(&mut self, index: usize, signal: Signal) -> anyhow::Result<Instant> {
+        let child = self.children.get_mut(index).context("no such worker process")?;
+        let pid = child.id().context("the worker process had already exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        let at = Instant::now();
+        nix::sys::signal::kill(pid, signal)
+            .with_context(|| format!("could not send {signal} to the worker"))?;
+        Ok(at)
+    }
+
+    /// Waits for worker `index` to exit and reaps it. Cancel-safe.
+    pub async fn wait(&mut self, index: usize) -> anyhow::Result<ExitStatus> {
+        let child = self.children.get_mut(index).context("no such worker process")?;
+        child.wait().await.context("could not reap the worker process")
+    }
+
+    /// SIGKILLs worker `index` and reaps it; returns the instant taken just
+    /// before the signal was sent.
+    pub async fn kill(&mut self, index: usize) -> anyhow::Result<Instant> {
+        let at = self.signal(index, Signal::SIGKILL)?;
+        self.wait(index).await?;
+        Ok(at)
+    }
+
+    /// SIGKILLs and reaps every process still running.
+    pub async fn kill_all(&mut self) {
+        for child in &mut self.children {
+            // An error means it is gone already.
+            let _ = child.kill().await;
+        }
+    }
+}
