@@ -450,3 +450,42 @@ async fn bad_signals_and_decisions_get_clear_errors() {
     assert_eq!(error.code, runfleet_protocol::ErrorCode::InvalidInput, "{error:?}");
     assert!(error.message.contains("decision"), "{error:?}");
 }
+
+/// Cancels racing a run as it parks on an approval without timeout: each run
+/// ends cancelled well before the recovery loop (60 s minimum age) could
+/// have stepped in, so no cancel is dropped between the agent stopping and
+/// the lease being released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_racing_parking_is_never_dropped() {
+    let fleet = fleet(FleetOptions { workers: 2, slots: 4, ..Default::default() }).await;
+    let client = fleet.client("default").await;
+    let mut runs = Vec::new();
+    for i in 0..30u64 {
+        let run = submit(&fleet, "approval", json!({ "action": format!("race {i}") })).await;
+        tokio::time::sleep(Duration::from_millis(i % 6 * 2)).await;
+        client.cancel(run, None).await.unwrap_or_else(|e| panic!("cancel {run}: {e}"));
+        runs.push(run);
+    }
+    for run in runs {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let events = loop {
+            let events = events(&fleet, run).await;
+            if is_terminal(&events) {
+                break events;
+            }
+            if Instant::now() >= deadline {
+                let names = Names::default();
+                let js = async_nats::jetstream::new(fleet.nats.client().await);
+                let jobs = js.get_stream(names.jobs_stream()).await.unwrap_or_else(|e| panic!("{e}"));
+                let subject = names.job(&runfleet_protocol::QueueName::default_queue(), 2, run);
+                let job = jobs.get_last_raw_message_by_subject(&subject).await.map(|m| m.sequence);
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                    jobs.get_consumer("jobs-default-p2").await.unwrap_or_else(|e| panic!("{e}"));
+                let info = consumer.info().await.map(|i| format!("{i:?}"));
+                panic!("run {run} did not end: job {job:?}; consumer {info:?}; {events:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_ended(run, &events, RunState::Cancelled);
+    }
+}

@@ -144,11 +144,14 @@ pub(crate) async fn watch(
                 }
             }
         };
+        // A request written before the subscription was in place reached
+        // neither the watch nor (if it read before the write) a claim that
+        // registered meanwhile: re-read every registered run's key.
+        recheck(&control, &names, &cancels).await;
         if !first {
-            recheck(&control, &names, &cancels).await;
+            debug!("watching the control bucket again");
         }
         first = false;
-        debug!("watching the control bucket for cancel requests");
         loop {
             let entry = tokio::select! {
                 () = shutdown.cancelled() => return,

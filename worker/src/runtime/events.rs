@@ -82,6 +82,9 @@ pub async fn read_last(
     }
 }
 
+/// The longest [`failures_before`] reads a run's log.
+const SCAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How many attempts of the run had failed before the attempt that wrote
 /// `last` started: the `failures` its `run.started` (0) or `run.resumed`
 /// recorded. Scans the run's log (short-lived ordered consumer), so it is
@@ -101,7 +104,13 @@ pub async fn failures_before(events: &stream::Stream, names: &Names, last: &Last
         .map_err(|e| scan_error(e.to_string()))?;
     let mut messages = consumer.messages().await.map_err(|e| scan_error(e.to_string()))?;
     let mut failures = attempt.saturating_sub(1);
-    while let Some(message) = messages.next().await {
+    // Bounded: the log may lose its tail to the stream's max age while we
+    // read, and a claim must not hang on a message that never comes.
+    let deadline = tokio::time::Instant::now() + SCAN_TIMEOUT;
+    while let Some(message) = tokio::time::timeout_at(deadline, messages.next())
+        .await
+        .map_err(|_| scan_error(format!("no end of the log within {SCAN_TIMEOUT:?}")))?
+    {
         let message = message.map_err(|e| scan_error(e.to_string()))?;
         let stream_seq = message.info().map_err(|e| scan_error(e.to_string()))?.stream_sequence;
         if let Ok(event) = codec::decode::<Event>(&message.payload) {

@@ -64,6 +64,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: Message, shutdown: Shut
             return;
         }
     };
+    debug!(run_id = %job.run_id, stream_seq, delivered, "job received");
     // Registered before the claim reads the control bucket, so a cancel
     // request is either seen by that read or delivered by the watch.
     let cancel = shared.cancels.register(job.run_id);
@@ -92,6 +93,9 @@ struct Claim {
 /// between our read and our first append (it had not noticed yet that its
 /// lease expired).
 const CLAIM_ROUNDS: u32 = 5;
+/// How often a cancel re-reads the log after the agent was dropped
+/// mid-append.
+const CANCEL_ROUNDS: u32 = 5;
 /// The smallest delay of a NAK for a job whose run is leased elsewhere.
 const MIN_HELD_DELAY: Duration = Duration::from_millis(100);
 
@@ -256,6 +260,10 @@ async fn claim(
                     nak(&acker, run_id, Some(delay)).await;
                     return None;
                 }
+            }
+            if cancel.is_requested() {
+                // Cancelled while we looked: cancel it, lease in hand.
+                continue;
             }
             debug!(run_id = %run_id, seq = last.event.seq, "job for a run whose wait is not over dropped");
             ack(&acker, run_id).await;
@@ -528,7 +536,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
             outcome_of(shared, &job, attempt, failures, &mut ctx, &stop, cancel, ended).await
         }
     };
-    settle(shared, &job, &held, &mut ctx, failures, outcome, &shutdown).await;
+    settle(shared, &job, &held, &mut ctx, failures, outcome, cancel, &shutdown).await;
 }
 
 /// Turns how the agent ended into an outcome, writing the terminal event
@@ -547,6 +555,7 @@ async fn outcome_of(
     let run_id = job.run_id;
     let fatal = ctx.fatal().cloned();
     let parked = ctx.parked().cloned();
+    let handed_off = ctx.handed_off();
     let log = ctx.log_mut();
     match ended {
         Ended::Stopped => Outcome::Interrupted(None),
@@ -554,9 +563,35 @@ async fn outcome_of(
             // The agent's future is dropped: no further step starts.
             let reason = cancel.request().and_then(|r| r.reason);
             info!(run_id = %run_id, attempt, ?reason, "run cancelled");
-            append_terminal(log, stop, EventBody::Cancelled(RunCancelled { reason })).await
+            let body = EventBody::Cancelled(RunCancelled { reason });
+            if !log.is_closed() || log.is_lost() || stop.is_cancelled() {
+                return append_terminal(log, stop, body).await;
+            }
+            // Dropped mid-append, so the log's position is unknown, but the
+            // lease is still ours: find the position again rather than leave
+            // the cancel to a redelivery. The dropped append may still land
+            // after our read; our own attempt's event at the head means just
+            // that, so read again.
+            for _ in 0..CANCEL_ROUNDS {
+                let last = match events::read_last(&shared.events, &shared.names, &job.tenant, run_id).await {
+                    Ok(Some(last)) => last,
+                    Ok(None) => return Outcome::Interrupted(None),
+                    Err(e) => return Outcome::Interrupted(Some(e.into())),
+                };
+                if last.event.body.is_terminal() || last.event.attempt > attempt {
+                    return Outcome::Interrupted(None);
+                }
+                *log =
+                    EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
+                match append_terminal(log, stop, body.clone()).await {
+                    Outcome::Interrupted(Some(e)) if e.is_lease_lost() => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    outcome => return outcome,
+                }
+            }
+            Outcome::Interrupted(None)
         }
-        Ended::Returned(Ok(Err(AgentError::Interrupted(Interruption::HandedOff)))) => Outcome::HandOff,
         // A divergence fails the run whatever the agent made of it.
         Ended::Returned(Ok(_)) if fatal.is_some() => {
             let (code, message) = fatal.unwrap_or((ErrorCode::Internal, String::new()));
@@ -564,6 +599,9 @@ async fn outcome_of(
             append_terminal(log, stop, EventBody::Failed(RunFailed { error: RunError { code, message } }))
                 .await
         }
+        // Handed off at a step boundary, whatever the agent made of the
+        // error the step returned.
+        Ended::Returned(Ok(_)) if handed_off => Outcome::HandOff,
         // Parked, whatever the agent returned after the wait told it to.
         Ended::Returned(Ok(_)) if parked.is_some() => match parked {
             Some(park) => Outcome::Park(park),
@@ -609,6 +647,7 @@ async fn outcome_of(
 
 /// Settles the job and the lease after an attempt: ack or NAK, release,
 /// and for parked and retried runs the event and timer that wake them.
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     shared: &Shared,
     job: &Job,
@@ -616,6 +655,7 @@ async fn settle(
     ctx: &mut RunContext,
     failures: u32,
     outcome: Outcome,
+    cancel: &CancelSlot,
     shutdown: &Shutdown,
 ) {
     let run_id = job.run_id;
@@ -652,6 +692,18 @@ async fn settle(
         }
     };
     let log = ctx.log_mut();
+    // A cancel that arrived after the agent stopped: the run ends here
+    // rather than park or retry (its timer or signal could be far away).
+    let outcome = match (outcome, cancel.request()) {
+        (Outcome::Park(_) | Outcome::Retry { .. }, Some(request)) => {
+            info!(run_id = %run_id, attempt, "run cancelled as it was about to wait");
+            match log.append(EventBody::Cancelled(RunCancelled { reason: request.reason })).await {
+                Ok(_) => Outcome::Terminal,
+                Err(e) => Outcome::Interrupted(Some(e.into())),
+            }
+        }
+        (outcome, _) => outcome,
+    };
     match outcome {
         Outcome::Terminal => {
             // Terminal event first, then the job, then the lease: a crash in
@@ -667,16 +719,26 @@ async fn settle(
                     return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await
                 }
             };
-            // The lease first: a wake job claimed at once (the signal came
-            // while we parked) must find the run free.
-            release_lease().await;
-            // Arm the timer before the job is acked: if this worker dies in
-            // between, the job is redelivered and its claimant arms it.
+            // Arm the timer while the lease is still ours (a stale arm after
+            // a newer attempt's would replace its timer), and before the
+            // job is acked: if this worker dies in between, the job is
+            // redelivered and its claimant arms it.
             if let Some(deadline_ms) = park.deadline_ms {
                 if let Err(e) = wake::arm(shared, job, deadline_ms).await {
                     warn!(run_id = %run_id, error = %e, "could not arm the timer of a parked run; job nak'd so another claim arms it");
+                    release_lease().await;
                     nak(&held.acker, run_id, Some(shared.config.lease_held_delay)).await;
                     return;
+                }
+            }
+            // Then the lease: a wake job claimed at once (the signal came
+            // while we parked) must find the run free.
+            release_lease().await;
+            // A cancel whose coordinator found the lease still ours: wake the
+            // run so a claimant cancels it now, not when it would wake.
+            if cancel_pending(shared, run_id, cancel).await {
+                if let Err(e) = wake::dispatch(shared, job, seq).await {
+                    warn!(run_id = %run_id, error = %e, "could not wake a run cancelled as it parked; the recovery loop will cancel it");
                 }
             }
             // A signal that arrived while we parked found the run not yet
@@ -704,18 +766,29 @@ async fn settle(
             let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
             let body =
                 EventBody::Retrying(RunRetrying { error, retry_in_ms, failures: failures.saturating_add(1) });
-            if let Err(e) = log.append(body).await {
-                return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await;
-            }
+            let seq = match log.append(body).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    return interrupted(shared, held, run_id, attempt, Some(e.into()), release_lease).await
+                }
+            };
             let due = time::now_ms().saturating_add(i64::try_from(retry_in_ms).unwrap_or(i64::MAX));
-            match wake::arm(shared, job, due).await {
-                Ok(()) => ack(&held.acker, run_id).await,
+            let armed = wake::arm(shared, job, due).await;
+            release_lease().await;
+            match armed {
+                Ok(()) => {
+                    if cancel_pending(shared, run_id, cancel).await {
+                        if let Err(e) = wake::dispatch(shared, job, seq).await {
+                            warn!(run_id = %run_id, error = %e, "could not wake a run cancelled as it failed; its retry timer will");
+                        }
+                    }
+                    ack(&held.acker, run_id).await;
+                }
                 Err(e) => {
                     warn!(run_id = %run_id, error = %e, "could not arm the retry timer; job nak'd with the backoff instead");
                     nak(&held.acker, run_id, Some(delay)).await;
                 }
             }
-            release_lease().await;
         }
         Outcome::HandOff => {
             if let Err(e) = log.append(EventBody::Handoff(RunHandoff { failures })).await {
@@ -733,6 +806,22 @@ async fn settle(
             }
         }
         Outcome::Interrupted(error) => interrupted(shared, held, run_id, attempt, error, release_lease).await,
+    }
+}
+
+/// Whether a cancel request for the run is known: delivered by the watch,
+/// or (read after the lease was released) stored by a coordinator that
+/// found the lease still ours.
+async fn cancel_pending(shared: &Shared, run_id: RunId, cancel: &CancelSlot) -> bool {
+    if cancel.is_requested() {
+        return true;
+    }
+    match control::read(&shared.control, &shared.names, run_id).await {
+        Ok(request) => request.is_some(),
+        Err(e) => {
+            warn!(run_id = %run_id, error = %e, "could not re-read the run's cancel request; the recovery loop will check");
+            false
+        }
     }
 }
 
@@ -777,6 +866,7 @@ async fn append_terminal(log: &mut EventLog, stop: &CancellationToken, body: Eve
 }
 
 async fn ack(acker: &Acker, run_id: RunId) {
+    debug!(run_id = %run_id, "job acked");
     if let Err(e) = acker.double_ack().await {
         warn!(run_id = %run_id, error = %e, "could not ack job; the next delivery will only ack it");
     }
@@ -784,6 +874,7 @@ async fn ack(acker: &Acker, run_id: RunId) {
 
 async fn nak(acker: &Acker, run_id: RunId, delay: Option<Duration>) {
     // Confirmed, so a hand-off NAK is not lost when the worker disconnects.
+    debug!(run_id = %run_id, delay_ms = delay.map(|d| d.as_millis() as u64), "job nak'd");
     if let Err(e) = acker.double_ack_with(AckKind::Nak(delay)).await {
         warn!(run_id = %run_id, error = %e, "could not nak job; it will be redelivered after its ack wait");
     }

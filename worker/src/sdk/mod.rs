@@ -226,6 +226,8 @@ pub struct RunContext {
     drain: CancellationToken,
     /// Set when the run parked on a wait (see [`RunContext::await_signal`]).
     parked: Option<Park>,
+    /// Set when a step refused to start because the worker drains.
+    handed_off: bool,
     /// The position of the next step.
     next_step: u32,
     /// Set when the run must fail whatever the agent returns (divergence).
@@ -255,9 +257,16 @@ impl RunContext {
             stop,
             drain,
             parked: None,
+            handed_off: false,
             next_step: 0,
             fatal: None,
         }
+    }
+
+    /// Whether a step refused to start because the worker drains: the run
+    /// is handed off whatever the agent made of that error.
+    pub(crate) fn handed_off(&self) -> bool {
+        self.handed_off
     }
 
     /// What the run parked on, if it did.

@@ -293,6 +293,7 @@ impl RunContext {
         // A step boundary: a draining worker hands the run off here rather
         // than start work another worker would have to redo.
         if self.drain.is_cancelled() {
+            self.handed_off = true;
             return Err(AgentError::Interrupted(Interruption::HandedOff));
         }
         let mut delays = options.delays();
