@@ -234,6 +234,18 @@ impl Recovery {
                 Cancelled::LeaseHeld { .. } => Verdict::Owned("lease"),
             });
         }
+        if let Some(seq) = runs.orphaned_job(&facts.job).await? {
+            // Stored but behind its consumer's ack floor: no worker will
+            // ever get it. Replace it (deleted first: should the new job be
+            // dropped as a duplicate, a later pass finds no job and
+            // dispatches again).
+            if !self.unchanged(&facts).await? {
+                return Ok(Verdict::Moved);
+            }
+            runs.delete_job_message(seq).await?;
+            let msg_id = self.names().recovery_msg_id(run.run_id, last.seq);
+            return self.dispatch(&facts, &msg_id, "its job is behind its consumer's ack floor").await;
+        }
         if runs.job_present(&facts.job).await? {
             return Ok(Verdict::Owned("job"));
         }
@@ -242,7 +254,10 @@ impl Recovery {
             EventBody::Waiting(waiting) => {
                 if let Some(key) = &waiting.key {
                     if runs.signal(run.run_id, key).await?.is_some() {
-                        let msg_id = self.names().wake_msg_id(run.run_id, last.seq);
+                        // Not the wake msg id: a wake that was sent and
+                        // consumed without resuming the run would make this
+                        // one a duplicate for the whole dedup window.
+                        let msg_id = self.names().recovery_msg_id(run.run_id, last.seq);
                         return self.dispatch(&facts, &msg_id, "its signal arrived but nobody woke it").await;
                     }
                 }

@@ -222,7 +222,10 @@ impl Runs {
             Err(error) => Err(error),
         };
         match published {
-            Ok(_) => Ok(true),
+            // A duplicate: an event with this seq's msg id is already stored
+            // (msg-id dedup runs before the sequence check), so someone
+            // else wrote it and the log moved.
+            Ok(ack) => Ok(!ack.duplicate),
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
             Err(error) => Err(jetstream_error("append to the run's log", subject)(error.to_string())),
         }
@@ -253,6 +256,31 @@ impl Runs {
     /// Whether a job message for the run is stored (queued or being worked on).
     pub async fn job_present(&self, job: &Job) -> Result<bool, Error> {
         self.jobs_subject_present("read the run's job", &self.job_subject(job)).await
+    }
+
+    /// Whether the run's stored job is one its consumer will never deliver
+    /// again: at or below the consumer's ack floor, so the consumer counts
+    /// it as acknowledged while the work queue still holds it. Returns the
+    /// message's stream sequence if so. Seen after NAK'd messages lost
+    /// their pending state on the server; recovery re-dispatches such runs.
+    pub async fn orphaned_job(&self, job: &Job) -> Result<Option<u64>, Error> {
+        let subject = self.job_subject(job);
+        let seq = match self.jobs.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message.sequence,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(error) => return Err(jetstream_error("read the run's job", subject)(error.to_string())),
+        };
+        let name = self.names.job_consumer(&job.queue, job.priority);
+        let mut consumer: jetstream::consumer::PullConsumer = match self.jobs.get_consumer(&name).await {
+            Ok(consumer) => consumer,
+            // No worker has served this queue and band yet: nothing delivered.
+            Err(_) => return Ok(None),
+        };
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| jetstream_error("read the job consumer", name.clone())(e.to_string()))?;
+        Ok((info.ack_floor.stream_sequence >= seq).then_some(seq))
     }
 
     /// Whether the run has a pending timer.

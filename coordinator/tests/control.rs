@@ -625,7 +625,7 @@ async fn recovery_moves_waiting_runs_whose_timer_or_wake_is_missing() {
     let job = eventually("the due run's job", 20, || f.job_message(due)).await;
     assert_eq!(msg_id(&job), Some(f.names.recovery_msg_id(due, due_wait.seq)));
     let job = eventually("the signalled run's wake job", 20, || f.job_message(signalled)).await;
-    assert_eq!(msg_id(&job), Some(f.names.wake_msg_id(signalled, signalled_wait.seq)));
+    assert_eq!(msg_id(&job), Some(f.names.recovery_msg_id(signalled, signalled_wait.seq)));
     eventually("the re-armed timer", 20, || async {
         (f.count(&f.names.run_timer(later)).await == 1).then_some(())
     })
