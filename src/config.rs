@@ -15,8 +15,16 @@
 //! queues = ["default", "gpu"]
 //! ```
 //!
-//! Environment: `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` (shared) and
+//! The shared tables `[nats]` (credentials and TLS), `[telemetry]` (logs and
+//! traces) and `[redaction]` sit at the top level too and apply to every
+//! process.
+//!
+//! Environment: `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX`, the shared tables as
+//! `RUNFLEET_<TABLE>__<KEY>` (e.g. `RUNFLEET_NATS__PASSWORD`), and
 //! `RUNFLEET_<SECTION>__<KEY>` (e.g. `RUNFLEET_WORKER__SLOTS=16`).
+//!
+//! Every key is checked: an unknown key in the file or the environment is an
+//! error naming it, so a typo never silently falls back to a default.
 
 use std::path::Path;
 
@@ -26,7 +34,23 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// Keys every component shares at the top level of the file and environment.
-const SHARED_KEYS: [&str; 2] = ["nats_url", "prefix"];
+const SHARED_KEYS: [&str; 5] = ["nats_url", "prefix", "nats", "telemetry", "redaction"];
+
+/// The shared tables a client command reads (it publishes no events, so no
+/// redaction).
+const CLIENT_KEYS: [&str; 5] = ["nats_url", "prefix", "tenant", "nats", "telemetry"];
+
+/// The `RUNFLEET_` environment restricted to `keys`: plain keys
+/// (`RUNFLEET_NATS_URL`) and nested ones (`RUNFLEET_NATS__USER` →
+/// `nats.user`).
+fn shared_env(keys: &'static [&'static str]) -> Env {
+    Env::prefixed("RUNFLEET_")
+        .filter(move |key| {
+            let key = key.as_str().to_ascii_lowercase();
+            keys.iter().any(|k| key == *k || key.strip_prefix(k).is_some_and(|rest| rest.starts_with("__")))
+        })
+        .split("__")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -69,7 +93,7 @@ where
     F: Serialize,
 {
     with_file::<C>(file, &SHARED_KEYS, Some(section))?
-        .merge(Env::prefixed("RUNFLEET_").only(&SHARED_KEYS))
+        .merge(shared_env(&SHARED_KEYS))
         .merge(Env::prefixed(&format!("RUNFLEET_{}__", section.to_ascii_uppercase())).split("__"))
         .merge(Serialized::defaults(flags))
         .extract()
@@ -77,14 +101,15 @@ where
 }
 
 /// Loads a client command's settings: the file's top-level `nats_url`,
-/// `prefix` and `tenant`, then the flags (which clap already filled from
-/// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX` and `RUNFLEET_TENANT` when absent).
+/// `prefix`, `tenant` and `[nats]` and `[telemetry]` tables, the same keys
+/// from the `RUNFLEET_` environment, then the flags.
 pub fn load_client<C, F>(file: Option<&Path>, flags: &F) -> Result<C, Error>
 where
     C: DeserializeOwned + Serialize + Default,
     F: Serialize,
 {
-    with_file::<C>(file, &["nats_url", "prefix", "tenant"], None)?
+    with_file::<C>(file, &CLIENT_KEYS, None)?
+        .merge(shared_env(&CLIENT_KEYS))
         .merge(Serialized::defaults(flags))
         .extract()
         .map_err(|e| Error::Invalid(describe(&e)))

@@ -113,6 +113,8 @@ impl DevFleet {
             database_url: Some(database_url.clone()),
             prefix: None,
             lease_ttl: None,
+            metrics_addr: None,
+            check: false,
         };
         let config = serve::coordinator_config(config_file, &coordinator_args)?;
         let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
@@ -126,6 +128,8 @@ impl DevFleet {
                 prefix: None,
                 shutdown_grace: None,
                 handoff_timeout: None,
+                metrics_addr: None,
+                check: false,
                 test_agents: false,
                 test_journal: None,
                 test_step_prefix: None,

@@ -15,14 +15,8 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = cli.config.as_deref();
     let result = match cli.command {
-        Command::Coordinator(args) => {
-            init_tracing();
-            serve::coordinator(config, args).await.map(|()| ExitCode::SUCCESS)
-        }
-        Command::Worker(args) => {
-            init_tracing();
-            serve::worker(config, args).await.map(|()| ExitCode::SUCCESS)
-        }
+        Command::Coordinator(args) => serve::coordinator(config, args).await.map(|()| ExitCode::SUCCESS),
+        Command::Worker(args) => serve::worker(config, args).await.map(|()| ExitCode::SUCCESS),
         Command::Dev(args) => {
             init_tracing();
             dev::run(config, args).await.map(|()| ExitCode::SUCCESS)

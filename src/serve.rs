@@ -1,6 +1,7 @@
 //! `runfleet coordinator` and `runfleet worker`: load the layered config,
 //! start the component, run it until SIGINT/SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -8,6 +9,7 @@ use clap::Args;
 use runfleet_coordinator::config::CoordinatorConfig;
 use runfleet_coordinator::Coordinator;
 use runfleet_worker::config::WorkerConfig;
+use runfleet_ops::http::Health;
 use runfleet_worker::Worker;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,15 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_ttl: Option<String>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on HOST:PORT [default: not served].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    /// Load and validate the configuration (file, environment, flags), print
+    /// it with secrets hidden and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check: bool,
 }
 
 /// Flags of `runfleet worker`.
@@ -65,6 +76,15 @@ pub struct WorkerArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handoff_timeout: Option<String>,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on HOST:PORT [default: not served].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    /// Load and validate the configuration (file, environment, flags), print
+    /// it with secrets hidden and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check: bool,
     /// Also register the test agents: `crash` (aborts this worker), a
     /// `steps` agent that journals every step execution and `await` (waits
     /// for a signal with a timeout). For runfleet's own
@@ -132,16 +152,128 @@ pub fn shutdown_on_signals() -> CancellationToken {
 
 pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = coordinator_config(file, &args)?;
+    if args.check {
+        return print_checked(&config);
+    }
+    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-coordinator")?;
+    let metrics = runfleet_ops::metrics::get();
+    metrics.set_component("coordinator");
     let shutdown = shutdown_on_signals();
-    let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
-    coordinator.run(shutdown).await.context("coordinator stopped with an error")?;
-    Ok(())
+    let health = Health::new();
+    let endpoint = serve_endpoint(config.metrics_addr, &health).await?;
+    health.starting(format!("connecting to NATS at {} and the registry", config.nats_url));
+    let started = tokio::select! {
+        started = Coordinator::start(config) => started.context("coordinator failed to start")?,
+        () = shutdown.cancelled() => return stop(endpoint, telemetry).await,
+    };
+    health.set_probe(started.probe());
+    let result = started.run(shutdown.clone()).await.context("coordinator stopped with an error");
+    health.stopping();
+    stop(endpoint, telemetry).await?;
+    result
 }
 
 pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()> {
     let config = worker_config(file, &args)?;
+    if args.check {
+        return print_checked(&config);
+    }
+    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-worker")?;
+    runfleet_ops::metrics::get().set_component("worker");
     let shutdown = shutdown_on_signals();
-    let worker = Worker::start(config, args.agents()).await.context("worker failed to start")?;
-    worker.run(shutdown).await.context("worker stopped with an error")?;
+    let health = Health::new();
+    let endpoint = serve_endpoint(config.metrics_addr, &health).await?;
+    health.starting(format!("connecting to NATS at {} and waiting for the fleet's streams", config.nats_url));
+    let started = tokio::select! {
+        started = Worker::start(config, args.agents()) => started.context("worker failed to start")?,
+        () = shutdown.cancelled() => return stop(endpoint, telemetry).await,
+    };
+    health.set_probe(started.probe());
+    // Not ready once draining starts: no new work should be routed here.
+    let draining = shutdown.clone();
+    let drain_health = health.clone();
+    tokio::spawn(async move {
+        draining.cancelled().await;
+        drain_health.stopping();
+    });
+    let result = started.run(shutdown.clone()).await.context("worker stopped with an error");
+    stop(endpoint, telemetry).await?;
+    result
+}
+
+/// A running operations endpoint: its task and the token that stops it.
+type Endpoint = Option<(tokio::task::JoinHandle<Result<(), runfleet_ops::http::Error>>, CancellationToken)>;
+
+/// Binds `/metrics`, `/healthz` and `/readyz` on `addr` (if set) before
+/// anything connects, so probes answer while NATS is still unreachable.
+async fn serve_endpoint(addr: Option<SocketAddr>, health: &Health) -> anyhow::Result<Endpoint> {
+    let Some(addr) = addr else { return Ok(None) };
+    let server = runfleet_ops::http::Server::bind(addr, health.clone()).await?;
+    tracing::info!(addr = %server.local_addr().unwrap_or(addr), "serving /metrics, /healthz and /readyz");
+    // Its own token: it keeps answering (not ready) while the component
+    // drains, and stops after it.
+    let stop = CancellationToken::new();
+    Ok(Some((tokio::spawn(server.run(stop.clone())), stop)))
+}
+
+/// Stops the endpoint and flushes the spans still buffered.
+async fn stop(endpoint: Endpoint, telemetry: runfleet_ops::telemetry::Telemetry) -> anyhow::Result<()> {
+    if let Some((task, stop)) = endpoint {
+        stop.cancel();
+        match task.await {
+            Ok(result) => result?,
+            Err(error) => tracing::warn!(%error, "operations endpoint task failed"),
+        }
+    }
+    telemetry.shutdown().await;
     Ok(())
+}
+
+/// `--check`: the effective configuration as TOML-like JSON, secrets hidden.
+fn print_checked<C: Serialize>(config: &C) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(config)?;
+    hide_secrets(&mut value);
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    eprintln!("configuration is valid");
+    Ok(())
+}
+
+/// Replaces passwords, tokens, seeds and database passwords with `***`.
+fn hide_secrets(value: &mut serde_json::Value) {
+    if let Some(nats) = value.get_mut("nats").and_then(|n| n.as_object_mut()) {
+        for key in ["password", "token", "nkey_seed"] {
+            if let Some(v) = nats.get_mut(key) {
+                *v = "***".into();
+            }
+        }
+    }
+    if let Some(url) = value.get_mut("database_url") {
+        if let Some(text) = url.as_str() {
+            *url = hide_url_password(text).into();
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn hide_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((credentials, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_passwords_are_hidden() {
+        assert_eq!(hide_url_password("postgres://rf:s3cret@db:5432/rf"), "postgres://rf:***@db:5432/rf");
+        assert_eq!(hide_url_password("sqlite:runfleet.db"), "sqlite:runfleet.db");
+        let mut v = serde_json::json!({"nats": {"password": "p", "user": "u"}, "database_url": "postgres://a:b@c/d"});
+        hide_secrets(&mut v);
+        assert_eq!(v, serde_json::json!({"nats": {"password": "***", "user": "u"}, "database_url": "postgres://a:***@c/d"}));
+    }
 }

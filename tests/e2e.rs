@@ -167,6 +167,7 @@ fn terminal_body_helper_matches_wire_types() {
         ts_ms: 0,
         attempt: 0,
         worker_id: None,
+        trace_id: None,
         body: EventBody::Completed(runfleet_protocol::event::RunCompleted { output: Value::Null }),
     };
     assert!(check_run_log(run, &[created]).is_err(), "a log without run.created must be rejected");

@@ -71,6 +71,7 @@ fn created(tenant: &TenantId, run: RunId, agent: &str, queue: &str) -> Event {
         ts_ms: 1_000,
         attempt: 0,
         worker_id: None,
+        trace_id: None,
         body: EventBody::Created(RunCreated {
             agent: AgentName::new(agent).unwrap_or_else(|e| panic!("{e}")),
             queue: QueueName::new(queue).unwrap_or_else(|e| panic!("{e}")),
@@ -90,6 +91,7 @@ fn next(prev: &Event, body: EventBody) -> Event {
         ts_ms: prev.ts_ms + 10,
         attempt: 1,
         worker_id: Some(worker()),
+        trace_id: None,
         body,
     }
 }

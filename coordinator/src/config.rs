@@ -5,8 +5,12 @@
 //! [`CoordinatorConfig::validate`] before use: it rejects nonsense with a
 //! message naming the key.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use runfleet_ops::nats::NatsConfig;
+use runfleet_ops::redact::RedactionConfig;
+use runfleet_ops::telemetry::TelemetryConfig;
 use runfleet_protocol::limits;
 use runfleet_protocol::names::{Names, Prefix};
 use serde::{Deserialize, Serialize};
@@ -19,6 +23,12 @@ pub const MAX_INPUT_BYTES_LIMIT: usize = 8 * 1024 * 1024;
 pub enum Error {
     #[error("coordinator.{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
+    #[error(transparent)]
+    Nats(#[from] runfleet_ops::nats::Error),
+    #[error(transparent)]
+    Telemetry(#[from] runfleet_ops::telemetry::Error),
+    #[error(transparent)]
+    Redaction(#[from] runfleet_ops::redact::Error),
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> Error {
@@ -26,11 +36,21 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> Error {
 }
 
 /// Configuration of one coordinator replica.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CoordinatorConfig {
     /// NATS server URL(s), comma-separated. Default `nats://127.0.0.1:4222`.
     pub nats_url: String,
+    /// NATS credentials and TLS (the shared `[nats]` table).
+    pub nats: NatsConfig,
+    /// Logs and traces (the shared `[telemetry]` table).
+    pub telemetry: TelemetryConfig,
+    /// Key patterns redacted from event payloads (the shared `[redaction]` table).
+    pub redaction: RedactionConfig,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, e.g.
+    /// `0.0.0.0:9090`. Default: not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Registry database: `sqlite:PATH` (created if missing) or
     /// `postgres://user:pass@host/db`. Default `sqlite:runfleet.db`.
     pub database_url: String,
@@ -87,6 +107,10 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            nats: NatsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            redaction: RedactionConfig::default(),
+            metrics_addr: None,
             database_url: "sqlite:runfleet.db".to_owned(),
             prefix: Prefix::default().as_str().to_owned(),
             lease_ttl: Duration::from_secs(15),
@@ -153,6 +177,9 @@ impl CoordinatorConfig {
         if self.recovery_min_age.is_zero() {
             return Err(invalid("recovery_min_age", "must be longer than 0s"));
         }
+        self.nats.validate()?;
+        self.telemetry.validate()?;
+        runfleet_ops::redact::Redactor::new(&self.redaction)?;
         Ok(())
     }
 
@@ -202,7 +229,7 @@ mod tests {
         for (key, config) in cases {
             match config.validate() {
                 Err(Error::Invalid { key: got, .. }) => assert_eq!(got, key),
-                Ok(()) => panic!("{key} should be rejected"),
+                other => panic!("{key} should be rejected as invalid: {other:?}"),
             }
         }
     }

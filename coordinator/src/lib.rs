@@ -31,7 +31,14 @@ pub mod setup;
 
 pub use config::CoordinatorConfig;
 
+use std::sync::Arc;
+
 use async_nats::jetstream;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use runfleet_ops::http::Probe;
+use runfleet_ops::redact::Redactor;
+use runfleet_protocol::Names;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -47,13 +54,9 @@ pub enum Error {
     /// The configuration is invalid; the message names the key.
     #[error(transparent)]
     Config(#[from] config::Error),
-    /// NATS is unreachable or refused the connection. Retryable.
-    #[error("could not connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: async_nats::ConnectError,
-    },
+    /// NATS refused the credentials or the TLS handshake failed.
+    #[error(transparent)]
+    Connect(#[from] runfleet_ops::nats::Error),
     #[error(transparent)]
     Setup(#[from] setup::Error),
     #[error(transparent)]
@@ -74,6 +77,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Coordinator {
     client: async_nats::Client,
+    names: Names,
+    topology: setup::Topology,
     registry: Registry,
     api: Api,
     projector: Projector,
@@ -83,14 +88,21 @@ pub struct Coordinator {
 impl Coordinator {
     /// Validates `config`, connects to NATS, creates or updates the streams
     /// and buckets, connects to the registry and applies its migrations.
+    ///
+    /// While NATS is unreachable it keeps trying (logging each attempt);
+    /// refused credentials or a failed TLS handshake fail at once. Cancel by
+    /// dropping the future.
     pub async fn start(config: CoordinatorConfig) -> Result<Self, Error> {
         config.validate()?;
         let names = config.names()?;
-        let client = async_nats::ConnectOptions::new()
-            .name("runfleet-coordinator")
-            .connect(config.nats_url.as_str())
-            .await
-            .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
+        let redactor = Redactor::new(&config.redaction).map_err(config::Error::from)?;
+        let client = runfleet_ops::nats::connect_waiting(
+            &config.nats_url,
+            &config.nats,
+            "runfleet-coordinator",
+            &CancellationToken::new(),
+        )
+        .await?;
         let js = jetstream::new(client.clone());
         let topology = setup::ensure(&js, &names, &config).await?;
         let registry = Registry::connect(&config.database_url).await?;
@@ -108,9 +120,23 @@ impl Coordinator {
             registry.clone(),
             RecoveryConfig { interval: config.recovery_interval, min_age: config.recovery_min_age },
         );
-        let api = Api::new(client.clone(), names, &topology, registry.clone(), limits);
+        let api = Api::new(client.clone(), names.clone(), &topology, registry.clone(), limits, redactor);
         info!(prefix = %config.prefix, "coordinator started");
-        Ok(Self { client, registry, api, projector, recovery })
+        Ok(Self { client, names, topology, registry, api, projector, recovery })
+    }
+
+    /// What `/readyz` and `/metrics` ask this coordinator: ready when
+    /// connected to NATS with every stream and bucket in place and the
+    /// registry reachable and migrated; refreshes the jobs-pending and
+    /// projector-lag gauges at scrape time.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(CoordinatorProbe {
+            client: self.client.clone(),
+            names: self.names.clone(),
+            jobs: self.topology.jobs.clone(),
+            events: self.topology.events.clone(),
+            registry: self.registry.clone(),
+        })
     }
 
     /// The coordinator's NATS connection.
@@ -145,6 +171,39 @@ impl Coordinator {
         self.registry.close().await;
         info!("coordinator stopped");
         api.and(projector).and(recovery)
+    }
+}
+
+struct CoordinatorProbe {
+    client: async_nats::Client,
+    names: Names,
+    jobs: jetstream::stream::Stream,
+    events: jetstream::stream::Stream,
+    registry: Registry,
+}
+
+impl Probe for CoordinatorProbe {
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async {
+            runfleet_ops::ready::nats(&self.client, &self.names).await?;
+            self.registry.ready().await
+        })
+    }
+
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            let metrics = runfleet_ops::metrics::get();
+            let mut consumers = self.jobs.consumers();
+            while let Some(Ok(info)) = consumers.next().await {
+                if let Some((queue, band)) = self.names.parse_job_consumer(&info.name) {
+                    let pending = i64::try_from(info.num_pending).unwrap_or(i64::MAX);
+                    metrics.jobs_pending.with_label_values(&[queue.as_str(), &band.to_string()]).set(pending);
+                }
+            }
+            if let Ok(info) = self.events.consumer_info(self.names.projector_consumer()).await {
+                metrics.projector_lag.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+            }
+        })
     }
 }
 

@@ -484,6 +484,10 @@ impl Runs {
         };
         let written = self.append_cancelled(tenant, run_id, reason).await;
         if matches!(written, Ok(Cancelled::Written)) {
+            runfleet_ops::metrics::get()
+                .runs_cancelled
+                .with_label_values(&[job.queue.as_str(), job.agent.as_str()])
+                .inc();
             // The run is terminal: a job or timer left behind would only
             // make a worker claim it to find that out.
             if let Err(error) = self.purge_dispatch(job).await {
@@ -515,6 +519,7 @@ impl Runs {
                 ts_ms: time::now_ms(),
                 attempt: last.event.attempt,
                 worker_id: None,
+                trace_id: last.event.trace_id.clone(),
                 body: EventBody::Cancelled(RunCancelled { reason: reason.clone() }),
             };
             if self.append(&event, last.stream_seq).await? {
@@ -550,7 +555,17 @@ pub fn job_of(created: &Event) -> Option<Job> {
         input: body.input.clone(),
         max_attempts: body.max_attempts,
         created_us: created.ts_ms.saturating_mul(1000),
+        traceparent: created.trace_id.as_deref().map(|trace| recovered_traceparent(trace, created.run_id)),
     })
+}
+
+/// A `traceparent` in the run's trace for a job rebuilt from `run.created`
+/// (the submission's span id is not stored): its parent span id is derived
+/// from the run id, so a re-dispatched attempt stays in the run's trace.
+fn recovered_traceparent(trace_id: &str, run_id: RunId) -> String {
+    let uuid = run_id.as_uuid();
+    let bytes = uuid.as_bytes();
+    format!("00-{trace_id}-{}-01", hex::encode(&bytes[8..]))
 }
 
 /// The event in a stored message, or `None` (logged) if it does not decode.

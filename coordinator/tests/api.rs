@@ -395,6 +395,7 @@ async fn projector_skips_events_the_registry_refuses() {
         ts_ms: 1,
         attempt: 0,
         worker_id: None,
+        trace_id: None,
         body,
     };
     let poison = event(RunId::generate(), EventBody::Started(RunStarted { delivery: 1 }));

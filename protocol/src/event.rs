@@ -26,11 +26,28 @@ pub struct Event {
     /// The worker that wrote the event, if a worker did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<WorkerId>,
+    /// The OpenTelemetry trace of the run (W3C trace id, 32 lowercase hex
+    /// digits): every event of a run carries the trace id of its submission,
+    /// whichever worker wrote it. Absent when tracing is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     #[serde(flatten)]
     pub body: EventBody,
 }
 
 impl Event {
+    /// The free-form JSON this event carries (run input, tool arguments,
+    /// agent event data, run output), for redaction before publishing.
+    pub fn payload_mut(&mut self) -> Option<&mut Value> {
+        match &mut self.body {
+            EventBody::Created(created) => Some(&mut created.input),
+            EventBody::ApprovalRequested(request) => Some(&mut request.arguments),
+            EventBody::Agent(agent) => Some(&mut agent.data),
+            EventBody::Completed(completed) => Some(&mut completed.output),
+            _ => None,
+        }
+    }
+
     /// The run's state after this event.
     pub fn state_after(&self) -> RunState {
         self.body.state_after()

@@ -18,4 +18,8 @@ pub struct Job {
     pub max_attempts: u32,
     /// When the run was created, µs since the Unix epoch (for latency metrics).
     pub created_us: i64,
+    /// W3C `traceparent` of the submission, so every attempt of the run, on
+    /// any worker, joins the submission's trace. Absent when tracing is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }

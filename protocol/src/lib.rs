@@ -22,6 +22,7 @@ pub mod job;
 pub mod lease;
 pub mod limits;
 pub mod names;
+pub mod semconv;
 pub mod signal;
 pub mod state;
 pub mod time;

@@ -195,6 +195,13 @@ impl Names {
         format!("jobs-{queue}-p{band}")
     }
 
+    /// The queue and band of a [`Names::job_consumer`] name.
+    pub fn parse_job_consumer(&self, name: &str) -> Option<(QueueName, u8)> {
+        let (queue, band) = name.strip_prefix("jobs-")?.rsplit_once("-p")?;
+        let band = band.parse().ok()?;
+        Some((QueueName::new(queue.to_owned()).ok()?, band))
+    }
+
     /// The de-duplication id of a job publish. `dispatch` distinguishes
     /// deliberate re-dispatches of the same run from retried publishes.
     pub fn job_msg_id(&self, run: RunId, dispatch: u32) -> String {
@@ -399,6 +406,9 @@ mod tests {
         let queue = QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}"));
         let run = RunId::generate();
         assert_eq!(n.api(&tenant, VERB_SUBMIT), "runfleet.api.acme.submit");
+        let pool = QueueName::new("gpu-pool").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n.parse_job_consumer(&n.job_consumer(&pool, 3)), Some((pool, 3)));
+        assert_eq!(n.parse_job_consumer("projector"), None);
         assert_eq!(n.api_tenant_token("runfleet.api.acme.submit"), Some("acme"));
         assert_eq!(n.api_tenant_token("other.api.acme.submit"), None);
         assert_eq!(n.job(&queue, 2, run), format!("runfleet.jobs.gpu.p2.{run}"));

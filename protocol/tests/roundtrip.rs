@@ -160,14 +160,24 @@ fn body() -> impl Strategy<Value = EventBody> {
 }
 
 fn event() -> impl Strategy<Value = Event> {
-    (run_id(), tenant(), any::<u64>(), any::<i64>(), any::<u32>(), proptest::option::of(worker_id()), body())
-        .prop_map(|(run_id, tenant, seq, ts_ms, attempt, worker_id, body)| Event {
+    (
+        run_id(),
+        tenant(),
+        any::<u64>(),
+        any::<i64>(),
+        any::<u32>(),
+        proptest::option::of(worker_id()),
+        proptest::option::of("[0-9a-f]{32}"),
+        body(),
+    )
+        .prop_map(|(run_id, tenant, seq, ts_ms, attempt, worker_id, trace_id, body)| Event {
             run_id,
             tenant,
             seq,
             ts_ms,
             attempt,
             worker_id,
+            trace_id,
             body,
         })
 }
@@ -226,8 +236,9 @@ proptest! {
 
     #[test]
     fn jobs_roundtrip(run_id in run_id(), tenant in tenant(), agent in agent(), queue in queue(),
-                      priority in 0u8..5, input in json(), max_attempts in any::<u32>(), created_us in any::<i64>()) {
-        roundtrip(&Job { run_id, tenant, agent, queue, priority, input, max_attempts, created_us })?;
+                      priority in 0u8..5, input in json(), max_attempts in any::<u32>(), created_us in any::<i64>(),
+                      traceparent in proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01")) {
+        roundtrip(&Job { run_id, tenant, agent, queue, priority, input, max_attempts, created_us, traceparent })?;
     }
 
     #[test]
@@ -304,6 +315,7 @@ fn event_wire_shape_is_flat_with_type_and_data() {
         ts_ms: 1,
         attempt: 1,
         worker_id: None,
+        trace_id: None,
         body: EventBody::Completed(RunCompleted { output: serde_json::json!({"x": 1}) }),
     };
     let bytes = encode(&event).unwrap_or_else(|e| panic!("{e}"));

@@ -551,6 +551,7 @@ mod tests {
             ts_ms: 0,
             attempt: 1,
             worker_id: Some(worker.clone()),
+            trace_id: None,
             body,
         });
         events.collect()

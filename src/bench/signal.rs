@@ -336,6 +336,7 @@ mod tests {
             ts_ms: 0,
             attempt: 1,
             worker_id: None,
+            trace_id: None,
             body,
         }
     }

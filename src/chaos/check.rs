@@ -721,6 +721,7 @@ mod tests {
                 ts_ms: 0,
                 attempt,
                 worker_id: worker_id.map(worker),
+                trace_id: None,
                 body,
             });
         }

@@ -6,8 +6,12 @@
 //! [`WorkerConfig::validate`] before [`crate::Worker::start`] (which calls it
 //! too) to get an error that names the offending key.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use runfleet_ops::nats::NatsConfig;
+use runfleet_ops::redact::RedactionConfig;
+use runfleet_ops::telemetry::TelemetryConfig;
 use runfleet_protocol::names::Prefix;
 use runfleet_protocol::{QueueName, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -37,6 +41,10 @@ pub enum Error {
     InlineLimit { got: usize, max: usize },
     #[error("worker.retry_backoff_max must not be below worker.retry_backoff_min")]
     BackoffOrder,
+    /// A shared table (`[nats]`, `[telemetry]`, `[redaction]`) is invalid;
+    /// the message names the key.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// Configuration of one worker process.
@@ -46,6 +54,16 @@ pub struct WorkerConfig {
     /// NATS server URL(s) to connect to, comma separated. Default
     /// `"nats://127.0.0.1:4222"`.
     pub nats_url: String,
+    /// NATS credentials and TLS (the shared `[nats]` table).
+    pub nats: NatsConfig,
+    /// Logs and traces (the shared `[telemetry]` table).
+    pub telemetry: TelemetryConfig,
+    /// Key patterns redacted from event payloads (the shared `[redaction]` table).
+    pub redaction: RedactionConfig,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`, e.g.
+    /// `0.0.0.0:9090`. Default: not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Prefix of every subject, stream and bucket name; must match the
     /// coordinator's. Lowercase letters, digits, `-` and `_`. Default
     /// `"runfleet"`.
@@ -118,6 +136,10 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
+            nats: NatsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            redaction: RedactionConfig::default(),
+            metrics_addr: None,
             prefix: Prefix::default().as_str().to_owned(),
             queues: vec![QueueName::default_queue()],
             slots: 4,
@@ -142,6 +164,9 @@ impl WorkerConfig {
             return Err(Error::EmptyNatsUrl);
         }
         self.prefix()?;
+        self.nats.validate().map_err(|e| Error::Shared(e.to_string()))?;
+        self.telemetry.validate().map_err(|e| Error::Shared(e.to_string()))?;
+        runfleet_ops::redact::Redactor::new(&self.redaction).map_err(|e| Error::Shared(e.to_string()))?;
         if self.queues.is_empty() {
             return Err(Error::NoQueues);
         }

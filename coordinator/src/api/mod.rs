@@ -34,7 +34,9 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use runfleet_ops::redact::Redactor;
+use runfleet_ops::telemetry;
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::registry::Registry;
 use crate::runs::{self, Runs};
@@ -81,20 +83,32 @@ struct Inner {
     idempotency: kv::Store,
     registry: Registry,
     limits: ApiLimits,
+    redactor: Redactor,
 }
 
 impl Api {
+    /// `redactor` cleans the run inputs in `run.created` events (the job
+    /// keeps the real input for the worker).
     pub fn new(
         client: async_nats::Client,
         names: Names,
         topology: &Topology,
         registry: Registry,
         limits: ApiLimits,
+        redactor: Redactor,
     ) -> Self {
         let js = jetstream::new(client.clone());
         let runs = Runs::new(js.clone(), names.clone(), topology);
-        let inner =
-            Inner { client, js, names, runs, idempotency: topology.idempotency.clone(), registry, limits };
+        let inner = Inner {
+            client,
+            js,
+            names,
+            runs,
+            idempotency: topology.idempotency.clone(),
+            registry,
+            limits,
+            redactor,
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -172,8 +186,17 @@ impl Api {
         tasks
     }
 
-    /// Answers one request; never fails (a failure to send the reply is logged).
+    /// Answers one request; never fails (a failure to send the reply is
+    /// logged). The request's span joins the caller's trace when the request
+    /// carries a `traceparent` header.
     async fn handle(&self, verb: &'static str, request: Request) {
+        let token = self.inner.names.api_tenant_token(request.message.subject.as_str()).unwrap_or_default();
+        let span = info_span!("api", otel.name = %format!("runfleet.api.{verb}"), otel.kind = "server", verb, tenant = token);
+        telemetry::set_parent_from_headers(&span, request.message.headers.as_ref());
+        self.answer(verb, request).instrument(span).await;
+    }
+
+    async fn answer(&self, verb: &'static str, request: Request) {
         let started = Instant::now();
         let subject = request.message.subject.as_str();
         let token = self.inner.names.api_tenant_token(subject).unwrap_or_default();

@@ -18,6 +18,8 @@ use runfleet_protocol::idempotency::{self, IdempotencyRecord};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use runfleet_protocol::{codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId};
+use runfleet_ops::redact::Redactor;
+use runfleet_ops::telemetry;
 use tracing::{info, instrument, warn};
 
 use super::{unavailable, Api};
@@ -33,17 +35,32 @@ struct NewRun {
     tenant: TenantId,
     submit: ValidSubmit,
     record: IdempotencyRecord,
+    /// The submit request's trace context (`traceparent`), if traced.
+    trace: Option<String>,
 }
 
 impl NewRun {
-    fn created_event(&self) -> Event {
-        Event {
+    fn new(tenant: TenantId, submit: ValidSubmit, record: IdempotencyRecord) -> Self {
+        Self { tenant, submit, record, trace: telemetry::traceparent() }
+    }
+
+    fn count_submitted(&self) {
+        runfleet_ops::metrics::get()
+            .runs_submitted
+            .with_label_values(&[self.submit.queue.as_str(), self.submit.agent.as_str()])
+            .inc();
+    }
+
+    /// The `run.created` event, its input redacted.
+    fn created_event(&self, redactor: &Redactor) -> Event {
+        let mut event = Event {
             run_id: self.record.run_id,
             tenant: self.tenant.clone(),
             seq: 1,
             ts_ms: self.record.created_ms,
             attempt: 0,
             worker_id: None,
+            trace_id: self.trace.as_deref().and_then(trace_id_of),
             body: EventBody::Created(RunCreated {
                 agent: self.submit.agent.clone(),
                 queue: self.submit.queue.clone(),
@@ -52,7 +69,11 @@ impl NewRun {
                 max_attempts: self.submit.max_attempts,
                 idempotency_key: self.submit.idempotency_key.as_ref().map(|k| k.as_str().to_owned()),
             }),
+        };
+        if event.payload_mut().is_some_and(|input| redactor.redact(input)) {
+            runfleet_ops::metrics::get().events_redacted.inc();
         }
+        event
     }
 
     fn job(&self) -> Job {
@@ -65,8 +86,14 @@ impl NewRun {
             input: self.submit.input.clone(),
             max_attempts: self.submit.max_attempts,
             created_us: self.record.created_us,
+            traceparent: self.trace.clone(),
         }
     }
+}
+
+/// The trace id inside a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    traceparent.split('-').nth(1).map(str::to_owned)
 }
 
 fn fresh_record(fingerprint: String) -> IdempotencyRecord {
@@ -93,8 +120,9 @@ impl Api {
         let submit = request.validate(limits.max_input_bytes, limits.default_max_attempts)?;
         match submit.idempotency_key.clone() {
             None => {
-                let run = NewRun { tenant, submit, record: fresh_record(String::new()) };
+                let run = NewRun::new(tenant, submit, fresh_record(String::new()));
                 self.publish_run(&run).await?;
+                run.count_submitted();
                 info!(run_id = %run.record.run_id, agent = %run.submit.agent, queue = %run.submit.queue, "run submitted");
                 Ok(SubmitResponse { run_id: run.record.run_id, state: RunState::Queued, created: true })
             }
@@ -117,8 +145,9 @@ impl Api {
             let value = codec::encode(&record).map_err(|e| internal("idempotency record", e))?;
             match self.inner.idempotency.create(&kv_key, Bytes::from(value)).await {
                 Ok(_) => {
-                    let run = NewRun { tenant, submit, record };
+                    let run = NewRun::new(tenant, submit, record);
                     self.publish_run(&run).await?;
+                    run.count_submitted();
                     info!(run_id = %run.record.run_id, "run submitted with idempotency key");
                     return Ok(SubmitResponse {
                         run_id: run.record.run_id,
@@ -142,7 +171,7 @@ impl Api {
                             field: Some("idempotency_key".to_owned()),
                         });
                     }
-                    return self.resubmit(NewRun { tenant, submit, record: existing }).await;
+                    return self.resubmit(NewRun::new(tenant, submit, existing)).await;
                 }
                 Err(error) => return Err(unavailable("could not create the idempotency key", error)),
             }
@@ -182,7 +211,7 @@ impl Api {
     async fn publish_run(&self, run: &NewRun) -> Result<(), ApiError> {
         let names = &self.inner.names;
         let run_id = run.record.run_id;
-        let event = codec::encode(&run.created_event()).map_err(|e| internal("run.created event", e))?;
+        let event = codec::encode(&run.created_event(&self.inner.redactor)).map_err(|e| internal("run.created event", e))?;
         let mut headers = content_headers(&names.event_msg_id(run_id, 1));
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);

@@ -186,6 +186,23 @@ impl Registry {
         self.pool.close().await;
     }
 
+    /// `Ok` when the database answers and holds every migration this build
+    /// knows, else why not (for `/readyz`).
+    pub async fn ready(&self) -> Result<(), String> {
+        let expected = match self.backend {
+            Backend::Sqlite => sqlite::MIGRATOR.iter().count(),
+            Backend::Postgres => postgres::MIGRATOR.iter().count(),
+        };
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| format!("registry database: {e}"))?;
+        if usize::try_from(applied).unwrap_or(0) < expected {
+            return Err(format!("registry database has {applied} of {expected} migrations applied"));
+        }
+        Ok(())
+    }
+
     /// Records `events` in one transaction.
     ///
     /// Idempotent and order-independent: an event already stored is ignored,

@@ -5,6 +5,9 @@ use tracing::debug;
 
 use super::Error;
 
+/// The schema migrations this build applies.
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
 /// The advisory lock key held while migrating ("runfleet" in ASCII).
 const MIGRATION_LOCK_KEY: i64 = 0x7275_6e66_6c65_6574;
 
@@ -20,7 +23,7 @@ pub(super) async fn migrate(url: &str) -> Result<(), Error> {
         .await
         .map_err(|source| Error::Query { what: "taking the migration lock", source })?;
     debug!("holding the registry migration lock");
-    let migrated = sqlx::migrate!("../migrations/postgres")
+    let migrated = MIGRATOR
         .run(&mut conn)
         .await
         .map_err(|source| Error::Migrate { backend: "postgres", source });

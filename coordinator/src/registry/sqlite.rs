@@ -11,6 +11,9 @@ use tracing::debug;
 
 use super::Error;
 
+/// The schema migrations this build applies.
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
 /// How long a connection waits for another writer before failing.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,7 +51,7 @@ async fn migrate_once(url: &str) -> Result<(), Error> {
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(BUSY_TIMEOUT);
     let mut conn = options.connect().await.map_err(connect_error)?;
-    sqlx::migrate!("../migrations/sqlite")
+    MIGRATOR
         .run(&mut conn)
         .await
         .map_err(|source| Error::Migrate { backend: "sqlite", source })?;

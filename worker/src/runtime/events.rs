@@ -12,6 +12,10 @@ use async_nats::HeaderMap;
 use futures::StreamExt;
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
+use runfleet_ops::metrics;
+use runfleet_ops::redact::Redactor;
+use runfleet_ops::telemetry;
+use runfleet_protocol::job::Job;
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
 
 /// Why an event could not be appended.
@@ -139,6 +143,12 @@ pub async fn failures_before(events: &stream::Stream, names: &Names, last: &Last
 pub struct EventLog {
     js: jetstream::Context,
     names: Names,
+    redactor: Redactor,
+    /// The run's queue and agent, the labels of the run metrics.
+    labels: [String; 2],
+    created_us: i64,
+    /// The run's trace id, carried by every event.
+    trace_id: Option<String>,
     subject: String,
     run_id: RunId,
     tenant: TenantId,
@@ -155,21 +165,33 @@ pub struct EventLog {
     lost: bool,
 }
 
+/// What every event of a worker's runs is written with.
+#[derive(Debug, Clone)]
+pub struct LogWriter {
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub worker_id: WorkerId,
+    /// Cleans event payloads before they are published.
+    pub redactor: Redactor,
+}
+
 impl EventLog {
-    /// A log that continues after `last`, written by `attempt`.
-    pub fn new(
-        js: jetstream::Context,
-        names: Names,
-        worker_id: WorkerId,
-        attempt: u32,
-        last: &LastEvent,
-    ) -> Self {
+    /// `job`'s log, continuing after `last`, written by `attempt`. Events
+    /// carry the run's trace id: the one its log already has, else the
+    /// current span's.
+    pub fn new(writer: &LogWriter, job: &Job, attempt: u32, last: &LastEvent) -> Self {
+        let LogWriter { js, names, worker_id, redactor } = writer.clone();
         let run_id = last.event.run_id;
         let tenant = last.event.tenant.clone();
+        let trace_id = last.event.trace_id.clone().or_else(|| telemetry::trace_id(&tracing::Span::current()));
         Self {
             subject: names.run_events(&tenant, run_id),
             js,
             names,
+            redactor,
+            labels: [job.queue.as_str().to_owned(), job.agent.as_str().to_owned()],
+            created_us: job.created_us,
+            trace_id,
             run_id,
             tenant,
             worker_id,
@@ -243,15 +265,19 @@ impl EventLog {
     async fn try_append(&mut self, body: EventBody) -> Result<u64, Error> {
         let seq = self.next_seq;
         let run_id = self.run_id;
-        let event = Event {
+        let mut event = Event {
             run_id,
             tenant: self.tenant.clone(),
             seq,
             ts_ms: time::now_ms(),
             attempt: self.attempt,
             worker_id: Some(self.worker_id.clone()),
+            trace_id: self.trace_id.clone(),
             body,
         };
+        if event.payload_mut().is_some_and(|payload| self.redactor.redact(payload)) {
+            metrics::get().events_redacted.inc();
+        }
         let payload = codec::encode(&event).map_err(|source| Error::Encode { run_id, source })?;
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
@@ -269,12 +295,32 @@ impl EventLog {
             Ok(ack) => {
                 self.next_seq = seq + 1;
                 self.last_stream_seq = ack.sequence;
+                self.count(&event.body);
                 Ok(seq)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 Err(Error::LeaseLost { run_id, seq })
             }
             Err(source) => Err(Error::Publish { run_id, source }),
+        }
+    }
+
+    /// Moves the run metrics for an event that is now stored.
+    fn count(&self, body: &EventBody) {
+        let m = metrics::get();
+        let labels = [self.labels[0].as_str(), self.labels[1].as_str()];
+        match body {
+            EventBody::Started(_) => {
+                m.runs_started.with_label_values(&labels).inc();
+                let waited_us = time::now_us().saturating_sub(self.created_us).max(0);
+                #[allow(clippy::cast_precision_loss)]
+                m.submit_to_start.with_label_values(&labels).observe(waited_us as f64 / 1e6);
+            }
+            EventBody::Resumed(_) => m.runs_resumed.with_label_values(&labels).inc(),
+            EventBody::Completed(_) => m.runs_completed.with_label_values(&labels).inc(),
+            EventBody::Failed(_) => m.runs_failed.with_label_values(&labels).inc(),
+            EventBody::Cancelled(_) => m.runs_cancelled.with_label_values(&labels).inc(),
+            _ => {}
         }
     }
 }

@@ -44,9 +44,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 }
 
 async fn beat(shared: &Shared, held: &Arc<Held>) {
+    let metrics = runfleet_ops::metrics::get();
     match held.beat(&shared.leases).await {
-        Ok(_) => {}
+        Ok(_) => metrics.lease_renewals.inc(),
         Err(lease::Error::Lost { .. }) => {
+            metrics.lease_losses.inc();
             warn!(run_id = %held.run_id, "lease lost (changed by someone else); run stopped");
         }
         Err(e) => warn!(run_id = %held.run_id, error = %e, "lease renewal failed; retrying next beat"),

@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, kv, object_store, stream};
-use async_nats::{ConnectOptions, Subscriber};
+use async_nats::Subscriber;
+use futures::future::BoxFuture;
+use runfleet_ops::http::Probe;
+use runfleet_ops::redact::Redactor;
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
 use runfleet_protocol::limits::PRIORITY_BANDS;
@@ -34,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{self, WorkerConfig};
+use crate::runtime::events::LogWriter;
 use crate::sdk::Agents;
 use lease::Held;
 
@@ -55,8 +59,9 @@ const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error(transparent)]
     Config(#[from] config::Error),
-    #[error("could not connect to NATS at {url}: {source}")]
-    Connect { url: String, source: async_nats::ConnectError },
+    /// NATS refused the credentials or the TLS handshake failed.
+    #[error(transparent)]
+    Connect(#[from] runfleet_ops::nats::Error),
     #[error("stream {stream} does not allow direct gets; the coordinator must create it with allow_direct")]
     DirectGetDisabled { stream: String },
     #[error("could not create or update job consumer {name}: {source}")]
@@ -75,6 +80,8 @@ pub(crate) struct Shared {
     pub config: WorkerConfig,
     pub names: Names,
     pub js: jetstream::Context,
+    /// What the runs' event logs are written with.
+    pub writer: LogWriter,
     pub events: stream::Stream,
     /// The jobs stream, which also holds the runs' timers.
     pub jobs: stream::Stream,
@@ -182,11 +189,15 @@ impl Worker {
         config.validate()?;
         let names = Names::new(config.prefix()?);
         let id = config.worker_id.clone().unwrap_or_else(WorkerId::generate);
-        let client = ConnectOptions::new()
-            .name(format!("runfleet-worker {id}"))
-            .connect(config.nats_url.as_str())
-            .await
-            .map_err(|source| Error::Connect { url: config.nats_url.clone(), source })?;
+        let redactor =
+            Redactor::new(&config.redaction).map_err(|e| config::Error::Shared(e.to_string()))?;
+        let client = runfleet_ops::nats::connect_waiting(
+            &config.nats_url,
+            &config.nats,
+            &format!("runfleet-worker {id}"),
+            &CancellationToken::new(),
+        )
+        .await?;
         let js = jetstream::new(client.clone());
 
         let Infrastructure { jobs, events, leases, workers, checkpoints, blobs, signals, control } =
@@ -235,11 +246,13 @@ impl Worker {
             wake.push(subscriber);
         }
 
+        let writer = LogWriter { js: js.clone(), names: names.clone(), worker_id: id.clone(), redactor };
         let shared = Arc::new(Shared {
             id,
             config,
             names,
             js,
+            writer,
             events,
             jobs: jobs.clone(),
             leases,
@@ -273,6 +286,12 @@ impl Worker {
     /// This worker's identity (in leases, events and the registry).
     pub fn id(&self) -> &WorkerId {
         &self.shared.id
+    }
+
+    /// What `/readyz` asks this worker: ready when connected to NATS with
+    /// every stream and bucket in place.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(WorkerProbe { client: self.shared.js.client(), names: self.shared.names.clone() })
     }
 
     /// Runs the pull loop until `shutdown` is cancelled, then drains: stops
@@ -310,6 +329,9 @@ impl Worker {
                 break;
             }
             let free = slots.saturating_sub(runs.len());
+            let metrics = runfleet_ops::metrics::get();
+            metrics.worker_running.set(i64::try_from(runs.len()).unwrap_or(i64::MAX));
+            metrics.worker_free_slots.set(i64::try_from(free).unwrap_or(i64::MAX));
             if free == 0 {
                 // Keep consuming wake-ups while busy: a subscription left
                 // unread buffers up to the client's subscription capacity.
@@ -380,6 +402,17 @@ impl Worker {
         }
         info!(worker_id = %shared.id, "worker stopped");
         Ok(())
+    }
+}
+
+struct WorkerProbe {
+    client: async_nats::Client,
+    names: Names,
+}
+
+impl Probe for WorkerProbe {
+    fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(runfleet_ops::ready::nats(&self.client, &self.names))
     }
 }
 

@@ -23,7 +23,8 @@ use runfleet_protocol::lease::Lease;
 use runfleet_protocol::{codec, time, ErrorCode, RunId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use runfleet_ops::telemetry;
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::checkpoints::{CheckpointLog, Writer};
 use super::control::{self, CancelSlot};
@@ -64,14 +65,32 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: Message, shutdown: Shut
             return;
         }
     };
-    debug!(run_id = %job.run_id, stream_seq, delivered, "job received");
-    // Registered before the claim reads the control bucket, so a cancel
-    // request is either seen by that read or delivered by the watch.
-    let cancel = shared.cancels.register(job.run_id);
-    let Some(claim) = claim(&shared, job, acker, delivered, cancel.slot()).await else {
-        return;
-    };
-    execute(&shared, claim, cancel.slot(), shutdown).await;
+    // One span per attempt, in the trace of the run's submission: its
+    // fields are on every log line and its steps are its children.
+    let span = info_span!(
+        "run",
+        otel.name = %format!("run {}", job.agent),
+        otel.kind = "consumer",
+        run_id = %job.run_id,
+        tenant = %job.tenant,
+        agent = %job.agent,
+        worker_id = %shared.id,
+        attempt = tracing::field::Empty,
+    );
+    telemetry::set_parent(&span, job.traceparent.as_deref());
+    async move {
+        debug!(stream_seq, delivered, "job received");
+        // Registered before the claim reads the control bucket, so a cancel
+        // request is either seen by that read or delivered by the watch.
+        let cancel = shared.cancels.register(job.run_id);
+        let Some(claim) = claim(&shared, job, acker, delivered, cancel.slot()).await else {
+            return;
+        };
+        tracing::Span::current().record("attempt", claim.lease.attempt);
+        execute(&shared, claim, cancel.slot(), shutdown).await;
+    }
+    .instrument(span)
+    .await;
 }
 
 /// A claimed run: the lease is held, the attempt's first event
@@ -216,13 +235,7 @@ async fn claim(
             }
         };
         if let Some(request) = request {
-            let mut log = EventLog::new(
-                shared.js.clone(),
-                shared.names.clone(),
-                shared.id.clone(),
-                last.event.attempt,
-                &last,
-            );
+            let mut log = EventLog::new(&shared.writer, &job, last.event.attempt, &last);
             match log.append(EventBody::Cancelled(RunCancelled { reason: request.reason })).await {
                 Ok(_) => {
                     info!(run_id = %run_id, "run cancelled before it resumed");
@@ -288,13 +301,7 @@ async fn claim(
         };
         if failures >= job.max_attempts {
             // Written as the last attempt: no new attempt starts.
-            let mut log = EventLog::new(
-                shared.js.clone(),
-                shared.names.clone(),
-                shared.id.clone(),
-                last.event.attempt,
-                &last,
-            );
+            let mut log = EventLog::new(&shared.writer, &job, last.event.attempt, &last);
             let body = EventBody::Failed(RunFailed { error: attempts_exhausted(&job, &last, failures) });
             match log.append(body).await {
                 Ok(_) => {
@@ -356,7 +363,7 @@ async fn claim(
         };
 
         let mut log =
-            EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
+            EventLog::new(&shared.writer, &job, attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
             return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
@@ -485,7 +492,6 @@ enum Ended {
     Cancelled,
 }
 
-#[tracing::instrument(skip_all, fields(run_id = %claim.job.run_id, attempt = claim.lease.attempt))]
 async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: Shutdown) {
     let Claim { job, acker, key, lease, revision, log, checkpoints, failures } = claim;
     let run_id = job.run_id;
@@ -582,7 +588,7 @@ async fn outcome_of(
                     return Outcome::Interrupted(None);
                 }
                 *log =
-                    EventLog::new(shared.js.clone(), shared.names.clone(), shared.id.clone(), attempt, &last);
+                    EventLog::new(&shared.writer, &job, attempt, &last);
                 match append_terminal(log, stop, body.clone()).await {
                     Outcome::Interrupted(Some(e)) if e.is_lease_lost() => {
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -11,6 +11,7 @@ use runfleet_protocol::event::{EventBody, StepCompleted, StepFailed, StepStarted
 use runfleet_protocol::{ErrorCode, RunId, WorkerId};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{AgentError, Interruption, RunContext};
 use crate::runtime::checkpoints;
@@ -310,12 +311,15 @@ impl RunContext {
                 run_attempt: self.attempt(),
                 fencing_token: self.checkpoints.fencing_token(),
             };
+            let span = tracing::info_span!("step", otel.name = %format!("step {name}"), step = name, index, attempt);
             let started = Instant::now();
             let result = match options.timeout {
-                Some(timeout) => tokio::time::timeout(timeout, f(step)).await.unwrap_or_else(|_| {
-                    Err(StepError::retryable(format!("timed out after {}", humantime(timeout))))
-                }),
-                None => f(step).await,
+                Some(timeout) => {
+                    tokio::time::timeout(timeout, f(step).instrument(span.clone())).await.unwrap_or_else(|_| {
+                        Err(StepError::retryable(format!("timed out after {}", humantime(timeout))))
+                    })
+                }
+                None => f(step).instrument(span.clone()).await,
             };
             let duration = started.elapsed();
             let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
@@ -331,7 +335,7 @@ impl RunContext {
                     if self.stop.is_cancelled() {
                         return Err(AgentError::Interrupted(Interruption::Stopped));
                     }
-                    let blob = match self.checkpoints.write(index, name, value, duration).await {
+                    let blob = match self.checkpoints.write(index, name, value, duration).instrument(span).await {
                         Ok(blob) => blob,
                         Err(e) => {
                             if e.is_lease_lost() {
@@ -343,6 +347,10 @@ impl RunContext {
                     let completed =
                         StepCompleted { index, name: name.to_owned(), attempt, duration_ms, blob };
                     self.append(EventBody::StepCompleted(completed)).await?;
+                    runfleet_ops::metrics::get()
+                        .step_duration
+                        .with_label_values(&[self.agent.as_str()])
+                        .observe(started.elapsed().as_secs_f64());
                     return serde_json::from_value(recorded).map_err(|e| {
                         let message = format!(
                             "the output of step {index} ({name}) does not deserialize back into {}: {e}",

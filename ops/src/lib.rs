@@ -1,0 +1,17 @@
+//! What every runfleet process shares to be operated in production:
+//!
+//! - [`nats`]: connecting with the fleet's credentials (user/password, token,
+//!   NKey, credentials file, TLS with a custom CA and client certificates);
+//! - [`telemetry`]: text or JSON logs, OpenTelemetry traces exported over
+//!   OTLP, and W3C trace context carried in NATS headers;
+//! - [`metrics`]: the Prometheus metrics, named once in
+//!   `runfleet_protocol::metrics`;
+//! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
+//! - [`redact`]: secrets removed from event payloads before they are published.
+
+pub mod http;
+pub mod metrics;
+pub mod nats;
+pub mod ready;
+pub mod redact;
+pub mod telemetry;
