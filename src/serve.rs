@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::Args;
 use runfleet_coordinator::config::CoordinatorConfig;
 use runfleet_coordinator::Coordinator;
-use runfleet_worker::config::WorkerConfig;
 use runfleet_ops::http::Health;
+use runfleet_worker::config::WorkerConfig;
 use runfleet_worker::Worker;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -272,8 +272,12 @@ mod tests {
     fn database_passwords_are_hidden() {
         assert_eq!(hide_url_password("postgres://rf:s3cret@db:5432/rf"), "postgres://rf:***@db:5432/rf");
         assert_eq!(hide_url_password("sqlite:runfleet.db"), "sqlite:runfleet.db");
-        let mut v = serde_json::json!({"nats": {"password": "p", "user": "u"}, "database_url": "postgres://a:b@c/d"});
+        let mut v =
+            serde_json::json!({"nats": {"password": "p", "user": "u"}, "database_url": "postgres://a:b@c/d"});
         hide_secrets(&mut v);
-        assert_eq!(v, serde_json::json!({"nats": {"password": "***", "user": "u"}, "database_url": "postgres://a:***@c/d"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"nats": {"password": "***", "user": "u"}, "database_url": "postgres://a:***@c/d"})
+        );
     }
 }

@@ -603,6 +603,7 @@ mod tests {
             ts_ms: 1_700_000_000_123,
             attempt: 0,
             worker_id: None,
+            trace_id: None,
             body: EventBody::Created(RunCreated {
                 agent: AgentName::new("echo").unwrap_or_else(|e| panic!("{e}")),
                 queue: QueueName::new("gpu").unwrap_or_else(|e| panic!("{e}")),

@@ -223,6 +223,7 @@ impl Fixture {
             ts_ms: time::now_ms(),
             attempt,
             worker_id: Some(ok(WorkerId::new("w-test"))),
+            trace_id: None,
             body,
         };
         let mut headers = HeaderMap::new();
@@ -524,6 +525,7 @@ async fn publish_timer(f: &Fixture, run: RunId, at_ms: i64) {
         input: json!({"timer": true}),
         max_attempts: 3,
         created_us: 0,
+        traceparent: None,
     };
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);

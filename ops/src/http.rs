@@ -113,7 +113,8 @@ pub struct Server {
 impl Server {
     /// Binds `addr` (port 0 picks a free port), so a taken port fails at startup.
     pub async fn bind(addr: SocketAddr, health: Health) -> Result<Self, Error> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         Ok(Self { listener, health })
     }
 

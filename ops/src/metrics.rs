@@ -14,7 +14,8 @@ use runfleet_protocol::semconv::{self as sc, Kind, Metric};
 
 /// Latency buckets, in seconds: 0.25 ms … 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// Every metric of the process. A labelled metric appears in `/metrics`
@@ -41,6 +42,9 @@ pub struct Metrics {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The component this process serves metrics for, once set.
+static COMPONENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
@@ -80,8 +84,11 @@ impl Metrics {
         };
         let histogram_vec = |m: &Metric| {
             assert_eq!(m.kind, Kind::Histogram, "{} is declared as a {:?}", m.name, m.kind);
-            let h = HistogramVec::new(HistogramOpts::new(m.name, m.help).buckets(LATENCY_BUCKETS.to_vec()), m.labels)
-                .expect("valid histogram");
+            let h = HistogramVec::new(
+                HistogramOpts::new(m.name, m.help).buckets(LATENCY_BUCKETS.to_vec()),
+                m.labels,
+            )
+            .expect("valid histogram");
             registry.register(Box::new(h.clone())).expect("registered once");
             h
         };
@@ -106,15 +113,27 @@ impl Metrics {
         }
     }
 
-    /// Records which component this process is (`runfleet_build_info`).
+    /// Records which component this process is (`runfleet_build_info`):
+    /// `coordinator` or `worker`. [`Metrics::render`] then leaves out the
+    /// other component's metrics.
     pub fn set_component(&self, component: &str) {
         self.build_info.with_label_values(&[component, env!("CARGO_PKG_VERSION")]).set(1);
+        let _ = COMPONENT.set(component.to_owned());
     }
 
-    /// Every metric in the Prometheus text exposition format.
+    /// The component's metrics (every metric before [`Metrics::set_component`])
+    /// in the Prometheus text exposition format.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        if let Some(component) = COMPONENT.get() {
+            families.retain(|family| {
+                sc::ALL.iter().any(|m| {
+                    m.name == family.name() && (m.served_by == "both" || m.served_by == component.as_str())
+                })
+            });
+        }
         let mut out = String::new();
-        if let Err(error) = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+        if let Err(error) = prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
             tracing::error!(%error, "encoding metrics failed");
         }
         out
@@ -134,7 +153,14 @@ mod tests {
     fn every_defined_metric_is_registered_and_rendered() {
         let m = get();
         m.set_component("test");
-        for counter in [&m.runs_submitted, &m.runs_started, &m.runs_completed, &m.runs_failed, &m.runs_cancelled, &m.runs_resumed] {
+        for counter in [
+            &m.runs_submitted,
+            &m.runs_started,
+            &m.runs_completed,
+            &m.runs_failed,
+            &m.runs_cancelled,
+            &m.runs_resumed,
+        ] {
             counter.with_label_values(&["default", "echo"]).inc();
         }
         m.submit_to_start.with_label_values(&["default", "echo"]).observe(0.003);
@@ -142,7 +168,11 @@ mod tests {
         m.jobs_pending.with_label_values(&["default", "0"]).set(2);
         let text = m.render();
         for metric in sc::ALL {
-            assert!(text.contains(&format!("# TYPE {} ", metric.name)), "{} missing from\n{text}", metric.name);
+            assert!(
+                text.contains(&format!("# TYPE {} ", metric.name)),
+                "{} missing from\n{text}",
+                metric.name
+            );
         }
     }
 }

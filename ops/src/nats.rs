@@ -68,7 +68,9 @@ pub enum Error {
     #[error("NATS at {url} refused the credentials ({reason}); check the [nats] user/password, token, nkey or creds_file")]
     Auth { url: String, reason: String },
     /// The TLS handshake failed: retrying will not help.
-    #[error("TLS with NATS at {url} failed ({reason}); check nats.tls_ca_file, tls_cert_file and tls_key_file")]
+    #[error(
+        "TLS with NATS at {url} failed ({reason}); check nats.tls_ca_file, tls_cert_file and tls_key_file"
+    )]
     Tls { url: String, reason: String },
     /// The server could not be reached (yet).
     #[error("NATS at {url} is unreachable: {reason}")]
@@ -146,7 +148,11 @@ impl NatsConfig {
         if let Some(seed) = &self.nkey_seed {
             options = options.nkey(seed.trim().to_owned());
         }
-        for (key, file) in [("tls_ca_file", &self.tls_ca_file), ("tls_cert_file", &self.tls_cert_file), ("tls_key_file", &self.tls_key_file)] {
+        for (key, file) in [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+            ("tls_key_file", &self.tls_key_file),
+        ] {
             if let Some(path) = file {
                 if !path.is_file() {
                     return Err(config(key, format!("{} is not a readable file", path.display())));
@@ -213,8 +219,13 @@ pub async fn connect_waiting(
 fn classify(url: &str, error: &async_nats::ConnectError) -> Error {
     let url = url.to_owned();
     let reason = error.to_string();
+    if is_tls_failure(error) {
+        return Error::Tls { url, reason };
+    }
     match error.kind() {
-        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Error::Auth { url, reason },
+        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+            Error::Auth { url, reason }
+        }
         ConnectErrorKind::Tls => Error::Tls { url, reason },
         ConnectErrorKind::ServerParse => Error::Config { key: "url", reason: format!("{url}: {reason}") },
         ConnectErrorKind::Dns
@@ -224,6 +235,27 @@ fn classify(url: &str, error: &async_nats::ConnectError) -> Error {
     }
 }
 
+/// Whether TLS refused the connection, whatever kind async-nats gave the
+/// error: a handshake either side refuses surfaces as an IO error wrapping
+/// the TLS error (with TLS 1.3, the server's refusal of a missing or unknown
+/// client certificate arrives with the first read after the handshake).
+/// Such a refusal is a configuration problem, never worth retrying.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.get_ref().is_some_and(|inner| inner.is::<async_nats::rustls::Error>()) {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,7 +263,10 @@ mod tests {
     #[test]
     fn rejects_contradictions_naming_the_key() {
         let cases = [
-            ("user", NatsConfig { token: Some("t".into()), creds_file: Some("c".into()), ..Default::default() }),
+            (
+                "user",
+                NatsConfig { token: Some("t".into()), creds_file: Some("c".into()), ..Default::default() },
+            ),
             ("password", NatsConfig { user: Some("u".into()), ..Default::default() }),
             ("tls_key_file", NatsConfig { tls_cert_file: Some("c".into()), ..Default::default() }),
             ("inbox_prefix", NatsConfig { inbox_prefix: Some("_INBOX.>".into()), ..Default::default() }),

@@ -158,15 +158,21 @@ pub fn init(config: &TelemetryConfig, default_service: &str) -> Result<Telemetry
         Some(endpoint) => Some(provider(config, endpoint, default_service)?),
         None => None,
     };
-    let traces = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer("runfleet")).with_filter(filter())
-    });
-    let installed = tracing_subscriber::registry().with(logs.with_filter(filter())).with(traces).try_init().is_ok();
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("runfleet")).with_filter(filter()));
+    let installed =
+        tracing_subscriber::registry().with(logs.with_filter(filter())).with(traces).try_init().is_ok();
     Ok(Telemetry { provider: if installed { provider } else { None } })
 }
 
-fn provider(config: &TelemetryConfig, endpoint: &str, default_service: &str) -> Result<SdkTracerProvider, Error> {
-    let failed = |e: &dyn fmt::Display| Error::Exporter { endpoint: endpoint.to_owned(), reason: e.to_string() };
+fn provider(
+    config: &TelemetryConfig,
+    endpoint: &str,
+    default_service: &str,
+) -> Result<SdkTracerProvider, Error> {
+    let failed =
+        |e: &dyn fmt::Display| Error::Exporter { endpoint: endpoint.to_owned(), reason: e.to_string() };
     let exporter = match config.otlp_protocol {
         OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -295,8 +301,10 @@ where
                 let Some(fields) = extensions.get::<tracing_subscriber::fmt::FormattedFields<N>>() else {
                     continue;
                 };
-                if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(fields) {
-                    object.extend(map);
+                if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(fields)
+                {
+                    // `otel.*` fields steer the exporter, not the reader.
+                    object.extend(map.into_iter().filter(|(key, _)| !key.starts_with("otel.")));
                 }
             }
             if !spans.is_empty() {
@@ -354,7 +362,10 @@ mod tests {
     fn rejects_nonsense_naming_the_key() {
         let bad = [
             ("sampling_ratio", TelemetryConfig { sampling_ratio: 1.5, ..Default::default() }),
-            ("otlp_endpoint", TelemetryConfig { otlp_endpoint: Some("collector:4317".into()), ..Default::default() }),
+            (
+                "otlp_endpoint",
+                TelemetryConfig { otlp_endpoint: Some("collector:4317".into()), ..Default::default() },
+            ),
         ];
         for (key, config) in bad {
             match config.validate() {

@@ -264,6 +264,7 @@ async fn redelivered_job_of_a_terminal_run_is_only_acked() -> anyhow::Result<()>
         ts_ms: time::now_ms(),
         attempt: 1,
         worker_id: Some(WorkerId::new("w-crashed")?),
+        trace_id: None,
         body: EventBody::Completed(RunCompleted { output: json!("done") }),
     };
     env.append_event(&completed, created_seq).await?;
@@ -416,6 +417,7 @@ async fn append_foreign_event(env: &Env, run: RunId) -> anyhow::Result<u64> {
             ts_ms: time::now_ms(),
             attempt: last.attempt + 1,
             worker_id: Some(WorkerId::new("w-other")?),
+            trace_id: None,
             body: EventBody::Agent(runfleet_protocol::event::AgentEvent {
                 name: "foreign".to_owned(),
                 data: Value::Null,

@@ -23,6 +23,8 @@ use async_nats::service::{Request, ServiceExt};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
+use runfleet_ops::redact::Redactor;
+use runfleet_ops::telemetry;
 use runfleet_protocol::api::{self, Reply};
 use runfleet_protocol::names::{
     API_QUEUE_GROUP, API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, SERVICE_NAME, VERB_CANCEL,
@@ -34,8 +36,6 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use runfleet_ops::redact::Redactor;
-use runfleet_ops::telemetry;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::registry::Registry;

@@ -12,14 +12,14 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use runfleet_ops::redact::Redactor;
+use runfleet_ops::telemetry;
 use runfleet_protocol::api::{SubmitRequest, SubmitResponse, ValidSubmit};
 use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::idempotency::{self, IdempotencyRecord};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use runfleet_protocol::{codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId};
-use runfleet_ops::redact::Redactor;
-use runfleet_ops::telemetry;
 use tracing::{info, instrument, warn};
 
 use super::{unavailable, Api};
@@ -211,7 +211,8 @@ impl Api {
     async fn publish_run(&self, run: &NewRun) -> Result<(), ApiError> {
         let names = &self.inner.names;
         let run_id = run.record.run_id;
-        let event = codec::encode(&run.created_event(&self.inner.redactor)).map_err(|e| internal("run.created event", e))?;
+        let event = codec::encode(&run.created_event(&self.inner.redactor))
+            .map_err(|e| internal("run.created event", e))?;
         let mut headers = content_headers(&names.event_msg_id(run_id, 1));
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);

@@ -594,6 +594,7 @@ mod tests {
             ts_ms: 1,
             attempt: 1,
             worker_id: None,
+            trace_id: None,
             body: EventBody::Cancelled(RunCancelled { reason: reason.map(str::to_owned) }),
         };
         let (output, error) = outcome_of(&event(Some("operator said so")));

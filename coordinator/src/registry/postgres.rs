@@ -23,10 +23,8 @@ pub(super) async fn migrate(url: &str) -> Result<(), Error> {
         .await
         .map_err(|source| Error::Query { what: "taking the migration lock", source })?;
     debug!("holding the registry migration lock");
-    let migrated = MIGRATOR
-        .run(&mut conn)
-        .await
-        .map_err(|source| Error::Migrate { backend: "postgres", source });
+    let migrated =
+        MIGRATOR.run(&mut conn).await.map_err(|source| Error::Migrate { backend: "postgres", source });
     // Closing the session releases the lock even if the unlock fails.
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(MIGRATION_LOCK_KEY)

@@ -51,9 +51,6 @@ async fn migrate_once(url: &str) -> Result<(), Error> {
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(BUSY_TIMEOUT);
     let mut conn = options.connect().await.map_err(connect_error)?;
-    MIGRATOR
-        .run(&mut conn)
-        .await
-        .map_err(|source| Error::Migrate { backend: "sqlite", source })?;
+    MIGRATOR.run(&mut conn).await.map_err(|source| Error::Migrate { backend: "sqlite", source })?;
     conn.close().await.map_err(connect_error)
 }

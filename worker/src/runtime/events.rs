@@ -10,12 +10,12 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use runfleet_protocol::event::{Event, EventBody};
-use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_ops::metrics;
 use runfleet_ops::redact::Redactor;
 use runfleet_ops::telemetry;
+use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::job::Job;
+use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
 
 /// Why an event could not be appended.

@@ -26,10 +26,10 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, kv, object_store, stream};
 use async_nats::Subscriber;
 use futures::future::BoxFuture;
-use runfleet_ops::http::Probe;
-use runfleet_ops::redact::Redactor;
 use futures::stream::SelectAll;
 use futures::{FutureExt, StreamExt};
+use runfleet_ops::http::Probe;
+use runfleet_ops::redact::Redactor;
 use runfleet_protocol::limits::PRIORITY_BANDS;
 use runfleet_protocol::{time, Names, QueueName, WorkerId};
 use tokio::task::JoinSet;
@@ -189,8 +189,7 @@ impl Worker {
         config.validate()?;
         let names = Names::new(config.prefix()?);
         let id = config.worker_id.clone().unwrap_or_else(WorkerId::generate);
-        let redactor =
-            Redactor::new(&config.redaction).map_err(|e| config::Error::Shared(e.to_string()))?;
+        let redactor = Redactor::new(&config.redaction).map_err(|e| config::Error::Shared(e.to_string()))?;
         let client = runfleet_ops::nats::connect_waiting(
             &config.nats_url,
             &config.nats,

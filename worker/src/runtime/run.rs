@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::Message;
 use futures::FutureExt;
+use runfleet_ops::telemetry;
 use runfleet_protocol::event::{
     EventBody, RunCancelled, RunCompleted, RunError, RunFailed, RunHandoff, RunResumed, RunRetrying,
     RunStarted, RunWaiting,
@@ -23,7 +24,6 @@ use runfleet_protocol::lease::Lease;
 use runfleet_protocol::{codec, time, ErrorCode, RunId};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use runfleet_ops::telemetry;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::checkpoints::{CheckpointLog, Writer};
@@ -362,8 +362,7 @@ async fn claim(
             CheckpointLog::fresh(shared.checkpoint_stores(), run_id, writer)
         };
 
-        let mut log =
-            EventLog::new(&shared.writer, &job, attempt, &last);
+        let mut log = EventLog::new(&shared.writer, &job, attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
             return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
@@ -587,8 +586,7 @@ async fn outcome_of(
                 if last.event.body.is_terminal() || last.event.attempt > attempt {
                     return Outcome::Interrupted(None);
                 }
-                *log =
-                    EventLog::new(&shared.writer, &job, attempt, &last);
+                *log = EventLog::new(&shared.writer, &job, attempt, &last);
                 match append_terminal(log, stop, body.clone()).await {
                     Outcome::Interrupted(Some(e)) if e.is_lease_lost() => {
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -311,13 +311,14 @@ impl RunContext {
                 run_attempt: self.attempt(),
                 fencing_token: self.checkpoints.fencing_token(),
             };
-            let span = tracing::info_span!("step", otel.name = %format!("step {name}"), step = name, index, attempt);
+            let span =
+                tracing::info_span!("step", otel.name = %format!("step {name}"), step = name, index, attempt);
             let started = Instant::now();
             let result = match options.timeout {
                 Some(timeout) => {
-                    tokio::time::timeout(timeout, f(step).instrument(span.clone())).await.unwrap_or_else(|_| {
-                        Err(StepError::retryable(format!("timed out after {}", humantime(timeout))))
-                    })
+                    tokio::time::timeout(timeout, f(step).instrument(span.clone())).await.unwrap_or_else(
+                        |_| Err(StepError::retryable(format!("timed out after {}", humantime(timeout)))),
+                    )
                 }
                 None => f(step).instrument(span.clone()).await,
             };
@@ -335,15 +336,16 @@ impl RunContext {
                     if self.stop.is_cancelled() {
                         return Err(AgentError::Interrupted(Interruption::Stopped));
                     }
-                    let blob = match self.checkpoints.write(index, name, value, duration).instrument(span).await {
-                        Ok(blob) => blob,
-                        Err(e) => {
-                            if e.is_lease_lost() {
-                                self.stop.cancel();
+                    let blob =
+                        match self.checkpoints.write(index, name, value, duration).instrument(span).await {
+                            Ok(blob) => blob,
+                            Err(e) => {
+                                if e.is_lease_lost() {
+                                    self.stop.cancel();
+                                }
+                                return Err(AgentError::Interrupted(e.into()));
                             }
-                            return Err(AgentError::Interrupted(e.into()));
-                        }
-                    };
+                        };
                     let completed =
                         StepCompleted { index, name: name.to_owned(), attempt, duration_ms, blob };
                     self.append(EventBody::StepCompleted(completed)).await?;

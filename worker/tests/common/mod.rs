@@ -156,6 +156,7 @@ impl Env {
             ts_ms: time::now_ms(),
             attempt: 0,
             worker_id: None,
+            trace_id: None,
             body: EventBody::Created(RunCreated {
                 agent: agent.clone(),
                 queue: queue.clone(),
@@ -175,6 +176,7 @@ impl Env {
             input,
             max_attempts,
             created_us: time::now_us(),
+            traceparent: None,
         })
     }
 

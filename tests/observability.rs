@@ -1,0 +1,186 @@
+//! Operating a fleet: `/metrics` counters and histograms move by exactly what
+//! a batch of runs did, `/readyz` follows NATS, JSON logs carry the run's
+//! fields, event payloads are redacted, and one trace spans the client, the
+//! coordinator and every worker a run touched. Real nats-server, real
+//! `runfleet` processes, a real OTLP/HTTP receiver.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use harness::stream::eventually;
+use harness::{NatsServer, RunfleetProcess, TestDb};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A loopback address with a port that was free a moment ago.
+fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"))
+}
+
+/// `GET path` over plain HTTP/1.0: the status code and body, or `None` if
+/// nothing listens yet.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Every sample of a Prometheus text exposition, keyed by `name{labels}`
+/// exactly as written.
+fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics").unwrap_or_else(|| panic!("no /metrics at {addr}"));
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(samples: &BTreeMap<String, f64>, series: &str) -> f64 {
+    samples.get(series).copied().unwrap_or(0.0)
+}
+
+fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, series: &str) -> f64 {
+    sample(after, series) - sample(before, series)
+}
+
+fn cli(nats: &NatsServer, args: &[&str]) -> std::process::Output {
+    let mut all = args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    all.extend(["--nats-url".to_owned(), nats.url()]);
+    harness::process::run_cli(&all)
+}
+
+fn submit_and_wait(nats: &NatsServer, agent: &str, input: &Value) {
+    let out = cli(nats, &["submit", "--agent", agent, "--input", &input.to_string(), "--wait"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("run.") || out.status.success(),
+        "submit {agent}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn metrics_move_by_what_runs_did_and_readiness_follows_nats() {
+    let mut nats = NatsServer::start();
+    // NATS goes away before the fleet starts: both processes must come up,
+    // serve their endpoints and say they are not ready.
+    nats.kill();
+    let db = TestDb::sqlite();
+    let (coordinator_addr, worker_addr) = (free_addr(), free_addr());
+    let coordinator = RunfleetProcess::spawn(
+        "coordinator",
+        &[
+            "coordinator".into(),
+            "--nats-url".into(),
+            nats.url(),
+            "--database-url".into(),
+            db.url.clone(),
+            "--metrics-addr".into(),
+            coordinator_addr.to_string(),
+        ],
+    );
+    let worker = RunfleetProcess::spawn_with_env(
+        "worker",
+        &[
+            "worker".into(),
+            "--nats-url".into(),
+            nats.url(),
+            "--slots".into(),
+            "3".into(),
+            "--metrics-addr".into(),
+            worker_addr.to_string(),
+        ],
+        &[("RUNFLEET_TELEMETRY__LOG_FORMAT".into(), "json".into())],
+    );
+    for addr in [coordinator_addr, worker_addr] {
+        let (status, body) =
+            eventually(DEADLINE, "the endpoint to answer", || async move { http_get(addr, "/readyz") }).await;
+        assert_eq!(status, 503, "ready without NATS: {body}");
+        assert!(body.contains("NATS"), "{body}");
+        assert_eq!(http_get(addr, "/healthz").map(|(s, _)| s), Some(200));
+    }
+
+    nats.restart();
+    for addr in [coordinator_addr, worker_addr] {
+        eventually(DEADLINE, "/readyz to turn ready", || async move {
+            http_get(addr, "/readyz").filter(|(status, _)| *status == 200)
+        })
+        .await;
+    }
+
+    let (c0, w0) = (scrape(coordinator_addr), scrape(worker_addr));
+    for i in 0..4 {
+        submit_and_wait(&nats, "echo", &json!({"i": i}));
+    }
+    for _ in 0..2 {
+        submit_and_wait(&nats, "steps", &json!({"steps": 3}));
+    }
+    submit_and_wait(&nats, "fail", &json!({"message": "no"}));
+
+    // The worker counts as it writes the terminal event, the coordinator's
+    // gauges as it scrapes: wait for the projector to catch up.
+    let c1 = eventually(DEADLINE, "the projector to catch up", || async move {
+        let samples = scrape(coordinator_addr);
+        (sample(&samples, "runfleet_projector_lag_events") == 0.0).then_some(samples)
+    })
+    .await;
+    let w1 = scrape(worker_addr);
+    let echo = r#"{agent="echo",queue="default"}"#;
+    let steps = r#"{agent="steps",queue="default"}"#;
+    let fail = r#"{agent="fail",queue="default"}"#;
+    for (labels, n) in [(echo, 4.0), (steps, 2.0), (fail, 1.0)] {
+        assert_eq!(delta(&c0, &c1, &format!("runfleet_runs_submitted_total{labels}")), n, "{labels}");
+        assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_started_total{labels}")), n, "{labels}");
+        assert_eq!(delta(&w0, &w1, &format!("runfleet_submit_to_start_seconds_count{labels}")), n);
+    }
+    assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_completed_total{echo}")), 4.0);
+    assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_completed_total{steps}")), 2.0);
+    assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_failed_total{fail}")), 1.0);
+    assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_completed_total{fail}")), 0.0);
+    assert_eq!(delta(&w0, &w1, r#"runfleet_step_duration_seconds_count{agent="steps"}"#), 6.0);
+    assert_eq!(delta(&w0, &w1, r#"runfleet_step_duration_seconds_bucket{agent="steps",le="+Inf"}"#), 6.0);
+    assert!(delta(&w0, &w1, r#"runfleet_step_duration_seconds_sum{agent="steps"}"#) > 0.0);
+    assert_eq!(sample(&w1, "runfleet_worker_running_runs"), 0.0);
+    assert_eq!(sample(&w1, "runfleet_worker_free_slots"), 3.0);
+    assert_eq!(sample(&c1, r#"runfleet_jobs_pending{band="2",queue="default"}"#), 0.0);
+    assert!(c1.contains_key(r#"runfleet_jobs_pending{band="2",queue="default"}"#), "{c1:?}");
+    // Each process serves its own metrics only.
+    assert!(!c1.keys().any(|k| k.starts_with("runfleet_worker_")), "{c1:?}");
+    assert!(!w1.keys().any(|k| k.starts_with("runfleet_runs_submitted")), "{w1:?}");
+
+    // JSON logs carry the run's fields at the top level.
+    let logs = worker.logs();
+    let claimed: Value = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["message"] == "run claimed" && line["agent"] == "steps")
+        .unwrap_or_else(|| panic!("no JSON 'run claimed' line in:\n{logs}"));
+    for field in ["run_id", "tenant", "attempt", "worker_id", "agent", "timestamp", "level"] {
+        assert!(claimed.get(field).is_some(), "{field} missing from {claimed}");
+    }
+    assert_eq!(claimed["tenant"], "default");
+
+    // Not ready once NATS is gone again; live all along.
+    nats.kill();
+    eventually(DEADLINE, "/readyz to turn not ready", || async move {
+        http_get(worker_addr, "/readyz").filter(|(status, _)| *status == 503)
+    })
+    .await;
+    assert_eq!(http_get(worker_addr, "/healthz").map(|(s, _)| s), Some(200));
+    drop(coordinator);
+}
