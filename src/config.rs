@@ -155,6 +155,45 @@ mod tests {
         assert_eq!(worker.idle_poll, std::time::Duration::from_millis(500));
     }
 
+    /// The shared tables come from the file's top level and from
+    /// `RUNFLEET_<TABLE>__<KEY>`; a key nobody reads is an error naming it.
+    #[test]
+    fn shared_tables_layer_and_unknown_keys_are_refused() {
+        #[derive(Serialize)]
+        struct NoFlags {}
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rf.toml",
+                "[nats]\nuser = \"file-user\"\n[telemetry]\nlog_format = \"json\"\n[worker]\nslots = 2\n",
+            )?;
+            jail.set_env("RUNFLEET_NATS__PASSWORD", "env-secret");
+            jail.set_env("RUNFLEET_TELEMETRY__SAMPLING_RATIO", "0.25");
+            let worker: runfleet_worker::WorkerConfig =
+                load("worker", Some(Path::new("rf.toml")), &NoFlags {}).map_err(|e| e.to_string())?;
+            assert_eq!(worker.nats.user.as_deref(), Some("file-user"));
+            assert_eq!(worker.nats.password.as_deref(), Some("env-secret"));
+            assert_eq!(worker.telemetry.log_format, runfleet_ops::telemetry::LogFormat::Json);
+            assert!((worker.telemetry.sampling_ratio - 0.25).abs() < f64::EPSILON);
+            let coordinator: runfleet_coordinator::config::CoordinatorConfig =
+                load("coordinator", Some(Path::new("rf.toml")), &NoFlags {}).map_err(|e| e.to_string())?;
+            assert_eq!(coordinator.nats.password.as_deref(), Some("env-secret"));
+
+            jail.set_env("RUNFLEET_NATS__PASSWROD", "typo");
+            let typo =
+                load::<runfleet_worker::WorkerConfig, _>("worker", Some(Path::new("rf.toml")), &NoFlags {});
+            assert!(matches!(&typo, Err(Error::Invalid(m)) if m.contains("passwrod")), "{typo:?}");
+            jail.clear_env();
+            jail.create_file("bad.toml", "[coordinator]\nlease_tl = \"5s\"\n")?;
+            let typo = load::<runfleet_coordinator::config::CoordinatorConfig, _>(
+                "coordinator",
+                Some(Path::new("bad.toml")),
+                &NoFlags {},
+            );
+            assert!(matches!(&typo, Err(Error::Invalid(m)) if m.contains("lease_tl")), "{typo:?}");
+            Ok(())
+        });
+    }
+
     #[test]
     fn layers_apply_in_order() {
         figment::Jail::expect_with(|jail| {

@@ -195,7 +195,12 @@ fn provider(
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sampling_ratio))))
-        .with_resource(Resource::builder().with_service_name(service).build())
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service)
+                .with_attribute(opentelemetry::KeyValue::new("process.pid", i64::from(std::process::id())))
+                .build(),
+        )
         .build())
 }
 

@@ -176,6 +176,38 @@ pub const HEADER_TRACESTATE: &str = "tracestate";
 mod tests {
     use super::*;
 
+    /// docs/observability.md documents every metric with its type, labels
+    /// and process, and no metric that does not exist.
+    #[test]
+    fn the_metrics_table_matches_the_definitions() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/observability.md"))
+            .unwrap_or_else(|e| panic!("docs/observability.md: {e}"));
+        let rows: Vec<Vec<String>> = doc
+            .lines()
+            .filter(|l| l.starts_with("| `runfleet_"))
+            .map(|l| l.split('|').map(|c| c.trim().to_owned()).collect())
+            .collect();
+        assert_eq!(rows.len(), ALL.len(), "one row per metric");
+        for m in ALL {
+            let row = rows
+                .iter()
+                .find(|r| r[1] == format!("`{}`", m.name))
+                .unwrap_or_else(|| panic!("{} is not documented", m.name));
+            let kind = match m.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            let labels: Vec<String> = m.labels.iter().map(|l| format!("`{l}`")).collect();
+            assert_eq!(
+                (row[2].as_str(), row[3].clone(), row[4].as_str()),
+                (kind, labels.join(", "), m.served_by),
+                "{}",
+                m.name
+            );
+        }
+    }
+
     #[test]
     fn names_are_unique_and_prometheus_valid() {
         let mut seen = std::collections::HashSet::new();
