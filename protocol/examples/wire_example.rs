@@ -40,9 +40,6 @@ type Result<T, E = Box<dyn Error>> = std::result::Result<T, E>;
 /// 2025-01-01T12:00:00Z, in ms since the Unix epoch.
 const T0_MS: i64 = 1_735_732_800_000;
 
-/// An example W3C trace id.
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-
 fn main() -> Result<()> {
     let names = Names::default();
     let tenant = TenantId::new("acme")?;
@@ -101,7 +98,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS,
         attempt: 0,
         worker_id: None,
-        trace_id: Some(TRACE_ID.to_owned()),
+        trace_id: None,
         body: EventBody::Created(RunCreated {
             agent: valid.agent.clone(),
             queue: valid.queue.clone(),
@@ -131,7 +128,7 @@ fn main() -> Result<()> {
         input: input.clone(),
         max_attempts: valid.max_attempts,
         created_us: T0_MS * 1000 + 250,
-        traceparent: Some(format!("00-{TRACE_ID}-00f067aa0ba902b7-01")),
+        traceparent: None,
     };
     show(
         "job (coordinator -> JetStream RUNFLEET_JOBS)",
@@ -160,7 +157,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS + 12,
         attempt: 1,
         worker_id: Some(worker.clone()),
-        trace_id: Some(TRACE_ID.to_owned()),
+        trace_id: None,
         body: EventBody::Started(RunStarted { delivery: 1 }),
     };
     show(
@@ -178,7 +175,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS + 1500,
         attempt: 1,
         worker_id: Some(worker.clone()),
-        trace_id: Some(TRACE_ID.to_owned()),
+        trace_id: None,
         body: EventBody::Agent(AgentEvent { name: "progress".to_owned(), data: json!({"pct": 50}) }),
     };
     show(
@@ -197,7 +194,7 @@ fn main() -> Result<()> {
         ts_ms: T0_MS + 4210,
         attempt: 1,
         worker_id: Some(worker.clone()),
-        trace_id: Some(TRACE_ID.to_owned()),
+        trace_id: None,
         body: EventBody::Completed(RunCompleted { output: output.clone() }),
     };
     show(
