@@ -47,6 +47,11 @@ pub struct CoordinatorConfig {
     pub telemetry: TelemetryConfig,
     /// Key patterns redacted from event payloads (the shared `[redaction]` table).
     pub redaction: RedactionConfig,
+    /// Replicas of every stream, bucket and object store the coordinator
+    /// creates (applied again at every start, so a change takes effect on
+    /// the next rollout). `3` on a 3-node NATS cluster survives the loss of
+    /// a node; a single server supports only `1`. Default `1`, 1 ..= 5.
+    pub stream_replicas: usize,
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, e.g.
     /// `0.0.0.0:9090`. Default: not served.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +115,7 @@ impl Default for CoordinatorConfig {
             nats: NatsConfig::default(),
             telemetry: TelemetryConfig::default(),
             redaction: RedactionConfig::default(),
+            stream_replicas: 1,
             metrics_addr: None,
             database_url: "sqlite:runfleet.db".to_owned(),
             prefix: Prefix::default().as_str().to_owned(),
@@ -177,6 +183,9 @@ impl CoordinatorConfig {
         if self.recovery_min_age.is_zero() {
             return Err(invalid("recovery_min_age", "must be longer than 0s"));
         }
+        if !(1..=5).contains(&self.stream_replicas) {
+            return Err(invalid("stream_replicas", format!("{} is outside 1..=5", self.stream_replicas)));
+        }
         self.nats.validate()?;
         self.telemetry.validate()?;
         runfleet_ops::redact::Redactor::new(&self.redaction)?;
@@ -215,6 +224,7 @@ mod tests {
             ("prefix", CoordinatorConfig { prefix: "a.b".into(), ..Default::default() }),
             ("database_url", CoordinatorConfig { database_url: "mysql://x".into(), ..Default::default() }),
             ("api_concurrency", CoordinatorConfig { api_concurrency: 0, ..Default::default() }),
+            ("stream_replicas", CoordinatorConfig { stream_replicas: 0, ..Default::default() }),
             ("default_max_attempts", CoordinatorConfig { default_max_attempts: 0, ..Default::default() }),
             ("max_signal_bytes", CoordinatorConfig { max_signal_bytes: 0, ..Default::default() }),
             (

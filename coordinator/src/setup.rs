@@ -74,9 +74,12 @@ pub async fn ensure(
     names: &Names,
     config: &CoordinatorConfig,
 ) -> Result<Topology, Error> {
-    let jobs = ensure_jobs_stream(js, names).await?;
+    let replicas = config.stream_replicas;
+    let bucket =
+        |name: String, description: &str| kv::Config { num_replicas: replicas, ..bucket(name, description) };
+    let jobs = ensure_jobs_stream(js, names, replicas).await?;
     let events = ensure_stream(js, events_stream_config(names, config)).await?;
-    let leases = ensure_leases_bucket(js, names, config.lease_ttl).await?;
+    let leases = ensure_leases_bucket(js, names, config.lease_ttl, replicas).await?;
     ensure_bucket(js, bucket(names.checkpoints_bucket(), "completed step checkpoints")).await?;
     let signals = ensure_bucket(js, bucket(names.signals_bucket(), "signals and approvals")).await?;
     let control = ensure_bucket(js, bucket(names.control_bucket(), "cancel requests")).await?;
@@ -93,7 +96,7 @@ pub async fn ensure(
         kv::Config { max_age: config.worker_ttl, ..bucket(names.workers_bucket(), "worker registry") },
     )
     .await?;
-    ensure_object_store(js, names.blobs_bucket()).await?;
+    ensure_object_store(js, names.blobs_bucket(), replicas).await?;
     info!(prefix = %names.prefix(), "jetstream topology ready");
     Ok(Topology { events, jobs, idempotency, leases, signals, control })
 }
@@ -125,8 +128,12 @@ pub fn jobs_stream_config(names: &Names) -> stream::Config {
 /// Creates or updates the jobs stream, refusing servers that cannot store
 /// message schedules: a server too old to know the setting may otherwise
 /// accept the stream without it and drop every timer.
-async fn ensure_jobs_stream(js: &jetstream::Context, names: &Names) -> Result<stream::Stream, Error> {
-    let config = jobs_stream_config(names);
+async fn ensure_jobs_stream(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+) -> Result<stream::Stream, Error> {
+    let config = stream::Config { num_replicas: replicas, ..jobs_stream_config(names) };
     let server_version = js.client().server_info().version;
     let unsupported = |detail: Option<String>| Error::SchedulesUnsupported {
         stream: config.name.clone(),
@@ -163,6 +170,7 @@ pub fn events_stream_config(names: &Names, config: &CoordinatorConfig) -> stream
         allow_direct: true,
         duplicate_window: DUPLICATE_WINDOW,
         max_age: config.events_max_age,
+        num_replicas: config.stream_replicas,
         ..Default::default()
     }
 }
@@ -219,8 +227,13 @@ async fn ensure_leases_bucket(
     js: &jetstream::Context,
     names: &Names,
     lease_ttl: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, Error> {
-    let plain = kv::Config { max_age: lease_ttl, ..bucket(names.leases_bucket(), "run leases") };
+    let plain = kv::Config {
+        max_age: lease_ttl,
+        num_replicas: replicas,
+        ..bucket(names.leases_bucket(), "run leases")
+    };
     let marked = kv::Config { limit_markers: Some(lease_ttl), ..plain.clone() };
     match js.create_or_update_key_value(marked).await {
         Ok(store) => Ok(store),
@@ -235,7 +248,9 @@ async fn ensure_leases_bucket(
     }
 }
 
-async fn ensure_object_store(js: &jetstream::Context, name: String) -> Result<(), Error> {
+/// Creates the object store if missing; an existing one gets its stream's
+/// replica count updated (object stores have no create-or-update).
+async fn ensure_object_store(js: &jetstream::Context, name: String, replicas: usize) -> Result<(), Error> {
     with_retries("object store", &name, || async {
         match js.get_object_store(&name).await {
             Ok(store) => Ok(store),
@@ -244,14 +259,29 @@ async fn ensure_object_store(js: &jetstream::Context, name: String) -> Result<()
                     bucket: name.clone(),
                     description: Some("runfleet large inputs and step outputs".to_owned()),
                     storage: stream::StorageType::File,
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
             }
         }
     })
-    .await
-    .map(|_| ())
+    .await?;
+    // async-nats keeps an object store in the stream `OBJ_<bucket>`.
+    let stream_name = format!("OBJ_{name}");
+    let mut stream = with_retries("object store", &name, || js.get_stream(&stream_name)).await?;
+    let current = stream.cached_info().config.clone();
+    if current.num_replicas.max(1) != replicas {
+        info!(stream = %stream_name, from = current.num_replicas, to = replicas, "changing the object store's replicas");
+        let wanted = stream::Config { num_replicas: replicas, ..current };
+        with_retries("object store", &name, || js.update_stream(wanted.clone())).await?;
+        stream.info().await.map_err(|e| Error::Resource {
+            what: "object store",
+            name: name.clone(),
+            source: Box::new(e),
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -64,6 +64,9 @@ pub enum Error {
     /// The `[nats]` options contradict each other or name unreadable files.
     #[error("nats.{key}: {reason}")]
     Config { key: &'static str, reason: String },
+    /// `nats_url` is not a comma-separated list of server URLs.
+    #[error("nats_url {url:?} is invalid: {reason}")]
+    InvalidUrl { url: String, reason: String },
     /// The server refused the credentials: retrying will not help.
     #[error("NATS at {url} refused the credentials ({reason}); check the [nats] user/password, token, nkey or creds_file")]
     Auth { url: String, reason: String },
@@ -185,8 +188,24 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Error::Auth`] and [`Error::Tls`]; only [`Error::Unreachable`] is worth
 /// retrying.
 pub async fn connect(url: &str, nats: &NatsConfig, name: &str) -> Result<async_nats::Client, Error> {
+    let servers = server_addrs(url)?;
     let options = nats.options(name).await?.connection_timeout(CONNECT_TIMEOUT);
-    options.connect(url).await.map_err(|e| classify(url, &e))
+    options.connect(servers.as_slice()).await.map_err(|e| classify(url, &e))
+}
+
+/// `nats://a:4222,nats://b:4222` → the servers to try.
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
+    let invalid = |reason: String| Error::InvalidUrl { url: url.to_owned(), reason };
+    let servers = url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| invalid(format!("{s}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(invalid("names no server".to_owned()));
+    }
+    Ok(servers)
 }
 
 /// Connects, retrying while the server is unreachable (with backoff up to
@@ -227,7 +246,7 @@ fn classify(url: &str, error: &async_nats::ConnectError) -> Error {
             Error::Auth { url, reason }
         }
         ConnectErrorKind::Tls => Error::Tls { url, reason },
-        ConnectErrorKind::ServerParse => Error::Config { key: "url", reason: format!("{url}: {reason}") },
+        ConnectErrorKind::ServerParse => Error::InvalidUrl { url, reason },
         ConnectErrorKind::Dns
         | ConnectErrorKind::TimedOut
         | ConnectErrorKind::Io
@@ -278,5 +297,13 @@ mod tests {
             }
         }
         assert!(NatsConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn server_lists_are_split_on_commas() {
+        let servers = server_addrs("nats://a:4222, nats://b:4223,").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(servers.len(), 2);
+        assert!(matches!(server_addrs("nats://a:notaport"), Err(Error::InvalidUrl { .. })));
+        assert!(matches!(server_addrs(" , "), Err(Error::InvalidUrl { .. })));
     }
 }
