@@ -184,3 +184,178 @@ async fn metrics_move_by_what_runs_did_and_readiness_follows_nats() {
     assert_eq!(http_get(worker_addr, "/healthz").map(|(s, _)| s), Some(200));
     drop(coordinator);
 }
+
+/// One span as an OTLP receiver got it.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    service: String,
+    pid: i64,
+    trace_id: String,
+    name: String,
+}
+
+/// A real OTLP/HTTP trace receiver: decodes `ExportTraceServiceRequest`
+/// protobuf bodies posted to `/v1/traces`.
+struct OtlpReceiver {
+    addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> Self {
+        use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+        use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+        use prost::Message;
+
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ReceivedSpan>::new()));
+        let sink = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let request = ExportTraceServiceRequest::decode(body.as_ref())
+                        .unwrap_or_else(|e| panic!("undecodable OTLP request: {e}"));
+                    let mut received = Vec::new();
+                    for resource_spans in request.resource_spans {
+                        let attributes = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
+                        let value = |key: &str| attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone()?.value);
+                        let service = match value("service.name") {
+                            Some(Any::StringValue(s)) => s,
+                            _ => String::new(),
+                        };
+                        let pid = match value("process.pid") {
+                            Some(Any::IntValue(i)) => i,
+                            _ => 0,
+                        };
+                        for scope in resource_spans.scope_spans {
+                            for span in scope.spans {
+                                received.push(ReceivedSpan {
+                                    service: service.clone(),
+                                    pid,
+                                    trace_id: span.trace_id.iter().map(|b| format!("{b:02x}")).collect(),
+                                    name: span.name,
+                                });
+                            }
+                        }
+                    }
+                    if let Ok(mut spans) = sink.lock() {
+                        spans.extend(received);
+                    }
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            }),
+        );
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, spans }
+    }
+
+    fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// What every process needs to export here quickly.
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("RUNFLEET_TELEMETRY__OTLP_ENDPOINT".into(), format!("http://{}", self.addr)),
+            ("RUNFLEET_TELEMETRY__OTLP_PROTOCOL".into(), "http".into()),
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ]
+    }
+}
+
+/// One submitted run, crashed half-way and resumed on another worker, is
+/// one trace: spans from the client, the coordinator and both workers share
+/// its trace id, and so does every event of the run.
+#[tokio::test]
+async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
+    let receiver = OtlpReceiver::start().await;
+    let nats = NatsServer::start();
+    let db = TestDb::sqlite();
+    let env = receiver.env();
+    let coordinator = RunfleetProcess::spawn_with_env(
+        "coordinator",
+        &[
+            "coordinator".into(),
+            "--nats-url".into(),
+            nats.url(),
+            "--database-url".into(),
+            db.url.clone(),
+            "--lease-ttl".into(),
+            "2s".into(),
+        ],
+        &env,
+    );
+    let worker_args = ["worker".to_owned(), "--nats-url".to_owned(), nats.url(), "--test-agents".to_owned()];
+    let first = RunfleetProcess::spawn_with_env("worker-1", &worker_args, &env);
+
+    let mut submit = vec!["submit".to_owned(), "--nats-url".to_owned(), nats.url()];
+    submit.extend(["--agent", "steps", "--input", r#"{"steps": 8, "ms": 300}"#].map(str::to_owned));
+    let out = std::process::Command::new(harness::process::runfleet_binary())
+        .args(&submit)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("submit: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let run_id = stdout.split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(run_id.len(), 36, "{stdout}");
+
+    // Crash the first worker once it has exported finished step spans.
+    let first_pid = i64::from(first.pid());
+    let trace = eventually(DEADLINE, "step spans from the first worker", || {
+        let spans = receiver.spans();
+        async move {
+            let steps: Vec<_> = spans.iter().filter(|s| s.pid == first_pid && s.name.starts_with("step")).collect();
+            (steps.len() >= 2).then(|| steps[0].trace_id.clone())
+        }
+    })
+    .await;
+    first.signal(9);
+    let second = RunfleetProcess::spawn_with_env("worker-2", &worker_args, &env);
+    let second_pid = i64::from(second.pid());
+
+    let client = nats.client().await;
+    let tenant = runfleet_protocol::TenantId::default_tenant();
+    let events = eventually(DEADLINE, "the run to complete on the second worker", || {
+        let (client, tenant) = (client.clone(), tenant.clone());
+        async move {
+            let events = harness::stream::tenant_events(&client, &tenant).await;
+            events.last().is_some_and(|(_, e)| e.body.is_terminal()).then_some(events)
+        }
+    })
+    .await;
+    let kinds: Vec<_> = events.iter().map(|(_, e)| e.body.clone()).collect();
+    assert!(
+        matches!(kinds.last(), Some(runfleet_protocol::event::EventBody::Completed(_))),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|b| matches!(b, runfleet_protocol::event::EventBody::Resumed(_))), "{kinds:?}");
+    for (_, event) in &events {
+        assert_eq!(event.run_id.to_string(), run_id);
+        assert_eq!(event.trace_id.as_deref(), Some(trace.as_str()), "{event:?}");
+    }
+
+    let spans = eventually(DEADLINE, "spans from every process in the run's trace", || {
+        let spans: Vec<_> = receiver.spans().into_iter().filter(|s| s.trace_id == trace).collect();
+        async move {
+            let from = |pred: &dyn Fn(&ReceivedSpan) -> bool| spans.iter().any(pred);
+            let complete = from(&|s| s.service == "runfleet-cli")
+                && from(&|s| s.service == "runfleet-coordinator")
+                && from(&|s| s.pid == first_pid)
+                && from(&|s| s.pid == second_pid && s.name.starts_with("run "));
+            complete.then_some(spans)
+        }
+    })
+    .await;
+    let names: Vec<_> = spans.iter().map(|s| format!("{}:{}:{}", s.service, s.pid, s.name)).collect();
+    assert!(spans.iter().any(|s| s.service == "runfleet-coordinator" && s.name == "runfleet.api.submit"), "{names:?}");
+    assert!(spans.iter().any(|s| s.pid == second_pid && s.name.starts_with("step")), "{names:?}");
+    drop((coordinator, second));
+}
