@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
+use runfleet_ops::nats::NatsConfig;
 use runfleet_protocol::api::{CancelResponse, ListRequest, RunView, SignalResponse, SubmitRequest};
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::names::Prefix;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::client::Client;
+use runfleet_ops::telemetry::{Telemetry, TelemetryConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,7 +59,8 @@ pub enum Command {
     Reject(RejectArgs),
     /// Cancel a run, in any state.
     Cancel(CancelArgs),
-    /// List the live workers.
+    /// List the live workers (reads the workers bucket: needs a NATS user
+    /// of the fleet, not a tenant's).
     Workers(ClientArgs),
     /// Measure run throughput and latency, durable step overhead and worker
     /// failover on fleets started for the purpose.
@@ -70,6 +73,8 @@ pub enum Command {
 /// Options every client command takes. Each may also come from the
 /// `--config` file's top level (`nats_url`, `prefix`, `tenant`) or from
 /// `RUNFLEET_NATS_URL`, `RUNFLEET_PREFIX`, `RUNFLEET_TENANT`; flags win.
+/// Credentials and TLS come from the file's `[nats]` table or
+/// `RUNFLEET_NATS__<KEY>` (see `docs/security.md`).
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct ClientArgs {
     /// NATS server URL [default: nats://127.0.0.1:4222].
@@ -98,6 +103,12 @@ pub struct ClientConfig {
     pub nats_url: String,
     pub tenant: String,
     pub prefix: String,
+    /// Credentials, TLS and inbox prefix (the shared `[nats]` table).
+    pub nats: NatsConfig,
+    /// Logs and traces (the shared `[telemetry]` table): with an OTLP
+    /// endpoint, each request is a client span the coordinator and the run
+    /// join.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for ClientConfig {
@@ -106,16 +117,36 @@ impl Default for ClientConfig {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             tenant: TenantId::default_tenant().to_string(),
             prefix: Prefix::default().to_string(),
+            nats: NatsConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
+    }
+}
+
+/// The client command's telemetry, flushed by [`finish_telemetry`] before
+/// the process exits.
+static TELEMETRY: std::sync::Mutex<Option<Telemetry>> = std::sync::Mutex::new(None);
+
+/// Exports the spans a client command buffered. Call once, at exit.
+pub async fn finish_telemetry() {
+    let telemetry = TELEMETRY.lock().ok().and_then(|mut t| t.take());
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown().await;
     }
 }
 
 impl ClientArgs {
     pub async fn connect(&self, config_file: Option<&Path>) -> anyhow::Result<Client> {
         let config: ClientConfig = crate::config::load_client(config_file, self)?;
+        if config.telemetry.otlp_endpoint.is_some() {
+            let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-cli", "warn")?;
+            if let Ok(mut slot) = TELEMETRY.lock() {
+                *slot = Some(telemetry);
+            }
+        }
         let tenant = TenantId::new(config.tenant).context("invalid tenant")?;
         let prefix = Prefix::new(config.prefix).context("invalid prefix")?;
-        Ok(Client::connect(&config.nats_url, tenant, Names::new(prefix)).await?)
+        Ok(Client::connect_with(&config.nats_url, &config.nats, tenant, Names::new(prefix)).await?)
     }
 }
 
@@ -404,8 +435,6 @@ pub async fn list(args: ListArgs, config: Option<&Path>) -> anyhow::Result<ExitC
 pub async fn watch(args: WatchArgs, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let run = parse_run(&args.run)?;
     let client = args.client.connect(config).await?;
-    // A run that does not exist would wait forever: ask first.
-    client.get(run).await?;
     let mut events = Box::pin(client.watch(run).await?);
     let mut completed = false;
     while let Some(event) = events.next().await {

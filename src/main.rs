@@ -33,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Cancel(args) => cli::cancel(args, config).await,
         Command::Workers(args) => cli::workers(args, config).await,
     };
+    cli::finish_telemetry().await;
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -155,7 +155,7 @@ pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::
     if args.check {
         return print_checked(&config);
     }
-    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-coordinator")?;
+    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-coordinator", "info")?;
     let metrics = runfleet_ops::metrics::get();
     metrics.set_component("coordinator");
     let shutdown = shutdown_on_signals();
@@ -178,7 +178,7 @@ pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()>
     if args.check {
         return print_checked(&config);
     }
-    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-worker")?;
+    let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-worker", "info")?;
     runfleet_ops::metrics::get().set_component("worker");
     let shutdown = shutdown_on_signals();
     let health = Health::new();

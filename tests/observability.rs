@@ -203,7 +203,9 @@ struct OtlpReceiver {
 
 impl OtlpReceiver {
     async fn start() -> Self {
-        use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
         use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
         use prost::Message;
 
@@ -219,7 +221,9 @@ impl OtlpReceiver {
                     let mut received = Vec::new();
                     for resource_spans in request.resource_spans {
                         let attributes = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
-                        let value = |key: &str| attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone()?.value);
+                        let value = |key: &str| {
+                            attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone()?.value)
+                        };
                         let service = match value("service.name") {
                             Some(Any::StringValue(s)) => s,
                             _ => String::new(),
@@ -272,8 +276,9 @@ impl OtlpReceiver {
 
 /// One submitted run, crashed half-way and resumed on another worker, is
 /// one trace: spans from the client, the coordinator and both workers share
-/// its trace id, and so does every event of the run.
-#[tokio::test]
+/// its trace id, and so does every event of the run. Multi-threaded: the
+/// receiver must answer the CLI's export while the test waits for the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     let receiver = OtlpReceiver::start().await;
     let nats = NatsServer::start();
@@ -295,6 +300,10 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     let worker_args = ["worker".to_owned(), "--nats-url".to_owned(), nats.url(), "--test-agents".to_owned()];
     let first = RunfleetProcess::spawn_with_env("worker-1", &worker_args, &env);
 
+    eventually(DEADLINE, "the coordinator to serve", || async {
+        cli(&nats, &["list"]).status.success().then_some(())
+    })
+    .await;
     let mut submit = vec!["submit".to_owned(), "--nats-url".to_owned(), nats.url()];
     submit.extend(["--agent", "steps", "--input", r#"{"steps": 8, "ms": 300}"#].map(str::to_owned));
     let out = std::process::Command::new(harness::process::runfleet_binary())
@@ -312,7 +321,8 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     let trace = eventually(DEADLINE, "step spans from the first worker", || {
         let spans = receiver.spans();
         async move {
-            let steps: Vec<_> = spans.iter().filter(|s| s.pid == first_pid && s.name.starts_with("step")).collect();
+            let steps: Vec<_> =
+                spans.iter().filter(|s| s.pid == first_pid && s.name.starts_with("step")).collect();
             (steps.len() >= 2).then(|| steps[0].trace_id.clone())
         }
     })
@@ -332,10 +342,7 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     })
     .await;
     let kinds: Vec<_> = events.iter().map(|(_, e)| e.body.clone()).collect();
-    assert!(
-        matches!(kinds.last(), Some(runfleet_protocol::event::EventBody::Completed(_))),
-        "{kinds:?}"
-    );
+    assert!(matches!(kinds.last(), Some(runfleet_protocol::event::EventBody::Completed(_))), "{kinds:?}");
     assert!(kinds.iter().any(|b| matches!(b, runfleet_protocol::event::EventBody::Resumed(_))), "{kinds:?}");
     for (_, event) in &events {
         assert_eq!(event.run_id.to_string(), run_id);
@@ -350,12 +357,20 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
                 && from(&|s| s.service == "runfleet-coordinator")
                 && from(&|s| s.pid == first_pid)
                 && from(&|s| s.pid == second_pid && s.name.starts_with("run "));
+            if !complete {
+                let seen: std::collections::BTreeSet<_> =
+                    spans.iter().map(|s| format!("{}:{}:{}", s.service, s.pid, s.name)).collect();
+                eprintln!("spans so far in the trace (worker pids {first_pid}, {second_pid}): {seen:?}");
+            }
             complete.then_some(spans)
         }
     })
     .await;
     let names: Vec<_> = spans.iter().map(|s| format!("{}:{}:{}", s.service, s.pid, s.name)).collect();
-    assert!(spans.iter().any(|s| s.service == "runfleet-coordinator" && s.name == "runfleet.api.submit"), "{names:?}");
+    assert!(
+        spans.iter().any(|s| s.service == "runfleet-coordinator" && s.name == "runfleet.api.submit"),
+        "{names:?}"
+    );
     assert!(spans.iter().any(|s| s.pid == second_pid && s.name.starts_with("step")), "{names:?}");
     drop((coordinator, second));
 }

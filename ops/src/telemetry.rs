@@ -138,14 +138,23 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: the `RUST_LOG` filter (default `info`),
+/// What the trace exporter records, independent of `RUST_LOG`.
+const TRACE_FILTER: &str =
+    "warn,runfleet=info,runfleet_coordinator=info,runfleet_worker=info,runfleet_ops=info";
+
+/// Installs the global subscriber: the `RUST_LOG` filter (default
+/// `default_filter`, e.g. `info` for servers and `warn` for the CLI),
 /// text or JSON logs on stderr and, when an endpoint is set, the OTLP span
 /// exporter. `default_service` names the service when the config does not.
 /// A second call (several components in one process) keeps the first
 /// subscriber and returns an inert [`Telemetry`].
-pub fn init(config: &TelemetryConfig, default_service: &str) -> Result<Telemetry, Error> {
+pub fn init(
+    config: &TelemetryConfig,
+    default_service: &str,
+    default_filter: &str,
+) -> Result<Telemetry, Error> {
     config.validate()?;
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let logs = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -158,9 +167,13 @@ pub fn init(config: &TelemetryConfig, default_service: &str) -> Result<Telemetry
         Some(endpoint) => Some(provider(config, endpoint, default_service)?),
         None => None,
     };
-    let traces = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("runfleet")).with_filter(filter()));
+    // Spans are exported whatever the log level: runfleet's own at info and
+    // above, other crates' only from warn.
+    let traces = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("runfleet"))
+            .with_filter(EnvFilter::new(TRACE_FILTER))
+    });
     let installed =
         tracing_subscriber::registry().with(logs.with_filter(filter())).with(traces).try_init().is_ok();
     Ok(Telemetry { provider: if installed { provider } else { None } })

@@ -6,6 +6,7 @@ pub mod db;
 pub mod nats;
 pub mod process;
 pub mod stream;
+pub mod tls;
 
 pub use db::TestDb;
 pub use nats::NatsServer;
