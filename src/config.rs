@@ -60,6 +60,41 @@ pub enum Error {
     Invalid(String),
 }
 
+/// Every top-level key of the file and every `RUNFLEET_<TABLE>__` prefix
+/// some command reads.
+const KNOWN_TOP_LEVEL: [&str; 8] =
+    ["nats_url", "prefix", "tenant", "nats", "telemetry", "redaction", "coordinator", "worker"];
+const KNOWN_TABLES: [&str; 5] = ["nats", "telemetry", "redaction", "coordinator", "worker"];
+
+/// Refuses a top-level key of the file, or a `RUNFLEET_<TABLE>__<KEY>`
+/// variable, that no command reads: a misspelt table would otherwise be
+/// ignored whole. (Single-level `RUNFLEET_*` variables are left alone:
+/// other tools use that namespace too.)
+fn check_unknown(file: Option<&Figment>) -> Result<(), Error> {
+    if let Some(file) = file {
+        if let Ok(figment::value::Value::Dict(_, dict)) = file.find_value("") {
+            if let Some(key) = dict.keys().find(|k| !KNOWN_TOP_LEVEL.contains(&k.as_str())) {
+                return Err(Error::Invalid(format!(
+                    "unknown top-level key `{key}` in the configuration file (known: {})",
+                    KNOWN_TOP_LEVEL.join(", ")
+                )));
+            }
+        }
+    }
+    for (name, _) in std::env::vars() {
+        let Some(rest) = name.strip_prefix("RUNFLEET_") else { continue };
+        let Some((table, _)) = rest.split_once("__") else { continue };
+        if !KNOWN_TABLES.contains(&table.to_ascii_lowercase().as_str()) {
+            return Err(Error::Invalid(format!(
+                "unknown table `{}` in environment variable {name} (known: {})",
+                table.to_ascii_lowercase(),
+                KNOWN_TABLES.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Defaults, then the file's top-level `keys`, then (for a component) the
 /// file's `[section]` table. `None` when there is no file.
 fn with_file<C: Serialize + Default>(
@@ -68,11 +103,15 @@ fn with_file<C: Serialize + Default>(
     section: Option<&str>,
 ) -> Result<Figment, Error> {
     let mut figment = Figment::from(Serialized::defaults(C::default()));
-    let Some(path) = file else { return Ok(figment) };
+    let Some(path) = file else {
+        check_unknown(None)?;
+        return Ok(figment);
+    };
     if !path.exists() {
         return Err(Error::MissingFile { path: path.display().to_string() });
     }
     let file = Figment::from(Toml::file(path));
+    check_unknown(Some(&file))?;
     for key in keys {
         if let Ok(value) = file.find_value(key) {
             figment = figment.merge(Serialized::default(key, value));
@@ -183,6 +222,15 @@ mod tests {
                 load::<runfleet_worker::WorkerConfig, _>("worker", Some(Path::new("rf.toml")), &NoFlags {});
             assert!(matches!(&typo, Err(Error::Invalid(m)) if m.contains("passwrod")), "{typo:?}");
             jail.clear_env();
+            jail.set_env("RUNFLEET_TELEMTRY__LOG_FORMAT", "json");
+            let typo =
+                load::<runfleet_worker::WorkerConfig, _>("worker", Some(Path::new("rf.toml")), &NoFlags {});
+            assert!(matches!(&typo, Err(Error::Invalid(m)) if m.contains("telemtry")), "{typo:?}");
+            jail.clear_env();
+            jail.create_file("top.toml", "[wroker]\nslots = 2\n")?;
+            let typo =
+                load::<runfleet_worker::WorkerConfig, _>("worker", Some(Path::new("top.toml")), &NoFlags {});
+            assert!(matches!(&typo, Err(Error::Invalid(m)) if m.contains("wroker")), "{typo:?}");
             jail.create_file("bad.toml", "[coordinator]\nlease_tl = \"5s\"\n")?;
             let typo = load::<runfleet_coordinator::config::CoordinatorConfig, _>(
                 "coordinator",
@@ -199,14 +247,14 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
                 "rf.toml",
-                "nats_url = \"nats://file:1\"\n[sample]\nslots = 2\nname = \"file\"\n",
+                "nats_url = \"nats://file:1\"\n[worker]\nslots = 2\nname = \"file\"\n",
             )?;
-            jail.set_env("RUNFLEET_SAMPLE__NAME", "env");
-            let cfg: Sample = load("sample", Some(Path::new("rf.toml")), &Flags { slots: None })
+            jail.set_env("RUNFLEET_WORKER__NAME", "env");
+            let cfg: Sample = load("worker", Some(Path::new("rf.toml")), &Flags { slots: None })
                 .map_err(|e| e.to_string())?;
             assert_eq!(cfg, Sample { nats_url: "nats://file:1".into(), slots: 2, name: "env".into() });
             jail.set_env("RUNFLEET_NATS_URL", "nats://env:2");
-            let cfg: Sample = load("sample", Some(Path::new("rf.toml")), &Flags { slots: Some(9) })
+            let cfg: Sample = load("worker", Some(Path::new("rf.toml")), &Flags { slots: Some(9) })
                 .map_err(|e| e.to_string())?;
             assert_eq!(cfg, Sample { nats_url: "nats://env:2".into(), slots: 9, name: "env".into() });
             Ok(())

@@ -161,7 +161,10 @@ pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::
     let shutdown = shutdown_on_signals();
     let health = Health::new();
     let endpoint = serve_endpoint(config.metrics_addr, &health).await?;
-    health.starting(format!("connecting to NATS at {} and the registry", config.nats_url));
+    health.starting(format!(
+        "connecting to NATS at {} and the registry",
+        runfleet_ops::nats::redact_url(&config.nats_url)
+    ));
     let started = tokio::select! {
         started = Coordinator::start(config) => started.context("coordinator failed to start")?,
         () = shutdown.cancelled() => return stop(endpoint, telemetry).await,
@@ -183,7 +186,10 @@ pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()>
     let shutdown = shutdown_on_signals();
     let health = Health::new();
     let endpoint = serve_endpoint(config.metrics_addr, &health).await?;
-    health.starting(format!("connecting to NATS at {} and waiting for the fleet's streams", config.nats_url));
+    health.starting(format!(
+        "connecting to NATS at {} and waiting for the fleet's streams",
+        runfleet_ops::nats::redact_url(&config.nats_url)
+    ));
     let started = tokio::select! {
         started = Worker::start(config, args.agents()) => started.context("worker failed to start")?,
         () = shutdown.cancelled() => return stop(endpoint, telemetry).await,
@@ -245,6 +251,11 @@ fn hide_secrets(value: &mut serde_json::Value) {
             if let Some(v) = nats.get_mut(key) {
                 *v = "***".into();
             }
+        }
+    }
+    if let Some(url) = value.get_mut("nats_url") {
+        if let Some(text) = url.as_str() {
+            *url = runfleet_ops::nats::redact_url(text).into();
         }
     }
     if let Some(url) = value.get_mut("database_url") {

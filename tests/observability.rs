@@ -1,14 +1,13 @@
 //! Operating a fleet: `/metrics` counters and histograms move by exactly what
 //! a batch of runs did, `/readyz` follows NATS, JSON logs carry the run's
-//! fields, event payloads are redacted, and one trace spans the client, the
+//! fields, redacted inputs still reach the agent, and one trace spans the client, the
 //! coordinator and every worker a run touched. Real nats-server, real
 //! `runfleet` processes, a real OTLP/HTTP receiver.
 
 mod harness;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use harness::stream::eventually;
@@ -17,24 +16,7 @@ use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A loopback address with a port that was free a moment ago.
-fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    listener.local_addr().unwrap_or_else(|e| panic!("addr: {e}"))
-}
-
-/// `GET path` over plain HTTP/1.0: the status code and body, or `None` if
-/// nothing listens yet.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
+use harness::http::{free_addr, get as http_get};
 
 /// Every sample of a Prometheus text exposition, keyed by `name{labels}`
 /// exactly as written.
@@ -373,4 +355,46 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     );
     assert!(spans.iter().any(|s| s.pid == second_pid && s.name.starts_with("step")), "{names:?}");
     drop((coordinator, second));
+}
+
+/// A redacted input is redacted in events (and so in `get`), but the agent
+/// gets the real value on every attempt, including one the coordinator
+/// dispatched after an approval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redacted_inputs_reach_the_agent_after_a_wake() {
+    let nats = NatsServer::start();
+    let db = TestDb::sqlite();
+    let _coordinator = RunfleetProcess::spawn_with_env(
+        "coordinator",
+        &["coordinator".into(), "--nats-url".into(), nats.url(), "--database-url".into(), db.url.clone()],
+        &[("RUNFLEET_REDACTION__KEYS".into(), r#"["action"]"#.into())],
+    );
+    // The worker redacts nothing, so the output shows what the agent got.
+    let _worker = RunfleetProcess::spawn_with_env(
+        "worker",
+        &["worker".into(), "--nats-url".into(), nats.url()],
+        &[("RUNFLEET_REDACTION__KEYS".into(), "[]".into())],
+    );
+    eventually(DEADLINE, "the coordinator to serve", || async {
+        cli(&nats, &["list"]).status.success().then_some(())
+    })
+    .await;
+    let out = cli(&nats, &["submit", "--agent", "approval", "--input", r#"{"action": "deploy"}"#]);
+    let run = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(out.status.success(), "{run}{}", String::from_utf8_lossy(&out.stderr));
+    eventually(DEADLINE, "the approval to be asked", || {
+        let out = cli(&nats, &["approve", &run]);
+        async move { out.status.success().then_some(()) }
+    })
+    .await;
+    let view: Value = eventually(DEADLINE, "the run to complete", || {
+        let out = cli(&nats, &["get", &run, "--json"]);
+        async move {
+            let view: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (view["state"] == "completed").then_some(view)
+        }
+    })
+    .await;
+    assert_eq!(view["input"], json!({"action": "[REDACTED]"}), "{view}");
+    assert_eq!(view["output"], json!({"action": "deploy", "decision": "approve"}), "{view}");
 }

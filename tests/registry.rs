@@ -79,6 +79,7 @@ fn created(tenant: &TenantId, run: RunId, agent: &str, queue: &str) -> Event {
             input: json!({"prompt": "hi", "n": 3}),
             max_attempts: 3,
             idempotency_key: Some("key-1".into()),
+            traceparent: None,
         }),
     }
 }

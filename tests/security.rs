@@ -551,18 +551,24 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
         ("RUNFLEET_COORDINATOR__RECOVERY_INTERVAL".to_owned(), "1s".to_owned()),
         ("RUNFLEET_COORDINATOR__RECOVERY_MIN_AGE".to_owned(), "1s".to_owned()),
     ];
+    // Their operations endpoints too: readiness and the sampled gauges need
+    // JetStream calls the shipped permissions must allow.
+    let (coordinator_ops, worker_ops) = (harness::http::free_addr(), harness::http::free_addr());
+    let coordinator_metrics = coordinator_ops.to_string();
     let _coordinator = coordinator_with(
         "coordinator",
         &server,
         &db,
         &scratch.file("coordinator.toml", &nats_toml(&coordinator_nats)),
-        &["--lease-ttl", "2s"],
+        &["--lease-ttl", "2s", "--metrics-addr", &coordinator_metrics],
         &recovery_env,
     );
     let mut worker_env = nats_env(&worker_nats);
     worker_env.push(("RUNFLEET_WORKER__CHECKPOINT_INLINE_LIMIT".into(), "1024".into()));
+    let mut first_env = worker_env.clone();
+    first_env.push(("RUNFLEET_WORKER__METRICS_ADDR".into(), worker_ops.to_string()));
     let drain = ["--shutdown-grace", "200ms", "--handoff-timeout", "5s", "--test-agents"];
-    let mut first_worker = worker_with("worker-1", &server, &drain, &worker_env);
+    let mut first_worker = worker_with("worker-1", &server, &drain, &first_env);
 
     // acme submits, waits, watches and reads its runs through the CLI.
     let echo = run_to_completion(&url, &acme_env, "echo", &json!({"tenant": "acme"})).await;
@@ -573,6 +579,12 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
     let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "watch: {events:?}");
     assert_eq!(events.last().map(|e| e["type"].clone()), Some(json!("run.completed")), "{events:?}");
+    for (who, addr) in [("coordinator", coordinator_ops), ("worker", worker_ops)] {
+        let ready = harness::http::get(addr, "/readyz");
+        assert_eq!(ready.as_ref().map(|(status, _)| *status), Some(200), "{who} /readyz: {ready:?}");
+    }
+    let metrics = harness::http::get(coordinator_ops, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    assert!(metrics.contains("runfleet_jobs_pending{"), "jobs pending not sampled:\n{metrics}");
     run_to_completion(&url, &acme_env, "steps", &json!({"steps": 3, "ms": 10, "output_bytes": 4096})).await;
     run_to_completion(&url, &acme_env, "timer", &json!({"sleep_ms": 200})).await;
 

@@ -185,13 +185,32 @@ struct CoordinatorProbe {
 impl Probe for CoordinatorProbe {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async {
-            runfleet_ops::ready::nats(&self.client, &self.names).await?;
-            self.registry.ready().await
+            runfleet_ops::ready::nats(&self.client, &self.names, runfleet_ops::ready::Needs::Coordinator)
+                .await?;
+            runfleet_ops::ready::within("the registry database", self.registry.ready()).await
         })
     }
 
     fn refresh(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {
+            // Sampled from JetStream: skipped while disconnected and bounded,
+            // so a scrape during an outage still returns the other metrics.
+            if self.client.connection_state() != async_nats::connection::State::Connected {
+                return;
+            }
+            if tokio::time::timeout(REFRESH_TIMEOUT, self.sample()).await.is_err() {
+                warn!("sampling jobs pending and projector lag timed out");
+            }
+        })
+    }
+}
+
+/// How long `/metrics` waits for the gauges sampled from JetStream.
+const REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl CoordinatorProbe {
+    async fn sample(&self) {
+        {
             let metrics = runfleet_ops::metrics::get();
             let mut consumers = self.jobs.consumers();
             while let Some(Ok(info)) = consumers.next().await {
@@ -203,7 +222,7 @@ impl Probe for CoordinatorProbe {
             if let Ok(info) = self.events.consumer_info(self.names.projector_consumer()).await {
                 metrics.projector_lag.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
             }
-        })
+        }
     }
 }
 

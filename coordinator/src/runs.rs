@@ -139,6 +139,7 @@ pub struct Runs {
     leases: kv::Store,
     signals: kv::Store,
     control: kv::Store,
+    inputs: kv::Store,
 }
 
 impl Runs {
@@ -151,6 +152,7 @@ impl Runs {
             leases: topology.leases.clone(),
             signals: topology.signals.clone(),
             control: topology.control.clone(),
+            inputs: topology.inputs.clone(),
         }
     }
 
@@ -204,7 +206,22 @@ impl Runs {
         let Some(first) = self.first_event_on(&subject).await? else {
             return Ok(None);
         };
-        let job = job_of(&first).ok_or(Error::NotCreated { run_id: run, found: first.body.type_name() })?;
+        let mut job =
+            job_of(&first).ok_or(Error::NotCreated { run_id: run, found: first.body.type_name() })?;
+        if runfleet_ops::redact::contains_redacted(&job.input) {
+            // The event's input was redacted at submit; the real job is kept
+            // aside so the agent never gets "[REDACTED]".
+            let stored = self.inputs.get(run.to_string()).await.map_err(|e| {
+                jetstream_error("read the run's input", self.names.inputs_bucket())(e.to_string())
+            })?;
+            if let Some(bytes) = stored {
+                job = codec::decode(&bytes).map_err(|source| Error::Corrupt {
+                    what: "job",
+                    target: format!("{}/{run}", self.names.inputs_bucket()),
+                    source,
+                })?;
+            }
+        }
         Ok(Some(RunFacts { job, last }))
     }
 
@@ -555,17 +572,8 @@ pub fn job_of(created: &Event) -> Option<Job> {
         input: body.input.clone(),
         max_attempts: body.max_attempts,
         created_us: created.ts_ms.saturating_mul(1000),
-        traceparent: created.trace_id.as_deref().map(|trace| recovered_traceparent(trace, created.run_id)),
+        traceparent: body.traceparent.clone(),
     })
-}
-
-/// A `traceparent` in the run's trace for a job rebuilt from `run.created`
-/// (the submission's span id is not stored): its parent span id is derived
-/// from the run id, so a re-dispatched attempt stays in the run's trace.
-fn recovered_traceparent(trace_id: &str, run_id: RunId) -> String {
-    let uuid = run_id.as_uuid();
-    let bytes = uuid.as_bytes();
-    format!("00-{trace_id}-{}-01", hex::encode(&bytes[8..]))
 }
 
 /// The event in a stored message, or `None` (logged) if it does not decode.
@@ -611,6 +619,7 @@ mod tests {
                 input: serde_json::json!({"x": 1}),
                 max_attempts: 4,
                 idempotency_key: None,
+                traceparent: None,
             }),
         };
         let job = job_of(&created).unwrap_or_else(|| panic!("no job"));

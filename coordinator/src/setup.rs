@@ -66,6 +66,8 @@ pub struct Topology {
     pub signals: kv::Store,
     /// Cancel requests, watched by every worker.
     pub control: kv::Store,
+    /// The real job of each run whose `run.created` input was redacted.
+    pub inputs: kv::Store,
 }
 
 /// Creates or updates every stream and bucket runfleet uses.
@@ -83,6 +85,9 @@ pub async fn ensure(
     ensure_bucket(js, bucket(names.checkpoints_bucket(), "completed step checkpoints")).await?;
     let signals = ensure_bucket(js, bucket(names.signals_bucket(), "signals and approvals")).await?;
     let control = ensure_bucket(js, bucket(names.control_bucket(), "cancel requests")).await?;
+    let inputs =
+        ensure_bucket(js, bucket(names.inputs_bucket(), "real jobs of runs whose input events are redacted"))
+            .await?;
     let idempotency = ensure_bucket(
         js,
         kv::Config {
@@ -98,7 +103,7 @@ pub async fn ensure(
     .await?;
     ensure_object_store(js, names.blobs_bucket(), replicas).await?;
     info!(prefix = %names.prefix(), "jetstream topology ready");
-    Ok(Topology { events, jobs, idempotency, leases, signals, control })
+    Ok(Topology { events, jobs, idempotency, leases, signals, control, inputs })
 }
 
 /// The work-queue stream of job messages, which also holds each run's timer

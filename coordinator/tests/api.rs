@@ -408,6 +408,7 @@ async fn projector_skips_events_the_registry_refuses() {
             input: json!({"ok": true}),
             max_attempts: 3,
             idempotency_key: None,
+            traceparent: None,
         }),
     );
     for e in [&poison, &good] {

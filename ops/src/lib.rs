@@ -5,7 +5,7 @@
 //! - [`telemetry`]: text or JSON logs, OpenTelemetry traces exported over
 //!   OTLP, and W3C trace context carried in NATS headers;
 //! - [`metrics`]: the Prometheus metrics, named once in
-//!   `runfleet_protocol::metrics`;
+//!   `runfleet_protocol::semconv`;
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
 //! - [`redact`]: secrets removed from event payloads before they are published.
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// connection. Every key is optional; the default is an anonymous plaintext
 /// connection. Environment: `RUNFLEET_NATS__<KEY>` (e.g.
 /// `RUNFLEET_NATS__PASSWORD`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// User name, with `password`.
@@ -56,6 +56,49 @@ pub struct NatsConfig {
     /// `_INBOX.<tenant>.>`; the CLI uses `_INBOX.<tenant>` when this is unset.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inbox_prefix: Option<String>,
+}
+
+impl std::fmt::Debug for NatsConfig {
+    /// Secrets show as `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("NatsConfig")
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("nkey_seed", &hidden(&self.nkey_seed))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .field("tls_first", &self.tls_first)
+            .field("inbox_prefix", &self.inbox_prefix)
+            .finish()
+    }
+}
+
+/// `url` (a comma-separated server list) with any credentials in it
+/// replaced: `nats://user:secret@h:4222` → `nats://user:***@h:4222`,
+/// `nats://token@h:4222` → `nats://***@h:4222`. For logs, errors and output.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|server| {
+            let (scheme, rest) = server.split_once("://").map_or(("", server), |(s, r)| (s, r));
+            let Some((credentials, host)) = rest.rsplit_once('@') else { return server.to_owned() };
+            let hidden = match credentials.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(),
+            };
+            if scheme.is_empty() {
+                format!("{hidden}@{host}")
+            } else {
+                format!("{scheme}://{hidden}@{host}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Why a connection could not be made.
@@ -195,12 +238,12 @@ pub async fn connect(url: &str, nats: &NatsConfig, name: &str) -> Result<async_n
 
 /// `nats://a:4222,nats://b:4222` → the servers to try.
 pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
-    let invalid = |reason: String| Error::InvalidUrl { url: url.to_owned(), reason };
+    let invalid = |reason: String| Error::InvalidUrl { url: redact_url(url), reason };
     let servers = url
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| invalid(format!("{s}: {e}"))))
+        .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| invalid(format!("{}: {e}", redact_url(s)))))
         .collect::<Result<Vec<_>, _>>()?;
     if servers.is_empty() {
         return Err(invalid("names no server".to_owned()));
@@ -236,7 +279,7 @@ pub async fn connect_waiting(
 }
 
 fn classify(url: &str, error: &async_nats::ConnectError) -> Error {
-    let url = url.to_owned();
+    let url = redact_url(url);
     let reason = error.to_string();
     if is_tls_failure(error) {
         return Error::Tls { url, reason };
@@ -297,6 +340,17 @@ mod tests {
             }
         }
         assert!(NatsConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(
+            redact_url("nats://u:hunter2@a:4222,nats://tok@b:4222,nats://c:4222"),
+            "nats://u:***@a:4222,nats://***@b:4222,nats://c:4222"
+        );
+        let config =
+            NatsConfig { password: Some("hunter2".into()), user: Some("u".into()), ..Default::default() };
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

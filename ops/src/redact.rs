@@ -107,6 +107,16 @@ impl Redactor {
     }
 }
 
+/// Whether `value` holds a redacted value anywhere (so it is not the real one).
+pub fn contains_redacted(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s == REDACTED,
+        Value::Array(items) => items.iter().any(contains_redacted),
+        Value::Object(map) => map.values().any(contains_redacted),
+        _ => false,
+    }
+}
+
 /// `parts` is a pattern split on `*`: the first part must start the key, the
 /// last must end it, the others appear in order between.
 fn glob(parts: &[String], key: &str) -> bool {

@@ -106,6 +106,7 @@ fn main() -> Result<()> {
             input: input.clone(),
             max_attempts: valid.max_attempts,
             idempotency_key: Some(key.to_owned()),
+            traceparent: None,
         }),
     };
     let events_subject = names.run_events(&tenant, run_id);

@@ -224,6 +224,10 @@ pub struct RunCreated {
     pub max_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// The submission's W3C `traceparent` (sampling flag included), so a job
+    /// rebuilt from this event joins the run's trace as the original did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -271,6 +271,12 @@ impl Names {
     pub fn idempotency_bucket(&self) -> String {
         format!("{}-idempotency", self.prefix)
     }
+    /// The real job of each run whose `run.created` input was redacted, key
+    /// `<run_id>`: what the coordinator re-dispatches (wakes, recovery) so
+    /// the agent never gets a redacted input.
+    pub fn inputs_bucket(&self) -> String {
+        format!("{}-inputs", self.prefix)
+    }
     pub fn workers_bucket(&self) -> String {
         format!("{}-workers", self.prefix)
     }

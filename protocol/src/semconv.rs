@@ -1,5 +1,5 @@
 //! Metric names, their labels and help, and trace attribute keys: defined
-//! once here, documented in `docs/operations.md` (a test keeps the two in
+//! once here, documented in `docs/observability.md` (a test keeps the two in
 //! step), and registered by `runfleet-ops`.
 
 /// What kind of Prometheus metric.

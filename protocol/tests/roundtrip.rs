@@ -88,18 +88,28 @@ fn run_error() -> impl Strategy<Value = RunError> {
 
 fn body() -> impl Strategy<Value = EventBody> {
     prop_oneof![
-        (agent(), queue(), 0u8..5, json(), 1u32..100, proptest::option::of("\\PC{1,20}")).prop_map(
-            |(agent, queue, priority, input, max_attempts, idempotency_key)| {
-                EventBody::Created(RunCreated {
-                    agent,
-                    queue,
-                    priority,
-                    input,
-                    max_attempts,
-                    idempotency_key,
-                })
-            }
-        ),
+        (
+            agent(),
+            queue(),
+            0u8..5,
+            json(),
+            1u32..100,
+            proptest::option::of("\\PC{1,20}"),
+            proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]"),
+        )
+            .prop_map(
+                |(agent, queue, priority, input, max_attempts, idempotency_key, traceparent)| {
+                    EventBody::Created(RunCreated {
+                        agent,
+                        queue,
+                        priority,
+                        input,
+                        max_attempts,
+                        idempotency_key,
+                        traceparent,
+                    })
+                }
+            ),
         any::<u64>().prop_map(|delivery| EventBody::Started(RunStarted { delivery })),
         (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(delivery, steps_replayed, failures)| {
             EventBody::Resumed(RunResumed { delivery, steps_replayed, failures })

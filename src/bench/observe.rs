@@ -16,7 +16,7 @@ use crate::client::Client;
 
 /// Something the bench saw, stamped when it arrived.
 pub(super) enum Observation {
-    Event(Instant, Event),
+    Event(Instant, Box<Event>),
     /// A lease was created or renewed (the key is the run id).
     LeaseWritten(Instant, String),
     /// A lease was removed: expired (`MaxAge` marker) or released.
@@ -52,7 +52,7 @@ pub(super) async fn observe(
             let Some(message) = message else { return };
             let at = Instant::now();
             let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
-            if events_tx.send(Observation::Event(at, event)).is_err() {
+            if events_tx.send(Observation::Event(at, Box::new(event))).is_err() {
                 return;
             }
         }

@@ -348,14 +348,14 @@ mod tests {
         let run = RunId::generate();
         let t: Vec<Instant> = (0..4).map(|ms| Instant::now() + Duration::from_millis(ms)).collect();
         let waiting = || EventBody::Waiting(RunWaiting { key: None, deadline_ms: None, failures: 0 });
-        tracker.note(Observation::Event(t[0], event(run, waiting())));
-        tracker.note(Observation::Event(t[1], event(run, waiting())));
+        tracker.note(Observation::Event(t[0], Box::new(event(run, waiting()))));
+        tracker.note(Observation::Event(t[1], Box::new(event(run, waiting()))));
         tracker.note(Observation::LeaseRemoved(t[1], run.to_string()));
         tracker.note(Observation::LeaseWritten(t[2], run.to_string()));
         let resumed = EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 0, failures: 0 });
-        tracker.note(Observation::Event(t[2], event(run, resumed)));
+        tracker.note(Observation::Event(t[2], Box::new(event(run, resumed))));
         let completed = EventBody::Completed(RunCompleted { output: json!({}) });
-        tracker.note(Observation::Event(t[3], event(run, completed)));
+        tracker.note(Observation::Event(t[3], Box::new(event(run, completed))));
         tracker.note(Observation::LeaseRemoved(t[3], run.to_string()));
         tracker.note(Observation::LeaseRemoved(t[3], "not-a-run".to_owned()));
 

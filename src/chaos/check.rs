@@ -707,6 +707,7 @@ mod tests {
                 input: json!({"steps": STEPS, "ms": 1}),
                 max_attempts: 100,
                 idempotency_key: None,
+                traceparent: None,
             };
             builder.event(0, None, EventBody::Created(created));
             builder

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod db;
+pub mod http;
 pub mod nats;
 pub mod process;
 pub mod stream;

@@ -67,7 +67,7 @@ async fn event_payloads_are_redacted_but_agents_see_real_values() -> anyhow::Res
     );
     // The checkpoint keeps the real value: a replay must return what the step returned.
     let checkpoints = env.checkpoints(run).await?;
-    let output = serde_json::to_value(&checkpoints.get(&0).map(|c| c.output.clone()))?;
+    let output = serde_json::to_value(checkpoints.get(&0).map(|c| c.output.clone()))?;
     assert!(output.to_string().contains("tok-1"), "{output}");
     worker.stop().await
 }

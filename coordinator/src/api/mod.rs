@@ -81,6 +81,8 @@ struct Inner {
     names: Names,
     runs: Runs,
     idempotency: kv::Store,
+    /// Real jobs of runs whose `run.created` input was redacted.
+    inputs: kv::Store,
     registry: Registry,
     limits: ApiLimits,
     redactor: Redactor,
@@ -105,6 +107,7 @@ impl Api {
             names,
             runs,
             idempotency: topology.idempotency.clone(),
+            inputs: topology.inputs.clone(),
             registry,
             limits,
             redactor,

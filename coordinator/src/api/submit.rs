@@ -51,8 +51,8 @@ impl NewRun {
             .inc();
     }
 
-    /// The `run.created` event, its input redacted.
-    fn created_event(&self, redactor: &Redactor) -> Event {
+    /// The `run.created` event, its input redacted, and whether anything was.
+    fn created_event(&self, redactor: &Redactor) -> (Event, bool) {
         let mut event = Event {
             run_id: self.record.run_id,
             tenant: self.tenant.clone(),
@@ -68,12 +68,11 @@ impl NewRun {
                 input: self.submit.input.clone(),
                 max_attempts: self.submit.max_attempts,
                 idempotency_key: self.submit.idempotency_key.as_ref().map(|k| k.as_str().to_owned()),
+                traceparent: self.trace.clone(),
             }),
         };
-        if event.payload_mut().is_some_and(|input| redactor.redact(input)) {
-            runfleet_ops::metrics::get().events_redacted.inc();
-        }
-        event
+        let redacted = event.payload_mut().is_some_and(|input| redactor.redact(input));
+        (event, redacted)
     }
 
     fn job(&self) -> Job {
@@ -211,13 +210,27 @@ impl Api {
     async fn publish_run(&self, run: &NewRun) -> Result<(), ApiError> {
         let names = &self.inner.names;
         let run_id = run.record.run_id;
-        let event = codec::encode(&run.created_event(&self.inner.redactor))
-            .map_err(|e| internal("run.created event", e))?;
+        let (created, redacted) = run.created_event(&self.inner.redactor);
+        if redacted {
+            // The event carries the redacted input; jobs the coordinator
+            // rebuilds later (wakes, recovery) take the real one from here.
+            let job = codec::encode(&run.job()).map_err(|e| internal("job", e))?;
+            self.inner
+                .inputs
+                .put(run_id.to_string(), Bytes::from(job))
+                .await
+                .map_err(|e| unavailable(format!("could not store the input of run {run_id}"), e))?;
+        }
+        let event = codec::encode(&created).map_err(|e| internal("run.created event", e))?;
         let mut headers = content_headers(&names.event_msg_id(run_id, 1));
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);
         match self.publish(subject.clone(), headers, event).await {
-            Ok(()) => {}
+            Ok(()) => {
+                if redacted {
+                    runfleet_ops::metrics::get().events_redacted.inc();
+                }
+            }
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
                 // The log exists. If nothing moved the run past `run.created`,
                 // its job may be what a crashed submitter never published:

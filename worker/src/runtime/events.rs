@@ -275,9 +275,7 @@ impl EventLog {
             trace_id: self.trace_id.clone(),
             body,
         };
-        if event.payload_mut().is_some_and(|payload| self.redactor.redact(payload)) {
-            metrics::get().events_redacted.inc();
-        }
+        let redacted = event.payload_mut().is_some_and(|payload| self.redactor.redact(payload));
         let payload = codec::encode(&event).map_err(|source| Error::Encode { run_id, source })?;
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
@@ -296,6 +294,9 @@ impl EventLog {
                 self.next_seq = seq + 1;
                 self.last_stream_seq = ack.sequence;
                 self.count(&event.body);
+                if redacted {
+                    metrics::get().events_redacted.inc();
+                }
                 Ok(seq)
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {

@@ -46,9 +46,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 async fn beat(shared: &Shared, held: &Arc<Held>) {
     let metrics = runfleet_ops::metrics::get();
     match held.beat(&shared.leases).await {
-        Ok(_) => metrics.lease_renewals.inc(),
+        Ok(true) => metrics.lease_renewals.inc(),
+        Ok(false) => {}
+        // Counted in `mark_lost`, once per lease, however the loss was found.
         Err(lease::Error::Lost { .. }) => {
-            metrics.lease_losses.inc();
             warn!(run_id = %held.run_id, "lease lost (changed by someone else); run stopped");
         }
         Err(e) => warn!(run_id = %held.run_id, error = %e, "lease renewal failed; retrying next beat"),

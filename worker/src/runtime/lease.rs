@@ -109,7 +109,9 @@ impl Held {
 
     /// Marks the lease lost and stops the run at once.
     pub fn mark_lost(&self) {
-        self.lost.store(true, Ordering::SeqCst);
+        if !self.lost.swap(true, Ordering::SeqCst) {
+            runfleet_ops::metrics::get().lease_losses.inc();
+        }
         self.stop.cancel();
     }
 

@@ -182,7 +182,8 @@ impl Worker {
     ///
     /// # Errors
     ///
-    /// Invalid configuration, an unreachable NATS server, an events stream
+    /// Invalid configuration, NATS refusing the credentials or the TLS
+    /// handshake (an unreachable server is waited for), an events stream
     /// without direct gets, or a consumer, subscription or registry write
     /// the server refused.
     pub async fn start(config: WorkerConfig, agents: Agents) -> Result<Self, Error> {
@@ -411,7 +412,7 @@ struct WorkerProbe {
 
 impl Probe for WorkerProbe {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(runfleet_ops::ready::nats(&self.client, &self.names))
+        Box::pin(runfleet_ops::ready::nats(&self.client, &self.names, runfleet_ops::ready::Needs::Worker))
     }
 }
 

@@ -586,7 +586,7 @@ async fn outcome_of(
                 if last.event.body.is_terminal() || last.event.attempt > attempt {
                     return Outcome::Interrupted(None);
                 }
-                *log = EventLog::new(&shared.writer, &job, attempt, &last);
+                *log = EventLog::new(&shared.writer, job, attempt, &last);
                 match append_terminal(log, stop, body.clone()).await {
                     Outcome::Interrupted(Some(e)) if e.is_lease_lost() => {
                         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -164,6 +164,7 @@ impl Env {
                 input: input.clone(),
                 max_attempts,
                 idempotency_key: None,
+                traceparent: None,
             }),
         };
         self.append_event(&created, 0).await?;
