@@ -184,14 +184,20 @@ mod tests {
     fn example_config_is_valid() {
         #[derive(Serialize)]
         struct NoFlags {}
-        let file = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/runfleet.toml"));
-        let coordinator: runfleet_coordinator::config::CoordinatorConfig =
-            load("coordinator", Some(file), &NoFlags {}).unwrap_or_else(|e| panic!("{e}"));
-        coordinator.validate().unwrap_or_else(|e| panic!("{e}"));
-        let worker: runfleet_worker::WorkerConfig =
-            load("worker", Some(file), &NoFlags {}).unwrap_or_else(|e| panic!("{e}"));
-        worker.validate().unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(worker.idle_poll, std::time::Duration::from_millis(500));
+        // In a jail: other tests set RUNFLEET_* variables, and a jail
+        // serializes them and starts from a clean environment.
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let file = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/runfleet.toml"));
+            let coordinator: runfleet_coordinator::config::CoordinatorConfig =
+                load("coordinator", Some(file), &NoFlags {}).map_err(|e| e.to_string())?;
+            coordinator.validate().map_err(|e| e.to_string())?;
+            let worker: runfleet_worker::WorkerConfig =
+                load("worker", Some(file), &NoFlags {}).map_err(|e| e.to_string())?;
+            worker.validate().map_err(|e| e.to_string())?;
+            assert_eq!(worker.idle_poll, std::time::Duration::from_millis(500));
+            Ok(())
+        });
     }
 
     /// The shared tables come from the file's top level and from
