@@ -82,6 +82,11 @@ impl EmbeddedNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Asks the server to shut down (SIGTERM) and waits up to 10 s before killing it.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
@@ -92,6 +97,16 @@ impl EmbeddedNats {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// What `nats-server --version` prints, e.g. `nats-server: v2.12.1`.
+pub fn server_version() -> anyhow::Result<String> {
+    let binary = find_nats_server()?;
+    let output = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("could not run {} --version", binary.display()))?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
 /// Picks a free loopback port.

@@ -48,6 +48,8 @@ registry_suite!(
     out_of_order_delivery_converges,
     tenants_are_isolated,
     stale_runs_pages_non_terminal_rows_older_than_the_cut,
+    large_shuffled_batches_converge,
+    seq_one_must_be_run_created,
 );
 
 async fn connect(db: &TestDb) -> Registry {
@@ -321,6 +323,54 @@ async fn out_of_order_delivery_converges(registry: &Registry) {
     assert_eq!(get(registry, &t, shuffled).await, expected);
     let events = registry.events(&t, shuffled, 0, 100).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(events.map(|p| p.events), Some(log));
+}
+
+/// Batches larger than one multi-row statement, holding many runs' events
+/// in any order (some runs' later events a batch ahead of their
+/// `run.created`), end with every row at its latest event.
+async fn large_shuffled_batches_converge(registry: &Registry) {
+    let t = tenant("bulk");
+    let runs: Vec<RunId> = (0..700).map(|_| RunId::generate()).collect();
+    let logs: Vec<Vec<Event>> = runs.iter().map(|run| full_log(&t, *run)).collect();
+    // First batch: the terminal event of every other run, before its creation.
+    let early: Vec<Event> = logs.iter().step_by(2).map(|log| log[3].clone()).collect();
+    apply(registry, &early).await;
+    // Second batch: everything else, runs interleaved, newest events first.
+    // The early runs' rows must end at the terminal event stored before.
+    let mut rest: Vec<Event> = logs.iter().skip(1).step_by(2).map(|log| log[3].clone()).collect();
+    for seq in (0..3).rev() {
+        rest.extend(logs.iter().map(|log| log[seq].clone()));
+    }
+    apply(registry, &rest).await;
+    assert_eq!(registry.count(&t, RunState::Completed).await.unwrap_or_else(|e| panic!("{e}")), 700);
+    assert_eq!(registry.count(&t, RunState::Queued).await.unwrap_or_else(|e| panic!("{e}")), 0);
+    for (run, log) in runs.iter().zip(&logs).step_by(97) {
+        let view = get(registry, &t, *run).await.unwrap_or_else(|| panic!("no row for {run}"));
+        assert_eq!(
+            (view.state, view.last_seq, view.output),
+            (RunState::Completed, 4, Some(json!({"answer": 42})))
+        );
+        let events = registry.events(&t, *run, 0, 100).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(events.map(|p| p.events).as_ref(), Some(log));
+    }
+}
+
+/// A batch whose seq 1 is not `run.created` is refused whole, naming the
+/// run, and stores nothing.
+async fn seq_one_must_be_run_created(registry: &Registry) {
+    let t = tenant("strict");
+    let good = RunId::generate();
+    let bad = RunId::generate();
+    let mut forged = full_log(&t, bad)[1].clone();
+    forged.seq = 1;
+    let mut batch = full_log(&t, good);
+    batch.push(forged);
+    let error = registry.apply(&batch).await.err().unwrap_or_else(|| panic!("a forged seq 1 was accepted"));
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.to_string().contains(&bad.to_string()), "{error}");
+    assert_eq!(get(registry, &t, good).await, None, "the refused batch stored nothing");
+    apply(registry, &full_log(&t, good)).await;
+    assert_eq!(get(registry, &t, good).await.map(|v| v.state), Some(RunState::Completed));
 }
 
 async fn tenants_are_isolated(registry: &Registry) {

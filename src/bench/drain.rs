@@ -130,8 +130,8 @@ pub struct DrainTrial {
 
 pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<DrainResult> {
     let mut trials = Vec::new();
-    for trial in 1..=args.drain_trials {
-        progress(args, format!("drain: trial {trial}/{}", args.drain_trials));
+    for trial in 1..=args.repeat {
+        progress(args, format!("drain: trial {trial}/{}", args.repeat));
         let result = trial_on_fresh_fleet(args).await.with_context(|| format!("trial {trial}"))?;
         progress(
             args,

@@ -9,19 +9,48 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use runfleet_coordinator::registry::Registry;
 use runfleet_coordinator::{Coordinator, CoordinatorConfig};
-use runfleet_protocol::{Names, TenantId};
+use runfleet_protocol::{AgentName, Names, TenantId};
+use runfleet_worker::sdk::{async_trait, Agent, AgentError, RunContext, StepError};
 use runfleet_worker::{Agents, Worker, WorkerConfig};
+use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::client::Client;
 use crate::dev::Components;
 use crate::embedded::{self, EmbeddedNats};
 
+/// The lease TTL of fleets whose scenario does not study it: the default.
+pub(super) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+/// The name [`Noop`] is registered under.
+pub(super) const NOOP_AGENT: &str = "bench_noop";
+
+/// The built-in agents and [`Noop`].
+pub(super) fn noop_agents() -> Agents {
+    let mut agents = runfleet_worker::agents::builtin();
+    if let Ok(name) = AgentName::new(NOOP_AGENT) {
+        agents.register(name, Noop);
+    }
+    agents
+}
+
+/// The one-step no-op agent of `throughput` and `latency`: one durable step
+/// that does nothing, output `null`.
+struct Noop;
+
+#[async_trait]
+impl Agent for Noop {
+    async fn run(&self, ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+        ctx.step("noop", |_| async { Ok::<_, StepError>(Value::Null) }).await
+    }
+}
+
 pub(super) struct Fleet {
     // Dropped in this order: the server (killed on drop) before its store.
     nats: EmbeddedNats,
     components: Components,
+    registry: Registry,
     data: TempDir,
 }
 
@@ -38,9 +67,20 @@ impl Fleet {
             ..CoordinatorConfig::default()
         };
         let coordinator = Coordinator::start(config).await.context("coordinator failed to start")?;
+        let registry = coordinator.registry().clone();
         let mut components = Components::default();
         components.spawn_coordinator(coordinator);
-        Ok(Self { nats, components, data })
+        Ok(Self { nats, components, registry, data })
+    }
+
+    /// The coordinator's registry (its connection pool).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// nats-server's process id, while it runs.
+    pub fn nats_pid(&self) -> Option<u32> {
+        self.nats.pid()
     }
 
     pub fn url(&self) -> String {

@@ -47,14 +47,52 @@
 //! scenario that ran (`runs`, `steps`, `signal`, `failover`, `drain`); the
 //! `runs` object keeps the fields the bench had before scenarios existed.
 
+//! `runfleet bench [SCENARIO…]`: measurements on fleets the bench starts for
+//! the purpose (a child nats-server in a temp dir, a coordinator on SQLite,
+//! workers), torn down afterwards. `docs/performance.md` describes each
+//! scenario, the targets and the latest results. With no scenario named,
+//! all run, in this order:
+//!
+//! - **`floor`** ([`floor`]): the minimal run lifecycle in bare async-nats
+//!   calls, no runfleet code: the baseline of `throughput`.
+//! - **`throughput`** ([`throughput`]): `--runs` one-step no-op runs through
+//!   the whole fleet; runs/s to the last terminal event and to the last
+//!   registry row, each over the floor's runs/s of the same bench.
+//! - **`latency`** ([`latency`]): open-loop submits at fixed fractions of
+//!   the measured throughput; submit→start and submit→complete quantiles
+//!   from each submit's *intended* send time (coordinated omission).
+//! - **`steps`** ([`steps`]): per-step overhead of a durable no-op step over
+//!   a plain async call.
+//! - **`events`** ([`events`]): an external subscriber's lag behind a
+//!   worker's event publishes at a fixed event rate.
+//! - **`failover`** ([`failover`]): SIGKILL of a worker process →
+//!   `run.resumed` on another, per lease TTL.
+//! - **`scale`** ([`scale`]): memory and heartbeat traffic with many runs
+//!   in flight (waiting and running), and simulated leases beyond that.
+//! - **`signal`** ([`signal`]): signal → `run.resumed` of a parked run.
+//! - **`drain`** ([`drain`]): SIGTERM of a worker process → `run.handoff` →
+//!   `run.resumed` on another.
+//!
+//! Every scenario runs `--repeat` trials (3 by default) and reports the
+//! median and range. The machine a bench runs on is usually shared and
+//! noisy: targets are ratios to figures measured in the same run wherever
+//! the issue allows, and are reported, never asserted.
+//!
+//! `--json` prints, and `--output FILE` writes, one JSON object with a key
+//! per scenario that ran, plus `machine` (what it ran on).
+
 mod drain;
+mod events;
 mod failover;
 mod fleet;
+mod floor;
+mod latency;
 mod observe;
 mod procs;
-mod runs;
+mod scale;
 mod signal;
 mod steps;
+mod throughput;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,59 +103,97 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 pub use drain::{DrainResult, DrainTrial};
+pub use events::EventsResult;
 pub use failover::{FailoverResult, FailoverTrial, TtlResult};
-pub use runs::RunsResult;
+pub use floor::FloorTrial;
+pub use latency::{LatencyResult, LatencyTrial, RateResult};
+pub use scale::ScaleResult;
 pub use signal::SignalResult;
-pub use steps::StepsResult;
+pub use steps::{StepsResult, StepsTrial};
+pub use throughput::{ThroughputResult, ThroughputTrial};
 
 /// What `runfleet bench` measures; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Scenario {
-    /// Throughput and submit→start / submit→complete latency of `echo` runs.
-    Runs,
+    /// The bare JetStream run lifecycle: the baseline.
+    Floor,
+    /// One-step runs through the whole fleet, against the floor.
+    Throughput,
+    /// Open-loop submit→start / submit→complete at fractions of throughput.
+    Latency,
     /// Checkpoint overhead of one durable step against a plain async call.
     Steps,
-    /// Signal → `run.resumed` of a parked run against submit → `run.started`.
-    Signal,
+    /// An external subscriber's lag behind published events.
+    Events,
     /// SIGKILL of a worker process → `run.resumed` on another, per lease TTL.
     Failover,
+    /// Memory and heartbeat traffic with many runs in flight.
+    Scale,
+    /// Signal → `run.resumed` of a parked run against submit → `run.started`.
+    Signal,
     /// SIGTERM of a worker process → `run.handoff` → `run.resumed` on another.
     Drain,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Scenarios to run, in any order: runs, steps, signal, failover, drain
-    /// [default: all five].
+    /// Scenarios to run, in any order: floor, throughput, latency, steps,
+    /// events, failover, scale, signal, drain [default: all].
     #[arg(value_enum)]
     pub scenarios: Vec<Scenario>,
-    /// runs: runs to push through the fleet.
-    #[arg(long, default_value_t = 2000)]
+    /// Trials of every scenario (each on a fresh fleet); medians and ranges
+    /// are over these.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// floor, throughput: runs per trial.
+    #[arg(long, default_value_t = 20_000)]
     pub runs: u32,
-    /// runs: in-process workers.
+    /// floor, throughput, latency: in-process workers (the floor runs
+    /// workers × slots concurrent handlers).
     #[arg(long, default_value_t = 2)]
     pub workers: u32,
-    /// runs: slots per worker.
-    #[arg(long, default_value_t = 32)]
-    pub slots: u32,
-    /// runs: submits in flight at once.
+    /// floor, throughput, latency: slots per worker.
     #[arg(long, default_value_t = 64)]
+    pub slots: u32,
+    /// throughput: submits in flight at once.
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// latency: offered rates, in percent of the throughput measured in the
+    /// same bench (measured first if `throughput` is not selected).
+    #[arg(long, value_delimiter = ',', default_value = "25,50")]
+    pub rates: Vec<u32>,
+    /// latency: how long each offered rate is held.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub latency_duration: Duration,
     /// steps: durable steps per run.
     #[arg(long, default_value_t = 50)]
     pub steps: u32,
-    /// steps: runs measured, one after the other (after one warm-up run).
+    /// steps: runs measured per trial, one after the other (after one
+    /// warm-up run).
     #[arg(long, default_value_t = 20)]
     pub step_runs: u32,
+    /// events: events per second offered by the workers, in total.
+    #[arg(long, default_value_t = 10_000)]
+    pub event_rate: u32,
+    /// events: how long the event rate is held per trial.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub event_duration: Duration,
     /// failover: lease TTLs to measure, comma separated (each at least 1s).
     #[arg(long, value_delimiter = ',', default_value = "2s,5s", value_parser = parse_duration)]
     pub ttls: Vec<Duration>,
     /// failover: `steps` runs submitted per trial.
     #[arg(long, default_value_t = 3)]
     pub failover_runs: u32,
-    /// failover: trials per TTL, each on a fresh fleet.
-    #[arg(long, default_value_t = 3)]
-    pub repeat: u32,
+    /// scale: runs in flight at once (waiting for a signal) per trial.
+    #[arg(long, default_value_t = 10_000)]
+    pub scale_runs: u32,
+    /// scale: runs holding a slot at once (a long step), for the memory per
+    /// running run.
+    #[arg(long, default_value_t = 1_000)]
+    pub scale_running: u32,
+    /// scale: simulated leases renewed every TTL/3.
+    #[arg(long, default_value_t = 100_000)]
+    pub simulated_leases: u32,
     /// signal: trials measured, one after the other (after 5 warm-up
     /// trials), each an `await` run signalled once parked and an `echo` run.
     #[arg(long, default_value_t = 200)]
@@ -125,9 +201,6 @@ pub struct BenchArgs {
     /// drain: `steps` runs on the worker that gets SIGTERM, per trial.
     #[arg(long, default_value_t = 10)]
     pub drain_runs: u32,
-    /// drain: trials, each on a fresh fleet.
-    #[arg(long, default_value_t = 3)]
-    pub drain_trials: u32,
     /// Print the result as JSON (one object, a key per scenario).
     #[arg(long)]
     pub json: bool,
@@ -150,34 +223,57 @@ impl BenchArgs {
 
     /// Rejects sizes that cannot produce a measurement, naming the flag.
     fn validate(&self, selected: &[Scenario]) -> anyhow::Result<()> {
+        anyhow::ensure!(self.repeat > 0, "--repeat must be positive");
+        let fleet = || {
+            anyhow::ensure!(self.workers > 0 && self.slots > 0, "--workers and --slots must be positive");
+            Ok(())
+        };
         for scenario in selected {
             match scenario {
-                Scenario::Runs => anyhow::ensure!(
-                    self.runs > 0 && self.workers > 0 && self.slots > 0 && self.concurrency > 0,
-                    "--runs, --workers, --slots and --concurrency must be positive"
-                ),
-                Scenario::Steps => {
-                    anyhow::ensure!(
-                        self.steps > 0 && self.step_runs > 0,
-                        "--steps and --step-runs must be positive"
-                    )
+                Scenario::Floor => {
+                    fleet()?;
+                    anyhow::ensure!(self.runs > 0, "--runs must be positive");
                 }
+                Scenario::Throughput => {
+                    fleet()?;
+                    anyhow::ensure!(
+                        self.runs > 0 && self.concurrency > 0,
+                        "--runs and --concurrency must be positive"
+                    );
+                }
+                Scenario::Latency => {
+                    fleet()?;
+                    anyhow::ensure!(
+                        !self.rates.is_empty() && self.rates.iter().all(|r| (1..=100).contains(r)),
+                        "--rates must name percentages in 1..=100"
+                    );
+                    anyhow::ensure!(
+                        self.latency_duration >= Duration::from_secs(1),
+                        "--latency-duration must be at least 1s"
+                    );
+                }
+                Scenario::Steps => anyhow::ensure!(
+                    self.steps > 0 && self.step_runs > 0,
+                    "--steps and --step-runs must be positive"
+                ),
+                Scenario::Events => anyhow::ensure!(
+                    self.event_rate > 0 && self.event_duration >= Duration::from_secs(1),
+                    "--event-rate must be positive and --event-duration at least 1s"
+                ),
                 Scenario::Failover => {
                     anyhow::ensure!(!self.ttls.is_empty(), "--ttls must name at least one TTL");
                     anyhow::ensure!(
                         self.ttls.iter().all(|ttl| *ttl >= Duration::from_secs(1)),
                         "every --ttls value must be at least 1s (the coordinator's lease_ttl minimum)"
                     );
-                    anyhow::ensure!(
-                        self.failover_runs > 0 && self.repeat > 0,
-                        "--failover-runs and --repeat must be positive"
-                    );
+                    anyhow::ensure!(self.failover_runs > 0, "--failover-runs must be positive");
                 }
-                Scenario::Signal => anyhow::ensure!(self.signal_runs > 0, "--signal-runs must be positive"),
-                Scenario::Drain => anyhow::ensure!(
-                    self.drain_runs > 0 && self.drain_trials > 0,
-                    "--drain-runs and --drain-trials must be positive"
+                Scenario::Scale => anyhow::ensure!(
+                    self.scale_runs > 0 && self.scale_running > 0 && self.simulated_leases > 0,
+                    "--scale-runs, --scale-running and --simulated-leases must be positive"
                 ),
+                Scenario::Signal => anyhow::ensure!(self.signal_runs > 0, "--signal-runs must be positive"),
+                Scenario::Drain => anyhow::ensure!(self.drain_runs > 0, "--drain-runs must be positive"),
             }
         }
         Ok(())
@@ -192,16 +288,64 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 /// Everything one `runfleet bench` measured: a key per scenario that ran.
 #[derive(Debug, Default, Serialize)]
 pub struct BenchReport {
+    pub machine: Machine,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub runs: Option<RunsResult>,
+    pub floor: Option<Vec<FloorTrial>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<ThroughputResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<StepsResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub signal: Option<SignalResult>,
+    pub events: Option<EventsResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainResult>,
+}
+
+/// What the bench ran on: results are only comparable on the same machine.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_gib: f64,
+    pub os: String,
+    pub nats_server: String,
+    pub runfleet: String,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name").and_then(|rest| rest.split(':').nth(1)))
+            .map(|model| model.trim().to_owned())
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: f64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_default();
+        let os = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|release| format!("{} {}", std::env::consts::OS, release.trim()))
+            .unwrap_or_else(|_| std::env::consts::OS.to_owned());
+        Self {
+            cpus: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+            cpu_model,
+            memory_gib: memory_kib / (1024.0 * 1024.0),
+            os,
+            nats_server: crate::embedded::server_version().unwrap_or_else(|e| format!("unknown: {e}")),
+            runfleet: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
 }
 
 /// p50 / p99 / max of a latency histogram, in milliseconds.
@@ -300,19 +444,51 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 async fn run_scenarios(args: &BenchArgs, selected: &[Scenario]) -> anyhow::Result<BenchReport> {
-    let mut report = BenchReport::default();
+    let mut report = BenchReport { machine: Machine::read(), ..BenchReport::default() };
     let mut first = true;
     for scenario in selected {
         if !args.json && !std::mem::take(&mut first) {
             println!();
         }
         match scenario {
-            Scenario::Runs => {
-                let result = runs::measure(args).await.context("bench runs")?;
-                if !args.json {
-                    runs::print(&result);
+            Scenario::Floor => {
+                // `throughput` runs its own floor trials, paired with its own.
+                if selected.contains(&Scenario::Throughput) {
+                    continue;
                 }
-                report.runs = Some(result);
+                let mut trials = Vec::new();
+                for _ in 0..args.repeat {
+                    trials.push(floor::trial(args, args.runs).await.context("bench floor")?);
+                }
+                if !args.json {
+                    floor::print(&trials);
+                }
+                report.floor = Some(trials);
+            }
+            Scenario::Throughput => {
+                let result = throughput::measure(args).await.context("bench throughput")?;
+                if !args.json {
+                    if selected.contains(&Scenario::Floor) {
+                        floor::print(&result.floor);
+                        println!();
+                    }
+                    throughput::print(&result);
+                }
+                report.floor = Some(result.floor.clone());
+                report.throughput = Some(result);
+            }
+            Scenario::Latency => {
+                let base = match &report.throughput {
+                    Some(throughput) => throughput.terminal_runs_per_sec.median,
+                    None => {
+                        throughput::base_rate(args).await.context("bench latency: measuring throughput")?
+                    }
+                };
+                let result = latency::measure(args, base).await.context("bench latency")?;
+                if !args.json {
+                    latency::print(&result);
+                }
+                report.latency = Some(result);
             }
             Scenario::Steps => {
                 let result = steps::measure(args).await.context("bench steps")?;
@@ -321,12 +497,12 @@ async fn run_scenarios(args: &BenchArgs, selected: &[Scenario]) -> anyhow::Resul
                 }
                 report.steps = Some(result);
             }
-            Scenario::Signal => {
-                let result = signal::measure(args).await.context("bench signal")?;
+            Scenario::Events => {
+                let result = events::measure(args).await.context("bench events")?;
                 if !args.json {
-                    signal::print(&result);
+                    events::print(&result);
                 }
-                report.signal = Some(result);
+                report.events = Some(result);
             }
             Scenario::Failover => {
                 let result = failover::measure(args).await.context("bench failover")?;
@@ -334,6 +510,20 @@ async fn run_scenarios(args: &BenchArgs, selected: &[Scenario]) -> anyhow::Resul
                     failover::print(&result);
                 }
                 report.failover = Some(result);
+            }
+            Scenario::Scale => {
+                let result = scale::measure(args).await.context("bench scale")?;
+                if !args.json {
+                    scale::print(&result);
+                }
+                report.scale = Some(result);
+            }
+            Scenario::Signal => {
+                let result = signal::measure(args).await.context("bench signal")?;
+                if !args.json {
+                    signal::print(&result);
+                }
+                report.signal = Some(result);
             }
             Scenario::Drain => {
                 let result = drain::measure(args).await.context("bench drain")?;
@@ -387,17 +577,28 @@ mod tests {
         let args = parse(&[]);
         assert_eq!(
             args.selected(),
-            vec![Scenario::Runs, Scenario::Steps, Scenario::Signal, Scenario::Failover, Scenario::Drain]
+            vec![
+                Scenario::Floor,
+                Scenario::Throughput,
+                Scenario::Latency,
+                Scenario::Steps,
+                Scenario::Events,
+                Scenario::Failover,
+                Scenario::Scale,
+                Scenario::Signal,
+                Scenario::Drain
+            ]
         );
         assert!(args.validate(&args.selected()).is_ok());
-        assert_eq!((args.signal_runs, args.drain_runs, args.drain_trials), (200, 10, 3));
+        assert_eq!((args.repeat, args.runs, args.rates.clone()), (3, 20_000, vec![25, 50]));
+        assert_eq!((args.event_rate, args.scale_runs, args.simulated_leases), (10_000, 10_000, 100_000));
         assert_eq!(args.ttls, vec![Duration::from_secs(2), Duration::from_secs(5)]);
     }
 
     #[test]
     fn scenarios_run_once_in_canonical_order() {
-        let args = parse(&["failover", "steps", "failover", "--ttls", "1s,1500ms"]);
-        assert_eq!(args.selected(), vec![Scenario::Steps, Scenario::Failover]);
+        let args = parse(&["failover", "steps", "failover", "throughput", "--ttls", "1s,1500ms"]);
+        assert_eq!(args.selected(), vec![Scenario::Throughput, Scenario::Steps, Scenario::Failover]);
         assert_eq!(args.ttls, vec![Duration::from_secs(1), Duration::from_millis(1500)]);
         assert!(args.validate(&args.selected()).is_ok());
     }
@@ -412,7 +613,17 @@ mod tests {
         assert!(Cli::try_parse_from(["bench", "walk"]).is_err());
         let args = parse(&["signal", "--signal-runs", "0"]);
         assert!(args.validate(&args.selected()).is_err());
-        let args = parse(&["drain", "--drain-trials", "0"]);
+        let args = parse(&["drain", "--repeat", "0"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["latency", "--rates", "0,50"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["latency", "--rates", "150"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["throughput", "--runs", "0"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["events", "--event-duration", "10ms"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["scale", "--simulated-leases", "0"]);
         assert!(args.validate(&args.selected()).is_err());
         // A flag of a scenario that does not run is not checked.
         let args = parse(&["drain", "signal", "--drain-runs", "2", "--steps", "0"]);

@@ -118,3 +118,96 @@ impl WorkerProcesses {
         }
     }
 }
+
+impl WorkerProcesses {
+    /// The process id of worker `index`, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.children.get(index).and_then(Child::id)
+    }
+}
+
+/// How long to wait for a coordinator process to answer API requests.
+const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A coordinator *process* of a bench fleet (the `scale` scenario, which
+/// measures its memory apart from the workers' and nats-server's): this
+/// very binary's `runfleet coordinator` on a SQLite registry, logging to a
+/// file of the fleet's directory, SIGKILLed when dropped. Like the worker
+/// processes it runs without the bench's `RUNFLEET_*` environment.
+pub(super) struct CoordinatorProcess {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts `runfleet coordinator --nats-url URL --database-url
+    /// sqlite:DATABASE --lease-ttl TTL` from this very binary, logging to
+    /// `log`.
+    pub fn spawn(url: &str, database: &Path, lease_ttl: Duration, log: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("could not find the runfleet binary")?;
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+        let mut command = Command::new(&exe);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("RUNFLEET_") {
+                command.env_remove(name);
+            }
+        }
+        let database_url = format!("sqlite:{}", database.display());
+        let lease_ttl = humantime_serde::re::humantime::format_duration(lease_ttl).to_string();
+        let child = command
+            .args([
+                "coordinator",
+                "--nats-url",
+                url,
+                "--database-url",
+                &database_url,
+                "--lease-ttl",
+                &lease_ttl,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("could not start {} coordinator", exe.display()))?;
+        Ok(Self { child, log: log.to_path_buf() })
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Waits until the coordinator answers API requests: by then it has
+    /// created the fleet's streams and buckets. A `get` of a run that does
+    /// not exist is the probe; any typed answer means it is serving.
+    pub async fn await_serving(&mut self, client: &Client) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!(
+                    "the coordinator process exited at start ({status}); see {}",
+                    self.log.display()
+                );
+            }
+            match client.get(runfleet_protocol::RunId::generate()).await {
+                Ok(_) | Err(crate::client::Error::Api(_)) => return Ok(()),
+                Err(_) => {}
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the coordinator process did not serve the API within {}s; see {}",
+                SERVE_TIMEOUT.as_secs(),
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs and reaps the process, if it still runs.
+    pub async fn kill(&mut self) {
+        // An error means it is gone already.
+        let _ = self.child.kill().await;
+    }
+}

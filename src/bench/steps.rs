@@ -120,9 +120,10 @@ impl Agent for NoopSteps {
     }
 }
 
-/// What the `steps` scenario measured. Latencies in milliseconds.
-#[derive(Debug, Serialize)]
-pub struct StepsResult {
+/// What one trial of the `steps` scenario measured. Latencies in
+/// milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepsTrial {
     pub runs: u32,
     pub steps_per_run: u32,
     /// One `ctx.step` of a no-op step.
@@ -146,9 +147,48 @@ pub struct StepsResult {
     pub meets_p99_target: bool,
 }
 
-/// Starts the scenario's fleet, measures, and stops the fleet whether or
-/// not the measurement succeeded.
+/// What the `steps` scenario measured: `--repeat` trials, each on a fresh
+/// fleet, and the median and range of their overheads.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepsResult {
+    pub overhead_p50_ms: Spread,
+    pub overhead_p99_ms: Spread,
+    pub step_per_round_trip_p50: Spread,
+    pub target_overhead_p50_ms: f64,
+    pub target_overhead_p99_ms: f64,
+    /// On the medians over the trials.
+    pub meets_p50_target: bool,
+    pub meets_p99_target: bool,
+    pub trials: Vec<StepsTrial>,
+}
+
 pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<StepsResult> {
+    let mut trials = Vec::new();
+    for trial in 1..=args.repeat {
+        progress(args, format!("steps: trial {trial}/{}", args.repeat));
+        trials.push(measure_trial(args).await?);
+    }
+    let spread = |field: fn(&StepsTrial) -> f64| {
+        let values: Vec<f64> = trials.iter().map(field).collect();
+        Spread::of(&values).context("no trial ran")
+    };
+    let overhead_p50_ms = spread(|t| t.overhead_p50_ms)?;
+    let overhead_p99_ms = spread(|t| t.overhead_p99_ms)?;
+    Ok(StepsResult {
+        step_per_round_trip_p50: spread(|t| t.step_per_round_trip_p50)?,
+        target_overhead_p50_ms: TARGET_OVERHEAD_P50_MS,
+        target_overhead_p99_ms: TARGET_OVERHEAD_P99_MS,
+        meets_p50_target: overhead_p50_ms.median <= TARGET_OVERHEAD_P50_MS,
+        meets_p99_target: overhead_p99_ms.median <= TARGET_OVERHEAD_P99_MS,
+        overhead_p50_ms,
+        overhead_p99_ms,
+        trials,
+    })
+}
+
+/// Starts a fleet, measures one trial, and stops the fleet whether or not
+/// the measurement succeeded.
+async fn measure_trial(args: &BenchArgs) -> anyhow::Result<StepsTrial> {
     let samples = Arc::new(Mutex::new(Samples::new()?));
     let mut agents = runfleet_worker::agents::builtin();
     agents.register(AgentName::new(AGENT)?, NoopSteps { samples: samples.clone() });
@@ -162,11 +202,7 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<StepsResult> {
     result
 }
 
-async fn measure_on(
-    args: &BenchArgs,
-    fleet: &Fleet,
-    samples: &Mutex<Samples>,
-) -> anyhow::Result<StepsResult> {
+async fn measure_on(args: &BenchArgs, fleet: &Fleet, samples: &Mutex<Samples>) -> anyhow::Result<StepsTrial> {
     let client = fleet.client().await?;
     let js = async_nats::jetstream::new(client.nats().clone());
     js.create_stream(stream::Config {
@@ -232,7 +268,7 @@ async fn measure_on(
     let publish_round_trip = Latency::from_nanos(&round_trip);
     let overhead_p50_ms = step_latency.p50_ms - baseline.p50_ms;
     let overhead_p99_ms = step_latency.p99_ms - baseline.p99_ms;
-    Ok(StepsResult {
+    Ok(StepsTrial {
         runs: args.step_runs,
         steps_per_run: args.steps,
         step: step_latency,
@@ -252,26 +288,36 @@ async fn measure_on(
 pub(super) fn print(result: &StepsResult) {
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     let us = |ms: f64| format!("{:.1} µs", ms * 1e3);
-    println!(
-        "steps  {} runs x {} no-op steps, one run at a time on 1 worker (after 1 warm-up run)",
-        result.runs, result.steps_per_run
-    );
-    println!("{:<14}{:>12}{:>12}{:>12}", "", "p50", "p99", "max");
-    for (name, l) in [("ctx.step", &result.step), ("plain call", &result.baseline)] {
-        println!("{name:<14}{:>12}{:>12}{:>12}", us(l.p50_ms), us(l.p99_ms), us(l.max_ms));
+    if let Some(last) = result.trials.last() {
+        println!(
+            "steps  {} runs x {} no-op steps, one run at a time on 1 worker (after 1 warm-up run); last of {} trials:",
+            last.runs,
+            last.steps_per_run,
+            result.trials.len()
+        );
+        println!("{:<14}{:>12}{:>12}{:>12}", "", "p50", "p99", "max");
+        for (name, l) in [("ctx.step", &last.step), ("plain call", &last.baseline)] {
+            println!("{name:<14}{:>12}{:>12}{:>12}", us(l.p50_ms), us(l.p99_ms), us(l.max_ms));
+        }
+        let rtt = &last.publish_round_trip;
+        println!(
+            "{:<14}{:>12}{:>12}{:>12}   (one acked JetStream publish)",
+            "js publish",
+            us(rtt.p50_ms),
+            us(rtt.p99_ms),
+            us(rtt.max_ms),
+        );
     }
-    println!("{:<14}{:>12}{:>12}", "overhead", us(result.overhead_p50_ms), us(result.overhead_p99_ms));
-    let rtt = &result.publish_round_trip;
+    let row = |name: &str, s: &Spread| {
+        println!("{name:<22} median {:>10}  (min {}, max {})", us(s.median), us(s.min), us(s.max));
+    };
+    row("overhead p50", &result.overhead_p50_ms);
+    row("overhead p99", &result.overhead_p99_ms);
+    let ratio = &result.step_per_round_trip_p50;
     println!(
-        "{:<14}{:>12}{:>12}{:>12}   (one acked JetStream publish; step p50 = {:.1} x this p50)",
-        "js publish",
-        us(rtt.p50_ms),
-        us(rtt.p99_ms),
-        us(rtt.max_ms),
-        result.step_per_round_trip_p50
+        "step p50 / publish p50 median {:.2} (min {:.2}, max {:.2})",
+        ratio.median, ratio.min, ratio.max
     );
-    let spread = &result.step_p50_per_run_ms;
-    println!("step p50 per run: median {}, range {} – {}", us(spread.median), us(spread.min), us(spread.max));
     println!(
         "target overhead: p50 ≤ {} ms {}, p99 ≤ {} ms {}",
         result.target_overhead_p50_ms,

@@ -16,8 +16,6 @@
 mod postgres;
 mod sqlite;
 
-use std::collections::BTreeSet;
-
 use runfleet_protocol::api::{EventsResponse, ListFilter, ListResponse, RunView};
 use runfleet_protocol::event::{Event, EventBody, RunCreated, RunError};
 use runfleet_protocol::{ErrorCode, RunId, RunState, TenantId};
@@ -167,8 +165,11 @@ impl Registry {
             Backend::Postgres => postgres::migrate(url).await?,
         }
         sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(pool_size(backend))
+        let mut options = AnyPoolOptions::new().max_connections(pool_size(backend));
+        if backend == Backend::Sqlite {
+            options = options.after_connect(|conn, _| Box::pin(sqlite::tune(conn)));
+        }
+        let pool = options
             .connect(url)
             .await
             .map_err(|source| Error::Connect { backend: backend.name(), source })?;
@@ -209,18 +210,40 @@ impl Registry {
     /// a run's row appears once its `run.created` event is stored, and the row
     /// then reflects the highest-seq event stored for the run, whatever order
     /// the events arrived in.
+    ///
+    /// A batch costs a handful of statements whatever its size: one
+    /// multi-row insert of the events (per [`ROWS_PER_STATEMENT`]), one of
+    /// the new runs, one lookup of events stored before their run's
+    /// `run.created` arrived (only for runs created in this batch), and one
+    /// multi-row update of the rows whose run moved.
     pub async fn apply(&self, events: &[Event]) -> Result<(), Error> {
         if events.is_empty() {
             return Ok(());
         }
+        let runs = BatchRuns::of(events)?;
         let mut tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
-        for event in events {
-            insert_event(&mut tx, event).await?;
+        insert_events(&mut tx, events).await?;
+        let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
+        insert_runs(&mut tx, &created).await?;
+        // A run created in this batch may have later events stored by an
+        // earlier batch (they arrived first): its row takes the highest.
+        let mut stored_later = Vec::new();
+        for (run, seq) in max_stored_seqs(&mut tx, &created).await? {
+            let Some(batch) = runs.get(&run) else { continue };
+            if batch.latest.is_some_and(|latest| latest.seq >= seq) {
+                continue;
+            }
+            if let Some(event) = last_stored_event(&mut tx, run, &batch.tenant).await? {
+                stored_later.push(event);
+            }
         }
-        let runs: BTreeSet<RunId> = events.iter().map(|e| e.run_id).collect();
-        for run in runs {
-            project_run(&mut tx, run).await?;
-        }
+        let mut latest: Vec<&Event> = runs
+            .values()
+            .filter_map(|run| run.latest)
+            .filter(|event| !stored_later.iter().any(|later| later.run_id == event.run_id))
+            .collect();
+        latest.extend(stored_later.iter());
+        update_runs(&mut tx, &latest).await?;
         tx.commit().await.map_err(query_error("committing events"))
     }
 
@@ -234,6 +257,18 @@ impl Registry {
             .await
             .map_err(query_error("reading a run"))?;
         row.as_ref().map(run_view).transpose()
+    }
+
+    /// How many of `tenant`'s runs the registry holds in `state` (for
+    /// benchmarks and operators: one indexed count).
+    pub async fn count(&self, tenant: &TenantId, state: RunState) -> Result<u64, Error> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs WHERE tenant = $1 AND state = $2")
+            .bind(tenant.as_str())
+            .bind(state.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("counting runs"))?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     /// One page of `tenant`'s runs matching `filter`, newest first.
@@ -384,117 +419,191 @@ fn json_text(value: &impl serde::Serialize, run: RunId) -> Result<String, Error>
         .map_err(|e| Error::Corrupt { run_id: run.to_string(), reason: e.to_string() })
 }
 
-async fn insert_event(tx: &mut Transaction<'_, Any>, event: &Event) -> Result<(), Error> {
-    sqlx::query(
-        "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id, seq) DO NOTHING",
-    )
-    .bind(event.run_id.to_string())
-    .bind(to_i64(event.seq))
-    .bind(event.tenant.as_str())
-    .bind(event.body.type_name())
-    .bind(event.ts_ms)
-    .bind(i64::from(event.attempt))
-    .bind(event.worker_id.as_ref().map(ToString::to_string))
-    .bind(json_text(event, event.run_id)?)
-    .execute(&mut **tx)
-    .await
-    .map_err(query_error("inserting an event"))?;
-    Ok(())
+/// Rows per multi-row statement: 8 parameters each stays far below
+/// SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// What one batch holds of each run.
+struct BatchRun<'a> {
+    tenant: TenantId,
+    /// The run's `run.created`, if in the batch.
+    created: Option<(&'a Event, &'a RunCreated)>,
+    /// The batch's highest-seq event of the run after `run.created`.
+    latest: Option<&'a Event>,
 }
 
-/// Brings `run`'s row in line with its stored events: creates it from the
-/// `run.created` event, then applies the highest-seq event if it is newer.
-async fn project_run(tx: &mut Transaction<'_, Any>, run: RunId) -> Result<(), Error> {
-    let Some(created) = stored_event(tx, run, EventQuery::First).await? else {
-        // The row appears once run.created is stored.
-        return Ok(());
+struct BatchRuns;
+
+impl BatchRuns {
+    /// Groups a batch by run. Seq 1 must be `run.created`.
+    fn of(events: &[Event]) -> Result<std::collections::BTreeMap<RunId, BatchRun<'_>>, Error> {
+        let mut runs = std::collections::BTreeMap::new();
+        for event in events {
+            let run = runs.entry(event.run_id).or_insert_with(|| BatchRun {
+                tenant: event.tenant.clone(),
+                created: None,
+                latest: None,
+            });
+            if event.seq == 1 {
+                let EventBody::Created(body) = &event.body else {
+                    return Err(Error::Corrupt {
+                        run_id: event.run_id.to_string(),
+                        reason: format!("event 1 is {}, not run.created", event.body.type_name()),
+                    });
+                };
+                run.tenant = event.tenant.clone();
+                run.created = Some((event, body));
+            } else if run.latest.is_none_or(|latest: &Event| latest.seq < event.seq) {
+                run.latest = Some(event);
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// `($1, …, $n), ($n+1, …)`: placeholders of `rows` rows of `columns` each.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = |r: usize| {
+        let params: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        format!("({})", params.join(", "))
     };
-    let EventBody::Created(body) = &created.body else {
-        return Err(Error::Corrupt {
-            run_id: run.to_string(),
-            reason: format!("event 1 is {}, not run.created", created.body.type_name()),
-        });
-    };
-    insert_run(tx, &created, body).await?;
-    let Some(latest) = stored_event(tx, run, EventQuery::Last(&created.tenant)).await? else {
-        return Ok(());
-    };
-    if latest.seq > created.seq {
-        update_run(tx, &latest).await?;
+    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+}
+
+async fn insert_events(tx: &mut Transaction<'_, Any>, events: &[Event]) -> Result<(), Error> {
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
+             VALUES {} ON CONFLICT (run_id, seq) DO NOTHING",
+            placeholders(chunk.len(), 8)
+        );
+        let mut query = sqlx::query(&sql);
+        for event in chunk {
+            query = query
+                .bind(event.run_id.to_string())
+                .bind(to_i64(event.seq))
+                .bind(event.tenant.as_str())
+                .bind(event.body.type_name())
+                .bind(event.ts_ms)
+                .bind(i64::from(event.attempt))
+                .bind(event.worker_id.as_ref().map(ToString::to_string))
+                .bind(json_text(event, event.run_id)?);
+        }
+        query.execute(&mut **tx).await.map_err(query_error("inserting events"))?;
     }
     Ok(())
 }
 
-enum EventQuery<'a> {
-    First,
-    Last(&'a TenantId),
+/// Creates the rows of runs whose `run.created` is in the batch (queued,
+/// as of that event); rows that exist are left alone.
+async fn insert_runs(tx: &mut Transaction<'_, Any>, created: &[(&Event, &RunCreated)]) -> Result<(), Error> {
+    for chunk in created.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} ON CONFLICT (run_id) DO NOTHING",
+            placeholders(chunk.len(), 16)
+        );
+        let mut query = sqlx::query(&sql);
+        for (event, body) in chunk {
+            query = query
+                .bind(event.run_id.to_string())
+                .bind(event.tenant.as_str())
+                .bind(body.agent.as_str())
+                .bind(body.queue.as_str())
+                .bind(i64::from(body.priority))
+                .bind(RunState::Queued.as_str())
+                .bind(i64::from(event.attempt))
+                .bind(i64::from(body.max_attempts))
+                .bind(json_text(&body.input, event.run_id)?)
+                .bind(None::<String>)
+                .bind(None::<String>)
+                .bind(body.idempotency_key.clone())
+                .bind(None::<String>)
+                .bind(event.ts_ms)
+                .bind(event.ts_ms)
+                .bind(to_i64(event.seq));
+        }
+        query.execute(&mut **tx).await.map_err(query_error("inserting runs"))?;
+    }
+    Ok(())
 }
 
-async fn stored_event(
+/// The highest stored seq of each run created in the batch.
+async fn max_stored_seqs(
+    tx: &mut Transaction<'_, Any>,
+    created: &[(&Event, &RunCreated)],
+) -> Result<Vec<(RunId, u64)>, Error> {
+    let mut found = Vec::new();
+    for chunk in created.chunks(ROWS_PER_STATEMENT) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN ({}) GROUP BY run_id",
+            params.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (event, _) in chunk {
+            query = query.bind(event.run_id.to_string());
+        }
+        let rows = query.fetch_all(&mut **tx).await.map_err(query_error("reading stored events"))?;
+        for row in &rows {
+            let run: String = row.try_get("run_id").map_err(query_error("reading stored events"))?;
+            let seq: i64 = row.try_get("seq").map_err(query_error("reading stored events"))?;
+            let run_id = run
+                .parse()
+                .map_err(|e| Error::Corrupt { run_id: run.clone(), reason: format!("run_id: {e}") })?;
+            found.push((run_id, u64::try_from(seq).unwrap_or(0)));
+        }
+    }
+    Ok(found)
+}
+
+/// Moves each run's row to its event in `latest` unless the row is already
+/// at or past it (or does not exist yet: it appears with `run.created`,
+/// which then looks for later stored events). One statement per chunk:
+/// `UPDATE … FROM (VALUES …)`, which SQLite (≥ 3.33) and PostgreSQL share;
+/// both name a `VALUES` list's columns `column1`, `column2`, ….
+async fn update_runs(tx: &mut Transaction<'_, Any>, latest: &[&Event]) -> Result<(), Error> {
+    for chunk in latest.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE runs SET state = v.column3, attempt = v.column4, output = v.column5, error = v.column6, \
+             worker_id = v.column7, updated_ms = v.column8, last_seq = v.column9 \
+             FROM (VALUES {}) AS v \
+             WHERE runs.run_id = v.column1 AND runs.tenant = v.column2 AND runs.last_seq < v.column9",
+            placeholders(chunk.len(), 9)
+        );
+        let mut query = sqlx::query(&sql);
+        for event in chunk {
+            let (output, error) = outcome_of(event);
+            query = query
+                .bind(event.run_id.to_string())
+                .bind(event.tenant.as_str())
+                .bind(event.state_after().as_str())
+                .bind(i64::from(event.attempt))
+                .bind(output.map(|output| json_text(&output, event.run_id)).transpose()?)
+                .bind(error.map(|error| json_text(&error, event.run_id)).transpose()?)
+                .bind(event.worker_id.as_ref().map(ToString::to_string))
+                .bind(event.ts_ms)
+                .bind(to_i64(event.seq));
+        }
+        query.execute(&mut **tx).await.map_err(query_error("updating runs"))?;
+    }
+    Ok(())
+}
+
+/// The highest-seq stored event of `run` that belongs to `tenant`.
+async fn last_stored_event(
     tx: &mut Transaction<'_, Any>,
     run: RunId,
-    which: EventQuery<'_>,
+    tenant: &TenantId,
 ) -> Result<Option<Event>, Error> {
-    let query = match which {
-        EventQuery::First => {
-            sqlx::query("SELECT body FROM run_events WHERE run_id = $1 AND seq = 1").bind(run.to_string())
-        }
-        EventQuery::Last(tenant) => sqlx::query(
-            "SELECT body FROM run_events WHERE run_id = $1 AND tenant = $2 ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(run.to_string())
-        .bind(tenant.as_str()),
-    };
-    let row = query.fetch_optional(&mut **tx).await.map_err(query_error("reading stored events"))?;
-    row.as_ref().map(|row| event_from_row(row, run)).transpose()
-}
-
-async fn insert_run(tx: &mut Transaction<'_, Any>, event: &Event, body: &RunCreated) -> Result<(), Error> {
-    let sql = format!(
-        "INSERT INTO runs ({RUN_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10, NULL, $11, $11, $12) \
-         ON CONFLICT (run_id) DO NOTHING"
-    );
-    sqlx::query(&sql)
-        .bind(event.run_id.to_string())
-        .bind(event.tenant.as_str())
-        .bind(body.agent.as_str())
-        .bind(body.queue.as_str())
-        .bind(i64::from(body.priority))
-        .bind(RunState::Queued.as_str())
-        .bind(i64::from(event.attempt))
-        .bind(i64::from(body.max_attempts))
-        .bind(json_text(&body.input, event.run_id)?)
-        .bind(body.idempotency_key.clone())
-        .bind(event.ts_ms)
-        .bind(to_i64(event.seq))
-        .execute(&mut **tx)
-        .await
-        .map_err(query_error("inserting a run"))?;
-    Ok(())
-}
-
-async fn update_run(tx: &mut Transaction<'_, Any>, latest: &Event) -> Result<(), Error> {
-    let (output, error) = outcome_of(latest);
-    let output = output.map(|output| json_text(&output, latest.run_id)).transpose()?;
-    let error = error.map(|error| json_text(&error, latest.run_id)).transpose()?;
-    sqlx::query(
-        "UPDATE runs SET state = $1, attempt = $2, output = $3, error = $4, worker_id = $5, \
-         updated_ms = $6, last_seq = $7 WHERE run_id = $8 AND last_seq < $7",
+    let row = sqlx::query(
+        "SELECT body FROM run_events WHERE run_id = $1 AND tenant = $2 ORDER BY seq DESC LIMIT 1",
     )
-    .bind(latest.state_after().as_str())
-    .bind(i64::from(latest.attempt))
-    .bind(output)
-    .bind(error)
-    .bind(latest.worker_id.as_ref().map(ToString::to_string))
-    .bind(latest.ts_ms)
-    .bind(to_i64(latest.seq))
-    .bind(latest.run_id.to_string())
-    .execute(&mut **tx)
+    .bind(run.to_string())
+    .bind(tenant.as_str())
+    .fetch_optional(&mut **tx)
     .await
-    .map_err(query_error("updating a run"))?;
-    Ok(())
+    .map_err(query_error("reading stored events"))?;
+    row.as_ref().map(|row| event_from_row(row, run)).transpose()
 }
 
 fn event_from_row(row: &AnyRow, run: RunId) -> Result<Event, Error> {

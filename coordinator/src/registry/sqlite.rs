@@ -26,6 +26,16 @@ static MIGRATING: Mutex<()> = Mutex::const_new(());
 /// same file at the same moment (the retry then finds nothing to do).
 const MIGRATE_ATTEMPTS: u32 = 3;
 
+/// Per-connection settings: in WAL mode, `synchronous = NORMAL` syncs the
+/// WAL at checkpoints instead of at every commit. A committed batch survives
+/// a crash of the coordinator; a power loss may lose the last commits, as
+/// JetStream's own periodic fsync may lose the last writes
+/// (`docs/operations.md`). The registry is a projection of the events
+/// stream and can be rebuilt from it.
+pub(super) async fn tune(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::Executor::execute(conn, "PRAGMA synchronous = NORMAL").await.map(drop)
+}
+
 /// Creates the database file if missing, sets WAL journaling (persistent in
 /// the file, so the pool's connections inherit it) and applies migrations.
 pub(super) async fn prepare(url: &str) -> Result<(), Error> {

@@ -6,7 +6,7 @@
 //! to the log since this worker read it: at most one worker commits for a run.
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
@@ -165,6 +165,15 @@ pub struct EventLog {
     lost: bool,
 }
 
+/// An event sent by [`EventLog::begin`] whose acknowledgement is awaited by
+/// [`EventLog::confirm`].
+#[derive(Debug)]
+pub struct Pending {
+    event: Event,
+    redacted: bool,
+    ack: PublishAckFuture,
+}
+
 /// What every event of a worker's runs is written with.
 #[derive(Debug, Clone)]
 pub struct LogWriter {
@@ -244,25 +253,25 @@ impl EventLog {
     /// the event's seq. Any error closes the log, and so does dropping the
     /// returned future before it completes (the event may have been written).
     pub async fn append(&mut self, body: EventBody) -> Result<u64, Error> {
+        let pending = self.begin(body).await?;
+        self.confirm(pending).await
+    }
+
+    /// Sends one event without waiting for its acknowledgement: the first
+    /// half of [`EventLog::append`], so the caller can do other work while
+    /// the event travels. The log stays closed until [`EventLog::confirm`]
+    /// succeeds with the returned [`Pending`]; dropping it leaves the log
+    /// closed (the event may or may not be stored).
+    pub async fn begin(&mut self, body: EventBody) -> Result<Pending, Error> {
         if self.lost {
             return Err(Error::LeaseLost { run_id: self.run_id, seq: self.next_seq });
         }
         if self.closed {
             return Err(Error::Closed { run_id: self.run_id });
         }
-        // Closed until the append is acknowledged: if this future is dropped
-        // mid-publish the log's position is unknown.
+        // Closed until the append is acknowledged: if the caller stops
+        // waiting mid-publish the log's position is unknown.
         self.closed = true;
-        let result = self.try_append(body).await;
-        match &result {
-            Ok(_) => self.closed = false,
-            Err(e) if e.is_lease_lost() => self.lost = true,
-            Err(_) => {}
-        }
-        result
-    }
-
-    async fn try_append(&mut self, body: EventBody) -> Result<u64, Error> {
         let seq = self.next_seq;
         let run_id = self.run_id;
         let mut event = Event {
@@ -281,11 +290,21 @@ impl EventLog {
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
         headers.insert(HEADER_MSG_ID, self.names.event_msg_id(run_id, seq).as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.last_stream_seq.to_string().as_str());
-        let ack = async {
-            self.js.publish_with_headers(self.subject.clone(), headers, payload.into()).await?.await
-        }
-        .await;
-        match ack {
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, payload.into())
+            .await
+            .map_err(|source| Error::Publish { run_id, source })?;
+        Ok(Pending { event, redacted, ack })
+    }
+
+    /// Waits for the acknowledgement of an event [`EventLog::begin`] sent;
+    /// returns its seq. Any error leaves the log closed, and a refusal
+    /// (someone else wrote to the log) marks it lost.
+    pub async fn confirm(&mut self, pending: Pending) -> Result<u64, Error> {
+        let Pending { event, redacted, ack } = pending;
+        let (run_id, seq) = (event.run_id, event.seq);
+        let result = match ack.await {
             // A duplicate means an event with our msg id (`<run_id>:<seq>`)
             // is already in the stream and we never publish the same seq
             // twice: someone else wrote this seq.
@@ -303,7 +322,13 @@ impl EventLog {
                 Err(Error::LeaseLost { run_id, seq })
             }
             Err(source) => Err(Error::Publish { run_id, source }),
+        };
+        match &result {
+            Ok(_) => self.closed = false,
+            Err(e) if e.is_lease_lost() => self.lost = true,
+            Err(_) => {}
         }
+        result
     }
 
     /// Moves the run metrics for an event that is now stored.

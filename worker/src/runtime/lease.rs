@@ -6,8 +6,9 @@
 //! lease TTL: a lease that is not renewed ages out, which is how a crashed
 //! worker's runs become claimable again.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
@@ -65,6 +66,42 @@ pub async fn release(leases: &kv::Store, key: &str, run_id: RunId, revision: u64
         .map_err(|e| Error::Kv { run_id, message: e.to_string() })
 }
 
+/// How long this worker's lease on a run is sure to last, on the worker's
+/// own monotonic clock: the lease bucket's `max_age` counts from the
+/// server's stamp of the last write that created or renewed the lease,
+/// which is later than the moment the worker sent it. So the lease holds
+/// until at least *sent + TTL*, whatever the server says later, unless the
+/// process was paused or the clocks drift, which [`LeaseClock::is_fresh`]
+/// leaves half the TTL for.
+#[derive(Debug)]
+pub struct LeaseClock {
+    ttl: Duration,
+    base: Instant,
+    /// Nanoseconds after `base` at which the last successful write was sent.
+    sent_ns: AtomicU64,
+}
+
+impl LeaseClock {
+    /// A clock for a lease whose creating write was sent at `sent`.
+    pub fn new(ttl: Duration, sent: Instant) -> Arc<Self> {
+        Arc::new(Self { ttl, base: sent, sent_ns: AtomicU64::new(0) })
+    }
+
+    /// Records a successful renewal sent at `sent`.
+    pub fn renewed(&self, sent: Instant) {
+        let ns = u64::try_from(sent.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
+        self.sent_ns.fetch_max(ns, Ordering::SeqCst);
+    }
+
+    /// Whether the lease certainly still holds, with at least half its TTL
+    /// to spare. A healthy heartbeat keeps this true (it renews every third
+    /// of the TTL); a worker paused past its lease sees it false at once.
+    pub fn is_fresh(&self) -> bool {
+        let sent = self.base + Duration::from_nanos(self.sent_ns.load(Ordering::SeqCst));
+        sent.elapsed() < self.ttl / 2
+    }
+}
+
 /// The lease state of a held run, guarded so the heartbeat and the run's own
 /// release never race on the revision.
 #[derive(Debug)]
@@ -85,6 +122,8 @@ pub(crate) struct Held {
     pub acker: Acker,
     /// Cancelled when the run must stop (lease lost, or handed off at shutdown).
     pub stop: CancellationToken,
+    /// Moved by every successful renewal.
+    pub clock: Arc<LeaseClock>,
     lost: AtomicBool,
 }
 
@@ -96,6 +135,7 @@ impl Held {
         revision: u64,
         acker: Acker,
         stop: CancellationToken,
+        clock: Arc<LeaseClock>,
     ) -> Arc<Self> {
         Arc::new(Self {
             run_id,
@@ -103,6 +143,7 @@ impl Held {
             state: tokio::sync::Mutex::new(LeaseState { lease, revision, done: false }),
             acker,
             stop,
+            clock,
             lost: AtomicBool::new(false),
         })
     }
@@ -134,8 +175,10 @@ impl Held {
         }
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
+        let sent = Instant::now();
         let renewed = match update(leases, &self.key, &lease, state.revision).await {
             Ok(revision) => {
+                self.clock.renewed(sent);
                 state.lease = lease;
                 state.revision = revision;
                 Ok(true)

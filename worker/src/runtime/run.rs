@@ -9,12 +9,13 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::Message;
 use futures::FutureExt;
 use runfleet_ops::telemetry;
+use runfleet_protocol::control::CancelRecord;
 use runfleet_protocol::event::{
     EventBody, RunCancelled, RunCompleted, RunError, RunFailed, RunHandoff, RunResumed, RunRetrying,
     RunStarted, RunWaiting,
@@ -29,7 +30,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::checkpoints::{CheckpointLog, Writer};
 use super::control::{self, CancelSlot};
 use super::events::{self, EventLog, LastEvent};
-use super::lease::{self, Held};
+use super::lease::{self, Held, LeaseClock};
 use super::{wake, Shared};
 use crate::sdk::{AgentError, ContextParts, Interruption, Park, RunContext};
 
@@ -102,6 +103,8 @@ struct Claim {
     key: String,
     lease: Lease,
     revision: u64,
+    /// When the write that created (or last updated) the lease was sent.
+    lease_sent: Instant,
     log: EventLog,
     checkpoints: CheckpointLog,
     /// Failed attempts before this one (see `RunResumed::failures`).
@@ -170,9 +173,24 @@ async fn claim(
     let run_id = job.run_id;
     let delay = shared.config.lease_held_delay;
     let key = shared.names.lease_key(run_id);
+
+    // The run's last event and cancel request are read before the lease is
+    // created, both at once: for a fresh run (the common case) that saves
+    // two round trips, since the lease is then created with the attempt it
+    // will hold. A stale read is harmless: every append is fenced by the
+    // log's sequence, so one refused append sends the claim round again,
+    // re-reading under the lease; and any decision other than starting a
+    // fresh run or acking a finished one is taken only on a read made
+    // under the lease.
+    let mut reads = Some(read_state(shared, &job, cancel).await);
+    let attempt = match &reads {
+        Some(Ok(Some((last, _)))) => last.event.attempt.saturating_add(1),
+        _ => 1,
+    };
     let now = time::now_ms();
     let mut lease =
-        Lease { run_id, worker_id: shared.id.clone(), attempt: 0, acquired_ms: now, renewed_ms: now };
+        Lease { run_id, worker_id: shared.id.clone(), attempt, acquired_ms: now, renewed_ms: now };
+    let mut lease_sent = Instant::now();
     let mut revision = match lease::acquire(&shared.leases, &key, &lease).await {
         Ok(revision) => revision,
         Err(lease::Error::Held { .. }) => {
@@ -180,11 +198,12 @@ async fn claim(
             // crashed holder's run fails over within about one lease TTL;
             // but soon if the holder is letting go (it just parked or handed
             // off the run, and a wake raced its release).
-            let delay = if letting_go(shared, &job).await {
-                MIN_HELD_DELAY
-            } else {
-                held_delay(shared, &key).await.unwrap_or(delay)
+            let letting_go = match &reads {
+                Some(Ok(Some((last, _)))) => last.event.body.failures().is_some(),
+                _ => false,
             };
+            let delay =
+                if letting_go { MIN_HELD_DELAY } else { held_delay(shared, &key).await.unwrap_or(delay) };
             debug!(run_id = %run_id, delivered, delay_ms = delay.as_millis() as u64, "run leased by another worker; job nak'd with delay");
             nak(&acker, run_id, Some(delay)).await;
             return None;
@@ -197,8 +216,20 @@ async fn claim(
     };
 
     for _ in 0..CLAIM_ROUNDS {
-        let last = match events::read_last(&shared.events, &shared.names, &job.tenant, run_id).await {
-            Ok(Some(last)) => last,
+        let read = match reads.take() {
+            // Read before the lease: good enough to start a fresh run or to
+            // ack a finished one; anything else is read again.
+            Some(Ok(Some((last, request))))
+                if request.is_none()
+                    && (last.event.body.is_terminal()
+                        || matches!(last.event.body, EventBody::Created(_))) =>
+            {
+                Ok(Some((last, request)))
+            }
+            _ => read_state(shared, &job, cancel).await,
+        };
+        let (last, request) = match read {
+            Ok(Some(read)) => read,
             Ok(None) => {
                 warn!(run_id = %run_id, "job has no run.created event; lease released, job nak'd with delay");
                 release(shared, &key, run_id, revision).await;
@@ -227,13 +258,6 @@ async fn claim(
 
         // Cancelled while queued or waiting, or its worker died after the
         // request: cancel it here, as the attempt that wrote `last`.
-        let request = match control::read(&shared.control, &shared.names, run_id).await {
-            Ok(request) => request.or_else(|| cancel.request()),
-            Err(e) => {
-                warn!(run_id = %run_id, error = %e, "could not read the run's cancel request; relying on the control watch");
-                cancel.request()
-            }
-        };
         if let Some(request) = request {
             let mut log = EventLog::new(&shared.writer, &job, last.event.attempt, &last);
             match log.append(EventBody::Cancelled(RunCancelled { reason: request.reason })).await {
@@ -326,23 +350,27 @@ async fn claim(
             }
         }
 
-        // Record the attempt in the lease; its new revision is the
-        // attempt's fencing token.
+        // Record the attempt in the lease (it was created with the attempt
+        // of the first read, so this is only for a claim that read again);
+        // its revision is the attempt's fencing token.
         let attempt = last.event.attempt.saturating_add(1);
-        lease.attempt = attempt;
-        revision = match lease::update(&shared.leases, &key, &lease, revision).await {
-            Ok(revision) => revision,
-            Err(lease::Error::Lost { .. }) => {
-                warn!(run_id = %run_id, "lease lost while claiming; run left alone");
-                return None;
-            }
-            Err(e) => {
-                warn!(run_id = %run_id, error = %e, "could not update lease; lease released, job nak'd with delay");
-                release(shared, &key, run_id, revision).await;
-                nak(&acker, run_id, Some(delay)).await;
-                return None;
-            }
-        };
+        if lease.attempt != attempt {
+            lease.attempt = attempt;
+            lease_sent = Instant::now();
+            revision = match lease::update(&shared.leases, &key, &lease, revision).await {
+                Ok(revision) => revision,
+                Err(lease::Error::Lost { .. }) => {
+                    warn!(run_id = %run_id, "lease lost while claiming; run left alone");
+                    return None;
+                }
+                Err(e) => {
+                    warn!(run_id = %run_id, error = %e, "could not update lease; lease released, job nak'd with delay");
+                    release(shared, &key, run_id, revision).await;
+                    nak(&acker, run_id, Some(delay)).await;
+                    return None;
+                }
+            };
+        }
 
         // An attempt wrote its first event before anything else, so a run
         // whose last event is `run.created` has no checkpoints.
@@ -365,7 +393,7 @@ async fn claim(
         let mut log = EventLog::new(&shared.writer, &job, attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
-            return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
+            return Some(Claim { job, acker, key, lease, revision, lease_sent, log, checkpoints, failures });
         }
         let first = if resume {
             EventBody::Resumed(RunResumed {
@@ -389,7 +417,17 @@ async fn claim(
                         debug!(run_id = %run_id, error = %e, "could not disarm the woken run's timer");
                     }
                 }
-                return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
+                return Some(Claim {
+                    job,
+                    acker,
+                    key,
+                    lease,
+                    revision,
+                    lease_sent,
+                    log,
+                    checkpoints,
+                    failures,
+                });
             }
             // An earlier attempt wrote after our read: if the lease is still
             // ours it has just not noticed yet; read again.
@@ -423,14 +461,28 @@ async fn still_ours(shared: &Shared, key: &str, lease: &Lease, revision: u64) ->
     }
 }
 
-/// Whether the run's last event ends an attempt without ending the run
-/// (`run.waiting`, `run.handoff`, `run.retrying`): its lease holder is
-/// about to release it.
-async fn letting_go(shared: &Shared, job: &Job) -> bool {
-    match events::read_last(&shared.events, &shared.names, &job.tenant, job.run_id).await {
-        Ok(Some(last)) => last.event.body.failures().is_some(),
-        _ => false,
-    }
+/// The run's last event and its cancel request (stored, or delivered to
+/// this worker's slot by the control watch), read at once. `None` if the
+/// run has no event at all.
+async fn read_state(
+    shared: &Shared,
+    job: &Job,
+    cancel: &CancelSlot,
+) -> Result<Option<(LastEvent, Option<CancelRecord>)>, events::Error> {
+    let run_id = job.run_id;
+    let (last, request) = tokio::join!(
+        events::read_last(&shared.events, &shared.names, &job.tenant, run_id),
+        control::read(&shared.control, &shared.names, run_id),
+    );
+    let Some(last) = last? else { return Ok(None) };
+    let request = match request {
+        Ok(request) => request.or_else(|| cancel.request()),
+        Err(e) => {
+            warn!(run_id = %run_id, error = %e, "could not read the run's cancel request; relying on the control watch");
+            cancel.request()
+        }
+    };
+    Ok(Some((last, request)))
 }
 
 /// How long until the lease at `key` expires if its holder stops renewing.
@@ -492,11 +544,12 @@ enum Ended {
 }
 
 async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: Shutdown) {
-    let Claim { job, acker, key, lease, revision, log, checkpoints, failures } = claim;
+    let Claim { job, acker, key, lease, revision, lease_sent, log, checkpoints, failures } = claim;
     let run_id = job.run_id;
     let attempt = lease.attempt;
     let stop = shutdown.handoff.child_token();
-    let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
+    let clock = LeaseClock::new(shared.lease_ttl, lease_sent);
+    let held = Held::new(run_id, key, lease, revision, acker, stop.clone(), clock.clone());
     let _registration = shared.hold(held.clone());
 
     let parts = ContextParts {
@@ -506,6 +559,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
         names: shared.names.clone(),
         stop: stop.clone(),
         drain: shutdown.drain.child_token(),
+        lease: clock,
     };
     let mut ctx = RunContext::new(parts, job.agent.clone(), job.input.clone());
 
@@ -710,10 +764,10 @@ async fn settle(
     };
     match outcome {
         Outcome::Terminal => {
-            // Terminal event first, then the job, then the lease: a crash in
-            // between leaves a terminal run whose next claimant only acks.
-            ack(&held.acker, run_id).await;
-            release_lease().await;
+            // Terminal event first, then the job and the lease, both at
+            // once: a crash before either is settled leaves a terminal run
+            // whose next claimant only acks (and releases).
+            tokio::join!(ack(&held.acker, run_id), release_lease());
         }
         Outcome::Park(park) => {
             let waiting = RunWaiting { key: park.key.clone(), deadline_ms: park.deadline_ms, failures };

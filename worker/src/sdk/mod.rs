@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runtime::checkpoints::{self, CheckpointLog};
 use crate::runtime::events::{self, EventLog};
+use crate::runtime::lease::LeaseClock;
 
 pub use async_trait::async_trait;
 pub use step::{StepContext, StepError, StepOptions};
@@ -224,6 +225,9 @@ pub struct RunContext {
     stop: CancellationToken,
     /// Cancelled when the worker drains: no new step starts.
     drain: CancellationToken,
+    /// How long the run's lease surely holds: a step's work may start
+    /// before `step.started` is acknowledged only while it is fresh.
+    lease: Arc<LeaseClock>,
     /// Set when the run parked on a wait (see [`RunContext::await_signal`]).
     parked: Option<Park>,
     /// Set when a step refused to start because the worker drains.
@@ -246,7 +250,7 @@ impl fmt::Debug for RunContext {
 
 impl RunContext {
     pub(crate) fn new(parts: ContextParts, agent: AgentName, input: Value) -> Self {
-        let ContextParts { log, checkpoints, signals, names, stop, drain } = parts;
+        let ContextParts { log, checkpoints, signals, names, stop, drain, lease } = parts;
         Self {
             log,
             checkpoints,
@@ -256,6 +260,7 @@ impl RunContext {
             input,
             stop,
             drain,
+            lease,
             parked: None,
             handed_off: false,
             next_step: 0,
@@ -342,6 +347,13 @@ impl RunContext {
     /// Appends one event unless the run is being stopped. A refusal stops
     /// the run at once, even if the agent swallows the error.
     async fn append(&mut self, body: EventBody) -> Result<(), AgentError> {
+        let pending = self.begin_append(body).await?;
+        self.confirm_append(pending).await
+    }
+
+    /// Sends one event unless the run is being stopped, without waiting for
+    /// its acknowledgement (see [`EventLog::begin`]).
+    async fn begin_append(&mut self, body: EventBody) -> Result<events::Pending, AgentError> {
         if self.parked.is_some() {
             return Err(AgentError::Interrupted(Interruption::Waiting));
         }
@@ -349,15 +361,22 @@ impl RunContext {
             self.log.close();
             return Err(AgentError::Interrupted(Interruption::Stopped));
         }
-        match self.log.append(body).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                if e.is_lease_lost() {
-                    self.stop.cancel();
-                }
-                Err(e.into())
-            }
+        let pending = self.log.begin(body).await;
+        pending.map_err(|e| self.refused(e))
+    }
+
+    /// Waits for an event [`RunContext::begin_append`] sent.
+    async fn confirm_append(&mut self, pending: events::Pending) -> Result<(), AgentError> {
+        let confirmed = self.log.confirm(pending).await;
+        confirmed.map(drop).map_err(|e| self.refused(e))
+    }
+
+    /// A failed append: a refusal stops the run at once.
+    fn refused(&self, e: events::Error) -> AgentError {
+        if e.is_lease_lost() {
+            self.stop.cancel();
         }
+        e.into()
     }
 
     /// Completes when the run is being stopped at once (lease lost, or the
@@ -391,6 +410,8 @@ pub(crate) struct ContextParts {
     pub stop: CancellationToken,
     /// Stops the run at its next step boundary (drain).
     pub drain: CancellationToken,
+    /// The run's lease clock, renewed by the heartbeat.
+    pub lease: Arc<LeaseClock>,
 }
 
 /// A registry of agents by name, handed to [`crate::Worker::start`].

@@ -300,8 +300,25 @@ impl RunContext {
         let mut delays = options.delays();
         let mut attempt = 1;
         loop {
-            self.append(EventBody::StepStarted(StepStarted { index, name: name.to_owned(), attempt }))
-                .await?;
+            // `step.started` travels while the step works: its fence (the
+            // log's sequence) is checked before the step's result is
+            // recorded. Work starts before that check only while the lease
+            // surely holds (a worker paused past its lease waits for the
+            // fence first), so a worker that lost the run never starts a
+            // step another worker may have completed.
+            let mut announced = Some(
+                self.begin_append(EventBody::StepStarted(StepStarted {
+                    index,
+                    name: name.to_owned(),
+                    attempt,
+                }))
+                .await?,
+            );
+            if !self.lease.is_fresh() {
+                if let Some(pending) = announced.take() {
+                    self.confirm_append(pending).await?;
+                }
+            }
             let step = StepContext {
                 run_id: self.run_id(),
                 worker_id: self.worker_id().clone(),
@@ -336,16 +353,32 @@ impl RunContext {
                     if self.stop.is_cancelled() {
                         return Err(AgentError::Interrupted(Interruption::Stopped));
                     }
-                    let blob =
-                        match self.checkpoints.write(index, name, value, duration).instrument(span).await {
-                            Ok(blob) => blob,
-                            Err(e) => {
-                                if e.is_lease_lost() {
-                                    self.stop.cancel();
-                                }
-                                return Err(AgentError::Interrupted(e.into()));
+                    // The checkpoint and `step.started`'s acknowledgement at
+                    // once. The checkpoint chain has its own fence: if
+                    // `step.started` was refused, a newer attempt fenced the
+                    // chain before it wrote to the log, so this write is
+                    // refused too, or (sent first) it records work that did
+                    // finish, which the newer attempt then replays.
+                    let write = self.checkpoints.write(index, name, value, duration).instrument(span);
+                    let (confirmed, written) = match announced.take() {
+                        Some(pending) => {
+                            let (confirmed, written) = tokio::join!(self.log.confirm(pending), write);
+                            (Some(confirmed), written)
+                        }
+                        None => (None, write.await),
+                    };
+                    if let Some(Err(e)) = confirmed {
+                        return Err(self.refused(e));
+                    }
+                    let blob = match written {
+                        Ok(blob) => blob,
+                        Err(e) => {
+                            if e.is_lease_lost() {
+                                self.stop.cancel();
                             }
-                        };
+                            return Err(AgentError::Interrupted(e.into()));
+                        }
+                    };
                     let completed =
                         StepCompleted { index, name: name.to_owned(), attempt, duration_ms, blob };
                     self.append(EventBody::StepCompleted(completed)).await?;
@@ -362,6 +395,9 @@ impl RunContext {
                     });
                 }
                 Err(error) => {
+                    if let Some(pending) = announced.take() {
+                        self.confirm_append(pending).await?;
+                    }
                     let retry_in = if error.retryable { delays.next() } else { None };
                     let failed = StepFailed {
                         index,

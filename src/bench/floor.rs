@@ -1,0 +1,196 @@
+//! The `floor` scenario: the least a durable run can cost on JetStream,
+//! done with bare async-nats calls and no runfleet code, as the baseline the
+//! other scenarios are divided by.
+//!
+//! On a child nats-server of its own (the same binary, file storage, like a
+//! fleet's), the bench creates a work-queue stream for jobs with one pull
+//! consumer, an events stream, a leases bucket (`max_age` = TTL, history 1)
+//! and a checkpoints bucket. It publishes N jobs (pipelined, acknowledged),
+//! then `--slots × --workers` concurrent handlers each take a job from the
+//! consumer and do the minimal lifecycle, every call awaited in order as a
+//! fenced run needs it:
+//!
+//! KV create the lease → publish 3 events to the run's subject → KV create a
+//! checkpoint → KV delete the lease → ack (double ack, acknowledged by the
+//! server).
+//!
+//! Runs/s at saturation is N over first job publish → last ack. The same N,
+//! slots and workers as `throughput`, so the two are comparable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::{progress, BenchArgs};
+use crate::embedded::{self, EmbeddedNats};
+
+const JOBS_STREAM: &str = "FLOOR_JOBS";
+const EVENTS_STREAM: &str = "FLOOR_EVENTS";
+const LEASES: &str = "floor-leases";
+const CHECKPOINTS: &str = "floor-checkpoints";
+/// About the size of a runfleet job, event and checkpoint.
+const PAYLOAD_BYTES: usize = 256;
+/// The lease TTL of the floor's bucket: runfleet's default.
+const LEASE_TTL: Duration = Duration::from_secs(15);
+/// No run may take longer than this.
+const STALL: Duration = Duration::from_secs(120);
+
+/// One trial of the floor.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorTrial {
+    pub runs: u32,
+    pub seconds: f64,
+    pub runs_per_sec: f64,
+}
+
+/// Measures one trial on a fresh server (so every trial starts from empty
+/// streams, like a fresh fleet).
+pub(super) async fn trial(args: &BenchArgs, runs: u32) -> anyhow::Result<FloorTrial> {
+    let data = tempfile::tempdir().context("could not create a temp dir for the floor")?;
+    let nats = EmbeddedNats::start(data.path(), embedded::free_port()?).await?;
+    let result = measure_on(&nats.url(), runs, args.workers.saturating_mul(args.slots)).await;
+    nats.stop().await;
+    let trial = result?;
+    progress(
+        args,
+        format!("floor: {:.0} runs/s ({} runs, {:.2}s)", trial.runs_per_sec, trial.runs, trial.seconds),
+    );
+    Ok(trial)
+}
+
+async fn measure_on(url: &str, runs: u32, concurrency: u32) -> anyhow::Result<FloorTrial> {
+    let nats = async_nats::connect(url).await.context("floor: could not connect")?;
+    let js = jetstream::new(nats);
+    let jobs = js
+        .create_stream(stream::Config {
+            name: JOBS_STREAM.to_owned(),
+            subjects: vec!["floor.jobs.>".to_owned()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("floor: jobs stream")?;
+    js.create_stream(stream::Config {
+        name: EVENTS_STREAM.to_owned(),
+        subjects: vec!["floor.runs.>".to_owned()],
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .context("floor: events stream")?;
+    let bucket = |name: &str, max_age: Duration| kv::Config {
+        bucket: name.to_owned(),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let leases = js.create_key_value(bucket(LEASES, LEASE_TTL)).await.context("floor: leases bucket")?;
+    let checkpoints = js
+        .create_key_value(bucket(CHECKPOINTS, Duration::ZERO))
+        .await
+        .context("floor: checkpoints bucket")?;
+    let consumer = jobs
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("floor".to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: i64::from(concurrency.max(1)) * 2,
+            ..Default::default()
+        })
+        .await
+        .context("floor: consumer")?;
+
+    let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
+    let begin = Instant::now();
+    // Publish every job, pipelined, then take them as fast as handlers free up.
+    let publisher = {
+        let (js, payload) = (js.clone(), payload.clone());
+        tokio::spawn(async move {
+            let acks = futures::stream::iter(0..runs)
+                .map(|i| {
+                    let (js, payload) = (js.clone(), payload.clone());
+                    async move { js.publish(format!("floor.jobs.{i}"), payload).await?.await }
+                })
+                .buffer_unordered(256);
+            acks.fold(Ok(()), |ok, ack| async move { ok.and(ack.map(drop)) }).await
+        })
+    };
+
+    let messages = consumer.messages().await.context("floor: pull")?;
+    let lifecycle = Arc::new(Lifecycle { js: js.clone(), leases, checkpoints, payload });
+    let mut done = 0u32;
+    let mut handled = messages
+        .take(runs as usize)
+        .map(|message| {
+            let lifecycle = lifecycle.clone();
+            async move { lifecycle.run(message?).await }
+        })
+        .buffer_unordered(concurrency.max(1) as usize);
+    while done < runs {
+        let next = tokio::time::timeout(STALL, handled.next())
+            .await
+            .with_context(|| format!("floor: no run finished for {}s ({done}/{runs})", STALL.as_secs()))?;
+        let Some(result) = next else {
+            anyhow::bail!("floor: the pull stream ended after {done}/{runs} runs")
+        };
+        result?;
+        done += 1;
+    }
+    let elapsed = begin.elapsed();
+    publisher.await.context("floor: publisher panicked")?.context("floor: a job publish failed")?;
+    Ok(FloorTrial {
+        runs,
+        seconds: elapsed.as_secs_f64(),
+        runs_per_sec: f64::from(runs) / elapsed.as_secs_f64(),
+    })
+}
+
+struct Lifecycle {
+    js: jetstream::Context,
+    leases: kv::Store,
+    checkpoints: kv::Store,
+    payload: Bytes,
+}
+
+impl Lifecycle {
+    async fn run(&self, message: jetstream::Message) -> anyhow::Result<()> {
+        let id = message.subject.rsplit('.').next().unwrap_or_default().to_owned();
+        let revision = self.leases.create(&id, self.payload.clone()).await.context("floor: lease create")?;
+        let subject = format!("floor.runs.{id}.events");
+        for _ in 0..3 {
+            self.js
+                .publish(subject.clone(), self.payload.clone())
+                .await
+                .context("floor: event publish")?
+                .await
+                .context("floor: event ack")?;
+        }
+        self.checkpoints
+            .create(format!("{id}.0"), self.payload.clone())
+            .await
+            .context("floor: checkpoint")?;
+        self.leases.delete_expect_revision(&id, Some(revision)).await.context("floor: lease delete")?;
+        message.double_ack().await.map_err(|e| anyhow::anyhow!("floor: ack: {e}"))?;
+        Ok(())
+    }
+}
+
+pub(super) fn print(trials: &[FloorTrial]) {
+    let rates: Vec<f64> = trials.iter().map(|t| t.runs_per_sec).collect();
+    if let Some(spread) = super::Spread::of(&rates) {
+        println!(
+            "floor (bare JetStream lifecycle)  {:.0} runs/s  (min {:.0}, max {:.0}; {} trials)",
+            spread.median,
+            spread.min,
+            spread.max,
+            trials.len()
+        );
+    }
+}
