@@ -319,6 +319,7 @@ impl Worker {
 
         let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
         let mut wake: Option<SelectAll<Subscriber>> = Some(futures::stream::select_all(wake));
+        let mut ready = Ready::new(&bands);
         let mut runs: JoinSet<()> = JoinSet::new();
 
         loop {
@@ -338,15 +339,18 @@ impl Worker {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
-                    () = next_wake(&mut wake) => {}
+                    subject = next_wake(&mut wake) => ready.woken(&subject, &bands),
                 }
                 continue;
             }
 
             // Wake-ups seen so far are covered by the fetch below.
-            while next_wake(&mut wake).now_or_never().is_some() {}
+            while let Some(subject) = next_wake(&mut wake).now_or_never() {
+                ready.woken(&subject, &bands);
+            }
+            ready.sweep(shared.config.idle_poll);
 
-            let messages = fetch(&bands, free).await;
+            let messages = fetch(&bands, &mut ready, free).await;
             if !messages.is_empty() {
                 debug!(count = messages.len(), free, "jobs fetched");
                 for message in messages {
@@ -359,9 +363,9 @@ impl Worker {
             // idle poll is due (redeliveries publish nothing) or shutdown.
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = next_wake(&mut wake) => {}
+                subject = next_wake(&mut wake) => ready.woken(&subject, &bands),
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
-                () = tokio::time::sleep(shared.config.idle_poll) => {}
+                () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
             }
         }
 
@@ -416,35 +420,98 @@ impl Probe for WorkerProbe {
     }
 }
 
-/// Completes with the next job wake-up. When the subscriptions end it logs
-/// once, drops them and never completes again (the idle poll takes over), so
-/// an ended subscription cannot spin the pull loop.
-async fn next_wake(wake: &mut Option<SelectAll<Subscriber>>) {
+/// Completes with the subject of the next job wake-up. When the
+/// subscriptions end it logs once, drops them and never completes again (the
+/// idle poll takes over), so an ended subscription cannot spin the pull loop.
+async fn next_wake(wake: &mut Option<SelectAll<Subscriber>>) -> async_nats::Subject {
     let Some(subscriptions) = wake.as_mut() else {
         return std::future::pending().await;
     };
-    if subscriptions.next().await.is_some() {
-        return;
+    if let Some(message) = subscriptions.next().await {
+        return message.subject;
     }
     warn!("job wake-up subscriptions closed; polling every idle_poll");
     *wake = None;
     std::future::pending().await
 }
 
-/// Fetches at most `free` jobs, strictly highest band first: bands are tried
-/// in order, each queue of a band with a no-wait fetch of the slots still
-/// free, and the first band that yields anything ends the round (the next
-/// round starts again at band 0). A timed-out fetch also ends the round: the
-/// connection is likely down, and trying every remaining consumer would keep
-/// the pull loop (and shutdown) waiting `FETCH_TIMEOUT` for each of them.
-async fn fetch(bands: &[Vec<(QueueName, PullConsumer)>], free: usize) -> Vec<jetstream::Message> {
+/// Which consumers (band × queue) may hold jobs, so a fetch round asks only
+/// those instead of every band from the top: under load, the bands above
+/// the busy one are empty and asking them cost a round trip each.
+///
+/// A consumer is marked by a wake-up naming its queue and band (the jobs
+/// stream republishes every stored job's headers to
+/// `<prefix>.wake.<queue>.p<band>.<run_id>`), by a fetch that came back full,
+/// and by a sweep every `idle_poll` that marks them all (redeliveries, such
+/// as delayed NAKs and expired ack waits, publish no wake-up). A mark is
+/// cleared just *before* its consumer is fetched, so a wake-up that arrives
+/// while the fetch is in flight marks it again for the next round.
+struct Ready {
+    marks: Vec<Vec<bool>>,
+    swept: tokio::time::Instant,
+}
+
+impl Ready {
+    fn new(bands: &[Vec<(QueueName, PullConsumer)>]) -> Self {
+        Self {
+            marks: bands.iter().map(|consumers| vec![true; consumers.len()]).collect(),
+            swept: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Marks the consumer a wake-up names; an unparsable subject marks all.
+    fn woken(&mut self, subject: &str, bands: &[Vec<(QueueName, PullConsumer)>]) {
+        let mut parts = subject.rsplit('.');
+        let (_run, band, queue) = (parts.next(), parts.next(), parts.next());
+        let band = band.and_then(|b| b.strip_prefix('p')).and_then(|b| b.parse::<usize>().ok());
+        let found = band.zip(queue).and_then(|(band, queue)| {
+            let index = bands.get(band)?.iter().position(|(q, _)| q.as_str() == queue)?;
+            Some((band, index))
+        });
+        match found {
+            Some((band, index)) => self.marks[band][index] = true,
+            None => self.mark_all(),
+        }
+    }
+
+    /// Marks every consumer if `every` has passed since the last sweep.
+    fn sweep(&mut self, every: Duration) {
+        if self.swept.elapsed() >= every {
+            self.mark_all();
+        }
+    }
+
+    fn mark_all(&mut self) {
+        for marks in &mut self.marks {
+            marks.fill(true);
+        }
+        self.swept = tokio::time::Instant::now();
+    }
+}
+
+/// Fetches at most `free` jobs, strictly highest band first: the marked
+/// consumers (see [`Ready`]) are tried in band order, each with a no-wait
+/// fetch of the slots still free, and the first band that yields anything
+/// ends the round (the next round starts again at band 0). A timed-out fetch
+/// also ends the round: the connection is likely down, and trying every
+/// remaining consumer would keep the pull loop (and shutdown) waiting
+/// `FETCH_TIMEOUT` for each of them; its consumers are marked again.
+async fn fetch(
+    bands: &[Vec<(QueueName, PullConsumer)>],
+    ready: &mut Ready,
+    free: usize,
+) -> Vec<jetstream::Message> {
     let mut fetched = Vec::new();
     'bands: for (band, consumers) in bands.iter().enumerate() {
-        for (queue, consumer) in consumers {
+        for (index, (queue, consumer)) in consumers.iter().enumerate() {
             let want = free.saturating_sub(fetched.len());
             if want == 0 {
                 break 'bands;
             }
+            if !std::mem::replace(&mut ready.marks[band][index], false) {
+                continue;
+            }
+            let before = fetched.len();
             let round = async {
                 let mut batch = consumer.fetch().max_messages(want).messages().await?;
                 while let Some(message) = batch.next().await {
@@ -453,10 +520,15 @@ async fn fetch(bands: &[Vec<(QueueName, PullConsumer)>], free: usize) -> Vec<jet
                 Ok::<(), async_nats::Error>(())
             };
             match tokio::time::timeout(FETCH_TIMEOUT, round).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(queue = %queue, band, error = %e, "job fetch failed"),
+                // Full: there may be more.
+                Ok(Ok(())) => ready.marks[band][index] = fetched.len() - before == want,
+                Ok(Err(e)) => {
+                    warn!(queue = %queue, band, error = %e, "job fetch failed");
+                    ready.marks[band][index] = true;
+                }
                 Err(_) => {
                     warn!(queue = %queue, band, "job fetch timed out; retrying after idle_poll");
+                    ready.marks[band][index] = true;
                     break 'bands;
                 }
             }
