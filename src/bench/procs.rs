@@ -1,6 +1,7 @@
-//! Worker *processes* of the bench's fleets (the `failover` and `drain`
-//! scenarios): this very binary's `runfleet worker --test-agents`, each
-//! logging to a file of the fleet's directory, SIGKILLed when dropped. They
+//! Worker and coordinator *processes* of the bench's fleets (the
+//! `failover`, `drain` and `scale` scenarios): this very binary's `runfleet
+//! worker --test-agents` and `runfleet coordinator`, each logging to a file
+//! of the fleet's directory, SIGKILLed when dropped. They
 //! run without the bench's `RUNFLEET_*` environment, so, like the
 //! in-process parts of the fleet, they are configured by the bench's flags
 //! alone.

@@ -39,22 +39,24 @@
 //!    the allocator's drift over that many claims. The marginal figure
 //!    minus the control's is what the worker holds per waiting run, judged
 //!    against [`WAITING_NOISE_BYTES`].
-//! 4. **Simulated leases.** The workers and the coordinator are killed;
-//!    on the same nats-server the bench makes a bucket of its own
-//!    ([`SIM_BUCKET`], configured like the leases bucket: one entry of
-//!    history, file storage, `max_age` = the TTL), with the fleet's
-//!    *default* lease TTL (15 s: heartbeat every 5 s), KV-creates
+//! 4. **Simulated leases.** The fleet is stopped. On a fresh nats-server
+//!    (so that its memory and CPU are the simulation's alone) the bench
+//!    makes a bucket ([`SIM_BUCKET`], configured like the leases bucket:
+//!    one entry of history, file storage, `max_age` = the TTL) with the
+//!    fleet's *default* lease TTL (15 s: heartbeat every 5 s), KV-creates
 //!    `--simulated-leases` leases (real lease records under run-id keys)
 //!    and renews every one of them by CAS update once per heartbeat period
 //!    for [`SIM_ROUNDS`] periods, pipelined ([`SIM_IN_FLIGHT`] in flight,
 //!    like a worker's heartbeat, which sends them all at once). It measures
 //!    each round's duration against the period (a round longer than the
 //!    period means heartbeats no longer keep up; one longer than the TTL
-//!    loses leases, which are counted), the updates/s and bytes/s of its
-//!    connection, and nats-server's CPU over the rounds. nats-server's CPU
-//!    time per update then gives the lease count at which heartbeats alone
-//!    would take one whole nats-server core at the default TTL: where
-//!    per-run heartbeats stop scaling on this machine.
+//!    loses leases, which are counted), the updates/s and the bytes/s its
+//!    connection wrote and read (updates and PubAcks, protocol framing
+//!    included), nats-server's CPU over the rounds, and its RSS and the
+//!    bucket's stored bytes per lease once all are created. nats-server's
+//!    CPU time per update then gives the lease count at which heartbeats
+//!    alone would take one whole nats-server core at the default TTL:
+//!    where per-run heartbeats stop scaling on this machine.
 //!
 //! A **heartbeat window** lasts [`WINDOW_PERIODS`] heartbeat periods. The
 //! bench subscribes (core NATS) to the leases bucket's subjects,
@@ -76,12 +78,14 @@
 //! acks), and the running runs one nats-server core can keep leased: from
 //! the simulation (KV updates only) and from the fleet (a lease update and
 //! an in-progress ack per run and period, nats-server's idle CPU
-//! subtracted). Beyond that, the design's answer is to stop renewing per
-//! run: one *session* lease per worker, renewed every period, fences all of
-//! the worker's runs (their leases are created once and carry the
-//! session's revision), so heartbeats cost O(workers), not O(running runs);
-//! a lost session stops every run of the worker, as a lost run lease stops
-//! one.
+//! subtracted). Beyond that, what replaces per-run renewals (DESIGN.md's
+//! suggestion) is one *session* lease per worker, renewed every period,
+//! fencing all of the worker's runs (a run's lease is written once, naming
+//! the session and its revision), so lease heartbeats cost O(workers), not
+//! O(running runs); a lost session stops every run of the worker, as a
+//! lost run lease stops one. The in-progress acks, one per running job and
+//! period as well, need the same treatment (a longer ack wait, or the job
+//! acked at claim and re-dispatched when its session expires).
 //!
 //! Every figure is reported as the median and range over `--repeat`
 //! trials. The machine is usually shared and noisy; targets are reported,
@@ -286,12 +290,15 @@ pub struct SimSpread {
     /// summed over the trials.
     pub lost: u64,
     pub updates_per_sec: Spread,
-    /// What the bench's connection sent and received per second.
+    /// What the bench's connection wrote and read on its socket per
+    /// second: updates and their PubAcks, protocol framing included.
     pub bytes_per_sec: Spread,
     pub nats_cpu_percent: Spread,
     pub nats_cpu_us_per_update: Spread,
     /// nats-server RSS growth per lease created.
     pub nats_bytes_per_lease: Spread,
+    /// The bucket's stream bytes per lease.
+    pub stored_bytes_per_lease: Spread,
     /// The shortest TTL at which nats-server could renew the simulated
     /// leases with one core (3 × leases × CPU per update).
     pub min_ttl_for_leases_on_one_core_ms: Spread,
@@ -352,6 +359,8 @@ pub struct SimTrial {
     pub nats_rss_before: u64,
     pub nats_rss_created: u64,
     pub nats_bytes_per_lease: f64,
+    /// The bucket's stream bytes per lease, once all are created.
+    pub stored_bytes_per_lease: f64,
 }
 
 /// One trial: one fleet.
@@ -393,14 +402,14 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<ScaleResult> {
     let mut trials = Vec::new();
     for trial in 1..=args.repeat {
         progress(args, format!("scale: trial {trial}/{}", args.repeat));
-        let mut dir = tempfile::tempdir().context("could not create a temp dir for the bench fleet")?;
+        let mut dir = tempfile::tempdir().context("could not create a temp dir for the bench fleets")?;
         match run_trial(args, dir.path(), ticks).await {
             Ok(result) => {
                 progress(
                     args,
                     format!(
-                        "scale: trial {trial}: worker {:.1} KiB per running run, {:.0} B held per waiting run, \
-                         {:.0} lease updates/s running, simulated round {:.0} ms",
+                        "scale: trial {trial}: worker {:.1} KiB per running run, {:.0} B held per \
+                         waiting run, {:.0} lease updates/s running, simulated round {:.0} ms",
                         result.worker_bytes_per_running_run / 1024.0,
                         result.worker_bytes_held_per_waiting_run,
                         result.window_running.lease_updates_per_sec,
@@ -464,21 +473,22 @@ fn slots_per_worker(args: &BenchArgs) -> u32 {
 }
 
 async fn run_trial(args: &BenchArgs, dir: &Path, ticks: u64) -> anyhow::Result<ScaleTrial> {
-    let mut fleet = ScaleFleet::start(args, dir).await?;
+    let mut fleet = ScaleFleet::start(args, &dir.join("fleet")).await?;
     let result = fleet_phases(args, &fleet, ticks).await;
-    // The simulation wants nats-server to itself.
     fleet.workers.kill_all().await;
     fleet.coordinator.kill().await;
-    let result = match result {
-        Ok(mut trial) => {
-            progress(args, format!("scale: {} simulated leases", args.simulated_leases));
-            trial.simulation = simulate(args, &fleet.nats.url(), fleet.pids.nats_server, ticks).await?;
-            Ok(trial)
-        }
-        Err(error) => Err(error),
-    };
     fleet.nats.stop().await;
-    result
+    let mut trial = result?;
+
+    // A nats-server of its own, so that its memory and CPU are the
+    // simulation's alone.
+    progress(args, format!("scale: {} simulated leases", args.simulated_leases));
+    let nats = EmbeddedNats::start(&dir.join("simulation"), embedded::free_port()?).await?;
+    let pid = nats.pid().context("nats-server exited")?;
+    let result = simulate(args, &nats.url(), pid, ticks).await;
+    nats.stop().await;
+    trial.simulation = result?;
+    Ok(trial)
 }
 
 /// Phases 1–3 of the module documentation on a started fleet; the
@@ -1072,6 +1082,7 @@ impl Default for SimTrial {
             nats_rss_before: 0,
             nats_rss_created: 0,
             nats_bytes_per_lease: f64::NAN,
+            stored_bytes_per_lease: f64::NAN,
         }
     }
 }
@@ -1120,6 +1131,14 @@ async fn simulate(args: &BenchArgs, url: &str, nats_pid: u32, ticks: u64) -> any
         revisions.push(Some(result.with_context(|| format!("could not create simulated lease {key}"))?));
     }
     let nats_rss_created = rss_bytes(nats_pid)?;
+    let stored = js
+        .get_key_value(SIM_BUCKET)
+        .await
+        .context("could not read the simulated leases' bucket")?
+        .stream
+        .cached_info()
+        .state
+        .bytes;
 
     let stats = nats.statistics();
     let bytes_before = stats.out_bytes.load(std::sync::atomic::Ordering::Relaxed)
@@ -1187,6 +1206,7 @@ async fn simulate(args: &BenchArgs, url: &str, nats_pid: u32, ticks: u64) -> any
         nats_rss_before,
         nats_rss_created,
         nats_bytes_per_lease: (nats_rss_created as f64 - nats_rss_before as f64) / leases,
+        stored_bytes_per_lease: stored as f64 / leases,
     })
 }
 
@@ -1254,6 +1274,7 @@ fn summarize(
         nats_cpu_percent: spread(&|t| t.simulation.nats_cpu_percent)?,
         nats_cpu_us_per_update: spread(&|t| t.simulation.nats_cpu_us_per_update)?,
         nats_bytes_per_lease: spread(&|t| t.simulation.nats_bytes_per_lease)?,
+        stored_bytes_per_lease: spread(&|t| t.simulation.stored_bytes_per_lease)?,
         min_ttl_for_leases_on_one_core_ms: spread(&|t| {
             3.0 * leases * t.simulation.nats_cpu_us_per_update / 1e3
         })?,
@@ -1319,6 +1340,9 @@ pub(super) fn print(result: &ScaleResult) {
     let pct = |v: f64| format!("{v:.1}");
     let met = |ok: bool| if ok { "met" } else { "MISSED" };
     let thousands = |v: f64| {
+        if !v.is_finite() {
+            return "-".to_owned();
+        }
         let v = v.round() as u64;
         let s = v.to_string();
         let mut out = String::new();
@@ -1441,12 +1465,16 @@ pub(super) fn print(result: &ScaleResult) {
         sim.lost
     );
     println!(
-        "  updates/s {}   KB/s {}   nats CPU % {}   nats CPU µs per update {}   nats B per lease {}",
+        "  updates/s {}   KB/s {}   nats CPU % {}   nats CPU µs per update {}",
         range(&sim.updates_per_sec, &rate),
         range(&sim.bytes_per_sec, &|v| format!("{:.0}", v / 1e3)),
         range(&sim.nats_cpu_percent, &pct),
         range(&sim.nats_cpu_us_per_update, &|v| format!("{v:.1}")),
-        range(&sim.nats_bytes_per_lease, &bytes)
+    );
+    println!(
+        "  nats-server RSS B per lease {}   stored B per lease {}",
+        range(&sim.nats_bytes_per_lease, &bytes),
+        range(&sim.stored_bytes_per_lease, &bytes)
     );
     println!(
         "at the default TTL {} s (heartbeat {} s): 1,000 running runs need {:.0} lease updates/s (+ as many \
@@ -1475,6 +1503,20 @@ mod tests {
                     1000000 2000 18446744073709551615";
         assert_eq!(parse_cpu_ticks(stat), Some(175));
         assert_eq!(parse_cpu_ticks("4242 (x) S 1"), None);
+    }
+
+    #[test]
+    fn cpu_time_falls_back_to_ticks_when_a_thread_exited() {
+        let before = CpuSample { threads: HashMap::from([(1, 1_000_000_000), (2, 500_000_000)]), ticks: 100 };
+        let grown = CpuSample {
+            threads: HashMap::from([(1, 1_250_000_000), (2, 500_000_000), (3, 250_000_000)]),
+            ticks: 160,
+        };
+        assert!((grown.secs_since(&before, 100) - 0.5).abs() < 1e-9);
+        let exited = CpuSample { threads: HashMap::from([(1, 1_250_000_000)]), ticks: 160 };
+        assert!((exited.secs_since(&before, 100) - 0.6).abs() < 1e-9);
+        let unreadable = CpuSample { threads: HashMap::new(), ticks: 100 };
+        assert!((grown.secs_since(&unreadable, 100) - 0.6).abs() < 1e-9);
     }
 
     #[test]
