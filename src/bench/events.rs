@@ -12,7 +12,7 @@
 //!   of its own ([`BASE_STREAM`], file storage like the events stream) with
 //!   bare async-nats JetStream publishes, each awaiting its ack, no headers.
 //!   The payload is a runfleet event encoded with runfleet's codec (same
-//!   fields, same size within a few bytes, same decoding at the subscriber),
+//!   fields, same size, same decoding at the subscriber),
 //!   so what differs from the runfleet phase is runfleet's event path alone.
 //! - **runfleet**: one run of [`Producer`] per producer. Each calls
 //!   `ctx.emit` on its schedule: an `agent.event` appended to the run's log,
@@ -28,9 +28,10 @@
 //! P is due at `start + (i·P + k) / rate`, so the producers interleave into
 //! one evenly spaced stream, and a producer that falls behind sends what is
 //! due at once (a burst) rather than stretching the schedule. Each producer
-//! has one publish in flight (`emit` awaits the ack, ~0.1–0.3 ms), so there
-//! are enough producers (at least [`MIN_PRODUCERS`], at most
-//! [`PER_PRODUCER_RATE`] events/s each) for the total to reach the rate.
+//! has one publish in flight (`emit` awaits the ack, as a run's fenced
+//! appends must), so there are enough producers (at least [`MIN_PRODUCERS`],
+//! at most [`PER_PRODUCER_RATE`] events/s each: 16 at the default rate) for
+//! the total to reach the rate with room for slow acks.
 //! tokio's timers have millisecond resolution, so in practice each
 //! millisecond tick releases `rate / 1000` events (10 at the default rate),
 //! the same for both phases. The achieved rate (events sent over the first
@@ -48,7 +49,17 @@
 //! before decoding without waiting behind the fleet's tasks on the bench's
 //! runtime (a task of its own on the shared runtime, as `observe` does, is
 //! still queued behind the worker's and coordinator's tasks on a 2-core
-//! machine). Lag = arrival − send, recorded in nanoseconds.
+//! machine). Lag = arrival − send, recorded in nanoseconds. A core
+//! subscription gets a message when the server routes it, which is before
+//! the stream has stored it (and whether or not the stream accepts it): a
+//! JetStream consumer of the events stream would lag more.
+//!
+//! **Why.** Beside the lags, each phase reports what explains them on a
+//! small machine: each producer's send → ack time (what it waits for
+//! before its next event; late acks make producers fall behind and then
+//! burst) and the CPU this process (worker, coordinator with the projector
+//! and SQLite, the bench's producers and subscriber) and nats-server used
+//! while the phase ran, from `/proc/<pid>/stat`.
 //!
 //! **Loss.** Every run's terminal event is awaited (it arrives after the
 //! run's emits on the same subscription) before the fleet stops; events
@@ -74,6 +85,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::fleet::{self, Fleet};
+use super::procs;
 use super::{progress, BenchArgs, Spread};
 use crate::client::Client;
 
@@ -95,17 +107,21 @@ const WARM_UP: Duration = Duration::from_secs(1);
 /// offer over [`PER_PRODUCER_RATE`], at most [`MAX_PRODUCERS`].
 const MIN_PRODUCERS: u32 = 8;
 const MAX_PRODUCERS: u32 = 64;
-/// A producer's share of the rate: one event every 0.8 ms, several ack round
-/// trips, so a producer keeps up unless the machine is saturated.
-const PER_PRODUCER_RATE: u32 = 1_250;
+/// A producer's largest share of the rate: one event every 1.6 ms. A run's
+/// appends cannot overlap (each names the stream sequence the previous one's
+/// ack returned), and under this load an append's ack takes ~0.45 ms at p50
+/// and 2–4 ms at p99 on a 2-core machine: at 1,250 events/s (0.8 ms apart)
+/// the producers fell tens of milliseconds behind schedule and caught up in
+/// bursts, at 625 they stay within a few.
+const PER_PRODUCER_RATE: u32 = 625;
 /// Between the moment a schedule is set and its first event.
 const LEAD_TIME: Duration = Duration::from_millis(50);
 /// How long the runs may take to be claimed and report ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long after its last send a phase's events may take to arrive (beyond
-/// that they count as lost), and how much longer than their schedule the
-/// runs may take to end.
+/// How long after its last send a phase's events may take to arrive; beyond
+/// that they count as lost.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than their schedule the runs may take to end.
 const END_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The process-wide base of the send and arrival stamps.
@@ -163,8 +179,22 @@ pub struct PhaseTrial {
     pub lost: u64,
     /// How late sends were against their schedule (send − due time).
     pub behind_schedule: Lag,
+    /// Send → JetStream's ack received by the producer: what each producer
+    /// waits for before its next event.
+    pub send_to_ack: Lag,
     /// The mean size of the messages' payloads (headers not counted).
     pub payload_bytes: f64,
+    /// CPU used while the phase ran, in cores.
+    pub cpu: CpuUse,
+}
+
+/// CPU used over a stretch of time, in cores (1.0 = one core busy).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuUse {
+    /// The bench's process: the in-process worker and coordinator (with the
+    /// projector and SQLite), the bench's producers and its subscriber.
+    pub process_cores: f64,
+    pub nats_server_cores: f64,
 }
 
 /// One phase over the trials: median and range of each figure.
@@ -176,6 +206,9 @@ pub struct PhaseResult {
     pub max_ms: Spread,
     pub events_per_sec: Spread,
     pub behind_schedule_p99_ms: Spread,
+    pub send_to_ack_p99_ms: Spread,
+    pub process_cores: Spread,
+    pub nats_server_cores: Spread,
     /// Over all trials.
     pub emitted: u64,
     pub lost: u64,
@@ -194,6 +227,9 @@ impl PhaseResult {
             max_ms: spread(|t| t.lag.max_ms)?,
             events_per_sec: spread(|t| t.events_per_sec)?,
             behind_schedule_p99_ms: spread(|t| t.behind_schedule.p99_ms)?,
+            send_to_ack_p99_ms: spread(|t| t.send_to_ack.p99_ms)?,
+            process_cores: spread(|t| t.cpu.process_cores)?,
+            nats_server_cores: spread(|t| t.cpu.nats_server_cores)?,
             emitted: trials.iter().map(|t| t.emitted).sum(),
             lost: trials.iter().map(|t| t.lost).sum(),
             payload_bytes: spread(|t| t.payload_bytes)?.median,
@@ -236,7 +272,7 @@ pub struct EventsResult {
 /// When each event of a phase is due; the same for both phases.
 #[derive(Debug, Clone, Copy)]
 struct Schedule {
-    /// The first event's due time, in nanoseconds since [`base`].
+    /// The first event's due time, a stamp like [`now_ns`]'s.
     start_ns: u64,
     /// Between two consecutive events of all producers together.
     period_ns: f64,
@@ -295,15 +331,18 @@ impl Tick {
         }
     }
 
-    /// The event's data, stamped now: call immediately before publishing.
-    fn stamp(&self) -> Result<Value, serde_json::Error> {
-        serde_json::to_value(Stamp {
+    /// The event's data, stamped now, and the stamp: call immediately
+    /// before publishing.
+    fn stamp(&self) -> Result<(Value, u64), serde_json::Error> {
+        let sent_ns = now_ns();
+        let stamp = Stamp {
             producer: self.producer,
             index: self.index,
             due_ns: self.due_ns,
-            sent_ns: now_ns(),
+            sent_ns,
             warm_up: self.warm_up,
-        })
+        };
+        Ok((serde_json::to_value(stamp)?, sent_ns))
     }
 }
 
@@ -325,12 +364,32 @@ struct Emitted {
 }
 
 impl Emitted {
-    fn count(&mut self, tick: &Tick) {
+    fn add(&mut self, other: Emitted) {
+        self.warm_up += other.warm_up;
+        self.measured += other.measured;
+    }
+}
+
+/// What one producer keeps while it sends: counts and send → ack times.
+struct Sending {
+    emitted: Emitted,
+    /// Nanoseconds, recorded events only.
+    acks: Histogram<u64>,
+}
+
+impl Sending {
+    fn new() -> Result<Self, hdrhistogram::CreationError> {
+        Ok(Self { emitted: Emitted::default(), acks: Histogram::new(3)? })
+    }
+
+    /// Counts `tick`'s event, acknowledged now, sent at `sent_ns`.
+    fn acked(&mut self, tick: &Tick, sent_ns: u64) -> Result<(), hdrhistogram::RecordError> {
         if tick.warm_up {
-            self.warm_up += 1;
-        } else {
-            self.measured += 1;
+            self.emitted.warm_up += 1;
+            return Ok(());
         }
+        self.emitted.measured += 1;
+        self.acks.record(now_ns().saturating_sub(sent_ns))
     }
 }
 
@@ -346,6 +405,8 @@ struct ProducerInput {
 struct Producer {
     ready: mpsc::UnboundedSender<u32>,
     schedule: watch::Receiver<Option<Schedule>>,
+    /// Send → ack of every run's recorded events, nanoseconds.
+    acks: Arc<Mutex<Histogram<u64>>>,
 }
 
 #[async_trait]
@@ -362,14 +423,17 @@ impl Agent for Producer {
             .ok()
             .and_then(|schedule| *schedule)
             .ok_or_else(|| AgentError::failed("the bench stopped before setting a schedule"))?;
-        let mut emitted = Emitted::default();
+        let failed = |what: &str, e: &dyn std::fmt::Display| AgentError::failed(format!("{what}: {e}"));
+        let mut sending = Sending::new().map_err(|e| failed("could not make a histogram", &e))?;
         for tick in schedule.ticks(producer) {
             tick.due().await;
-            let data = tick.stamp().map_err(|e| AgentError::failed(format!("could not stamp: {e}")))?;
+            let (data, sent_ns) = tick.stamp().map_err(|e| failed("could not stamp", &e))?;
             ctx.emit(EVENT_NAME, data).await?;
-            emitted.count(&tick);
+            sending.acked(&tick, sent_ns).map_err(|e| failed("could not record", &e))?;
         }
-        serde_json::to_value(emitted).map_err(|e| AgentError::failed(format!("could not report: {e}")))
+        let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        acks.add(&sending.acks).map_err(|e| failed("could not record", &e))?;
+        serde_json::to_value(sending.emitted).map_err(|e| failed("could not report", &e))
     }
 }
 
@@ -425,7 +489,13 @@ impl Received {
     }
 
     /// The phase's figures, given what was sent.
-    fn phase(&self, emitted: Emitted, schedule: &Schedule) -> anyhow::Result<PhaseTrial> {
+    fn phase(
+        &self,
+        emitted: Emitted,
+        acks: &Histogram<u64>,
+        cpu: CpuUse,
+        schedule: &Schedule,
+    ) -> anyhow::Result<PhaseTrial> {
         anyhow::ensure!(self.unrecorded == 0, "{} lags could not be recorded", self.unrecorded);
         anyhow::ensure!(self.measured > 0, "no recorded event arrived");
         let span_ns = self.last_sent_ns.saturating_sub(self.first_due_ns) as f64 + schedule.period_ns;
@@ -436,7 +506,9 @@ impl Received {
             received: self.measured,
             lost: emitted.measured.saturating_sub(self.measured),
             behind_schedule: Lag::from_nanos(&self.behind),
+            send_to_ack: Lag::from_nanos(acks),
             payload_bytes: self.payload_bytes as f64 / self.measured as f64,
+            cpu,
         })
     }
 }
@@ -569,6 +641,7 @@ fn producers(rate: u32) -> u32 {
 /// Runs the trials, each on a fresh fleet.
 pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<EventsResult> {
     let producers = producers(args.event_rate);
+    let clock = CpuClock::read();
     let mut per_trial = Vec::new();
     for trial in 1..=args.repeat {
         progress(
@@ -582,7 +655,7 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<EventsResult> {
                 args.event_duration.as_secs_f64()
             ),
         );
-        per_trial.push(self::trial(args, producers).await.with_context(|| format!("trial {trial}"))?);
+        per_trial.push(self::trial(args, producers, &clock).await.with_context(|| format!("trial {trial}"))?);
     }
 
     let runfleet = PhaseResult::of(&per_trial.iter().map(|t| &t.runfleet).collect::<Vec<_>>())?;
@@ -605,21 +678,29 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<EventsResult> {
     })
 }
 
+/// What the bench holds of a trial's [`Producer`] runs.
+struct Runs {
+    count: u32,
+    ready: mpsc::UnboundedReceiver<u32>,
+    schedule: watch::Sender<Option<Schedule>>,
+    acks: Arc<Mutex<Histogram<u64>>>,
+}
+
 /// Starts a trial's fleet, measures, and stops the fleet whether or not the
 /// measurement succeeded.
-async fn trial(args: &BenchArgs, producers: u32) -> anyhow::Result<EventsTrial> {
+async fn trial(args: &BenchArgs, producers: u32, clock: &CpuClock) -> anyhow::Result<EventsTrial> {
     let (ready_tx, ready) = mpsc::unbounded_channel();
     let (schedule_tx, schedule) = watch::channel(None);
+    let acks = Arc::new(Mutex::new(Histogram::new(3)?));
     let mut agents = runfleet_worker::agents::builtin();
-    agents.register(AgentName::new(AGENT)?, Producer { ready: ready_tx, schedule });
+    agents.register(AgentName::new(AGENT)?, Producer { ready: ready_tx, schedule, acks: acks.clone() });
+    let runs = Runs { count: producers, ready, schedule: schedule_tx, acks };
 
     let mut fleet = Fleet::start(fleet::DEFAULT_LEASE_TTL).await?;
     let result = match fleet.add_worker(producers, agents).await {
-        Ok(()) => trial_on(args, &fleet, producers, ready, &schedule_tx).await,
+        Ok(()) => trial_on(args, &fleet, runs, clock).await,
         Err(e) => Err(e),
     };
-    // Lets runs still waiting for a schedule fail instead of hang.
-    drop(schedule_tx);
     fleet.stop().await?;
     result
 }
@@ -627,18 +708,19 @@ async fn trial(args: &BenchArgs, producers: u32) -> anyhow::Result<EventsTrial> 
 async fn trial_on(
     args: &BenchArgs,
     fleet: &Fleet,
-    producers: u32,
-    ready: mpsc::UnboundedReceiver<u32>,
-    schedule_tx: &watch::Sender<Option<Schedule>>,
+    runs: Runs,
+    clock: &CpuClock,
 ) -> anyhow::Result<EventsTrial> {
+    let nats_pid = fleet.nats_pid().context("nats-server is not running")?;
     let client = fleet.client().await?;
     let mut subscriber =
         Subscriber::start(fleet.url(), client.tenant().clone(), client.names().clone()).await?;
     let phases = async {
-        let baseline = baseline(args, &client, &subscriber, producers).await.context("baseline")?;
-        let runfleet = runfleet(args, &client, &mut subscriber, producers, ready, schedule_tx)
-            .await
-            .context("runfleet")?;
+        let cpu = CpuMeter { clock, nats_pid };
+        let baseline = baseline(args, &client, &subscriber, runs.count, &cpu).await.context("baseline")?;
+        // Dropping `runs` (its schedule sender) on the way out lets runs
+        // still waiting for a schedule fail instead of hang.
+        let runfleet = runfleet(args, &client, &mut subscriber, runs, &cpu).await.context("runfleet")?;
         anyhow::Ok(EventsTrial { baseline, runfleet })
     };
     let result = phases.await;
@@ -653,6 +735,7 @@ async fn baseline(
     client: &Client,
     subscriber: &Subscriber,
     producers: u32,
+    cpu: &CpuMeter<'_>,
 ) -> anyhow::Result<PhaseTrial> {
     let js = jetstream::new(client.nats().clone());
     js.create_stream(stream::Config {
@@ -666,18 +749,21 @@ async fn baseline(
 
     let schedule =
         Schedule::new(args.event_rate, producers, args.event_duration, now_ns() + nanos(LEAD_TIME));
+    let began = cpu.mark()?;
     let mut tasks = tokio::task::JoinSet::new();
     for producer in 0..producers {
         tasks.spawn(publish_bare(js.clone(), client.tenant().clone(), schedule, producer));
     }
     let mut emitted = Emitted::default();
+    let mut acks = Histogram::<u64>::new(3)?;
     while let Some(done) = tasks.join_next().await {
-        let one = done.context("a baseline task panicked")??;
-        emitted.warm_up += one.warm_up;
-        emitted.measured += one.measured;
+        let sending = done.context("a baseline task panicked")??;
+        emitted.add(sending.emitted);
+        acks.add(&sending.acks)?;
     }
+    let cpu = cpu.since(&began)?;
     subscriber.until_received(|lags| &lags.baseline, emitted.warm_up + emitted.measured, DRAIN_TIMEOUT).await;
-    subscriber.with_lags(|lags| lags.baseline.phase(emitted, &schedule))
+    subscriber.with_lags(|lags| lags.baseline.phase(emitted, &acks, cpu, &schedule))
 }
 
 /// One baseline producer: what [`Producer`] does, with a bare publish of an
@@ -688,12 +774,12 @@ async fn publish_bare(
     tenant: TenantId,
     schedule: Schedule,
     producer: u32,
-) -> anyhow::Result<Emitted> {
+) -> anyhow::Result<Sending> {
     let (run_id, worker_id) = (RunId::generate(), WorkerId::generate());
-    let mut emitted = Emitted::default();
+    let mut sending = Sending::new()?;
     for tick in schedule.ticks(producer) {
         tick.due().await;
-        let data = tick.stamp()?;
+        let (data, sent_ns) = tick.stamp()?;
         let event = Event {
             run_id,
             tenant: tenant.clone(),
@@ -711,9 +797,9 @@ async fn publish_bare(
             .context("publish failed")?
             .await
             .context("publish was not acknowledged")?;
-        emitted.count(&tick);
+        sending.acked(&tick, sent_ns)?;
     }
-    Ok(emitted)
+    Ok(sending)
 }
 
 /// The runfleet phase: one [`Producer`] run per producer, started on the
@@ -722,12 +808,11 @@ async fn runfleet(
     args: &BenchArgs,
     client: &Client,
     subscriber: &mut Subscriber,
-    producers: u32,
-    mut ready: mpsc::UnboundedReceiver<u32>,
-    schedule_tx: &watch::Sender<Option<Schedule>>,
+    mut runs: Runs,
+    cpu: &CpuMeter<'_>,
 ) -> anyhow::Result<PhaseTrial> {
-    let mut runs = HashMap::new();
-    for producer in 0..producers {
+    let mut ended = HashMap::new();
+    for producer in 0..runs.count {
         let request = SubmitRequest {
             agent: AGENT.to_owned(),
             input: serde_json::to_value(ProducerInput { producer })?,
@@ -736,27 +821,28 @@ async fn runfleet(
             idempotency_key: None,
             max_attempts: Some(1),
         };
-        runs.insert(client.submit(request).await?.run_id, None);
+        ended.insert(client.submit(request).await?.run_id, false);
     }
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-    for _ in 0..producers {
-        tokio::time::timeout_at(deadline, ready.recv())
+    for _ in 0..runs.count {
+        tokio::time::timeout_at(deadline, runs.ready.recv())
             .await
             .with_context(|| format!("the runs did not all start within {}s", READY_TIMEOUT.as_secs()))?
             .context("the worker dropped the producers")?;
     }
 
     let schedule =
-        Schedule::new(args.event_rate, producers, args.event_duration, now_ns() + nanos(LEAD_TIME));
-    schedule_tx.send_replace(Some(schedule));
+        Schedule::new(args.event_rate, runs.count, args.event_duration, now_ns() + nanos(LEAD_TIME));
+    let began = cpu.mark()?;
+    runs.schedule.send_replace(Some(schedule));
     let deadline = tokio::time::Instant::now() + LEAD_TIME + WARM_UP + args.event_duration + END_TIMEOUT;
     let mut emitted = Emitted::default();
-    while runs.values().any(Option::is_none) {
+    while ended.values().any(|ended| !ended) {
         let (run, body) = tokio::time::timeout_at(deadline, subscriber.ended.recv())
             .await
             .context("the runs did not all end in time")?
             .context("the subscriber stopped")?;
-        let Some(slot) = runs.get_mut(&run) else { continue };
+        let Some(ended) = ended.get_mut(&run) else { continue };
         let output = match body {
             EventBody::Completed(completed) => completed.output,
             EventBody::Failed(failed) => {
@@ -766,10 +852,10 @@ async fn runfleet(
         };
         let one: Emitted =
             serde_json::from_value(output).with_context(|| format!("run {run}'s output is not a count"))?;
-        emitted.warm_up += one.warm_up;
-        emitted.measured += one.measured;
-        *slot = Some(one);
+        emitted.add(one);
+        *ended = true;
     }
+    let cpu = cpu.since(&began)?;
     anyhow::ensure!(
         emitted.measured == schedule.measured_total(),
         "the runs emitted {} recorded events, {} were due",
@@ -779,7 +865,52 @@ async fn runfleet(
     // Each run's events arrive before its terminal event, on the same
     // subscription, so this returns at once unless some were dropped.
     subscriber.until_received(|lags| &lags.runfleet, emitted.warm_up + emitted.measured, DRAIN_TIMEOUT).await;
-    subscriber.with_lags(|lags| lags.runfleet.phase(emitted, &schedule))
+    let acks = runs.acks.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    subscriber.with_lags(|lags| lags.runfleet.phase(emitted, &acks, cpu, &schedule))
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`.
+struct CpuClock {
+    ticks_per_sec: u64,
+}
+
+impl CpuClock {
+    fn read() -> Self {
+        Self { ticks_per_sec: procs::clock_ticks().0 }
+    }
+}
+
+/// Measures the CPU this process and nats-server use.
+struct CpuMeter<'a> {
+    clock: &'a CpuClock,
+    nats_pid: u32,
+}
+
+/// CPU times at a moment, clock ticks.
+struct CpuMark {
+    at: Instant,
+    process: u64,
+    nats_server: u64,
+}
+
+impl CpuMeter<'_> {
+    fn mark(&self) -> anyhow::Result<CpuMark> {
+        Ok(CpuMark {
+            at: Instant::now(),
+            process: procs::cpu_ticks(std::process::id())?,
+            nats_server: procs::cpu_ticks(self.nats_pid)?,
+        })
+    }
+
+    fn since(&self, began: &CpuMark) -> anyhow::Result<CpuUse> {
+        let now = self.mark()?;
+        let ticks = now.at.duration_since(began.at).as_secs_f64() * self.clock.ticks_per_sec as f64;
+        let cores = |from: u64, to: u64| to.saturating_sub(from) as f64 / ticks;
+        Ok(CpuUse {
+            process_cores: cores(began.process, now.process),
+            nats_server_cores: cores(began.nats_server, now.nats_server),
+        })
+    }
 }
 
 fn nanos(duration: Duration) -> u64 {
@@ -805,28 +936,27 @@ pub(super) fn print(result: &EventsResult) {
         result.duration_secs,
         result.warm_up_secs
     );
-    println!("{:<24}{:<30}{:<30}", "", "runfleet ctx.emit", "bare JetStream publish");
+    println!("{:<26}{:<30}bare JetStream publish", "", "runfleet ctx.emit");
     // A row: its name, its figure and the figure's decimals.
     type Row = (&'static str, fn(&PhaseResult) -> &Spread, usize);
-    let rows: [Row; 6] = [
+    let rows: [Row; 9] = [
         ("lag p50 (ms)", |p| &p.p50_ms, 3),
         ("lag p99 (ms)", |p| &p.p99_ms, 3),
         ("lag p99.9 (ms)", |p| &p.p999_ms, 3),
         ("lag max (ms)", |p| &p.max_ms, 3),
         ("events/s sent", |p| &p.events_per_sec, 0),
         ("behind schedule p99 (ms)", |p| &p.behind_schedule_p99_ms, 3),
+        ("send→ack p99 (ms)", |p| &p.send_to_ack_p99_ms, 3),
+        ("CPU bench process (cores)", |p| &p.process_cores, 2),
+        ("CPU nats-server (cores)", |p| &p.nats_server_cores, 2),
     ];
     for (name, figure, decimals) in rows {
-        println!(
-            "{name:<24}{:<30}{:<30}",
-            spread(figure(runfleet), decimals),
-            spread(figure(bare), decimals)
-        );
+        println!("{name:<26}{:<30}{}", spread(figure(runfleet), decimals), spread(figure(bare), decimals));
     }
     let lost = |p: &PhaseResult| format!("{} of {}", p.lost, p.emitted);
-    println!("{:<24}{:<30}{:<30}", "lost events", lost(runfleet), lost(bare));
+    println!("{:<26}{:<30}{}", "lost events", lost(runfleet), lost(bare));
     let bytes = |p: &PhaseResult| format!("{:.0}", p.payload_bytes);
-    println!("{:<24}{:<30}{:<30}", "payload (bytes)", bytes(runfleet), bytes(bare));
+    println!("{:<26}{:<30}{}", "payload (bytes)", bytes(runfleet), bytes(bare));
     println!(
         "runfleet lag p99 = {:.2} x bare publish lag p99 (same fleet, same schedule)",
         result.p99_over_baseline
@@ -847,8 +977,8 @@ mod tests {
 
     #[test]
     fn producers_share_the_rate() {
-        assert_eq!(producers(10_000), 8);
-        assert_eq!(producers(20_000), 16);
+        assert_eq!(producers(10_000), 16);
+        assert_eq!(producers(2_000), MIN_PRODUCERS);
         assert_eq!(producers(1_000_000), MAX_PRODUCERS);
         assert_eq!(producers(3), 3);
     }
@@ -887,7 +1017,9 @@ mod tests {
             received.note(&stamp, tick.due_ns + 500_000, 100);
         }
         let emitted = Emitted { warm_up: 1_000, measured: 1_000 };
-        let phase = received.phase(emitted, &schedule).unwrap_or_else(|e| panic!("{e}"));
+        let acks = Histogram::new(3).unwrap_or_else(|e| panic!("{e}"));
+        let cpu = CpuUse { process_cores: 0.5, nats_server_cores: 0.25 };
+        let phase = received.phase(emitted, &acks, cpu, &schedule).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((phase.received, phase.lost), (990, 10));
         assert!((phase.lag.p99_ms - 0.5).abs() < 0.01, "{phase:?}");
         assert!((phase.events_per_sec - 1_000.0).abs() < 1.0, "{phase:?}");

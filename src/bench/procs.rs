@@ -212,3 +212,37 @@ impl CoordinatorProcess {
         let _ = self.child.kill().await;
     }
 }
+
+/// utime + stime of a process (all its threads), clock ticks.
+pub(super) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("could not read {path}"))?;
+    parse_cpu_ticks(&stat).with_context(|| format!("{path} is not in the expected format"))
+}
+
+/// Fields 14 and 15 (utime, stime) of a `/proc/<pid>/stat` line. The
+/// command name (field 2, in parentheses) may hold spaces, so fields are
+/// counted from the last `)`: the next one is field 3.
+pub(super) fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` and where the figure came
+/// from: `getconf CLK_TCK`, or assumed to be 100 (Linux's usual USER_HZ).
+pub(super) fn clock_ticks() -> (u64, String) {
+    let measured = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse::<u64>().ok())
+        .filter(|ticks| *ticks > 0);
+    match measured {
+        Some(ticks) => (ticks, "getconf CLK_TCK".to_owned()),
+        None => (100, "assumed".to_owned()),
+    }
+}

@@ -222,13 +222,13 @@ impl Registry {
         }
         let runs = BatchRuns::of(events)?;
         let mut tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
-        insert_events(&mut tx, events).await?;
+        insert_events(&mut tx, self.backend, events).await?;
         let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
-        insert_runs(&mut tx, &created).await?;
+        insert_runs(&mut tx, self.backend, &created).await?;
         // A run created in this batch may have later events stored by an
         // earlier batch (they arrived first): its row takes the highest.
         let mut stored_later = Vec::new();
-        for (run, seq) in max_stored_seqs(&mut tx, &created).await? {
+        for (run, seq) in max_stored_seqs(&mut tx, self.backend, &created).await? {
             let Some(batch) = runs.get(&run) else { continue };
             if batch.latest.is_some_and(|latest| latest.seq >= seq) {
                 continue;
@@ -243,7 +243,7 @@ impl Registry {
             .filter(|event| !stored_later.iter().any(|later| later.run_id == event.run_id))
             .collect();
         latest.extend(stored_later.iter());
-        update_runs(&mut tx, &latest).await?;
+        update_runs(&mut tx, self.backend, &latest).await?;
         tx.commit().await.map_err(query_error("committing events"))
     }
 
@@ -461,21 +461,33 @@ impl BatchRuns {
     }
 }
 
-/// `($1, …, $n), ($n+1, …)`: placeholders of `rows` rows of `columns` each.
-fn placeholders(rows: usize, columns: usize) -> String {
+/// `($1, …, $n), ($n+1, …)`: placeholders of `rows` rows of `columns`
+/// each. SQLite gets anonymous `?`s instead: sqlx binds SQLite parameters
+/// by looking each one's name up, a scan of every parameter for `$N`, which
+/// costs more than the statement itself at thousands of parameters.
+fn placeholders(backend: Backend, rows: usize, columns: usize) -> String {
     let row = |r: usize| {
-        let params: Vec<String> = (1..=columns).map(|c| format!("${}", r * columns + c)).collect();
+        let params: Vec<String> = (1..=columns)
+            .map(|c| match backend {
+                Backend::Sqlite => "?".to_owned(),
+                Backend::Postgres => format!("${}", r * columns + c),
+            })
+            .collect();
         format!("({})", params.join(", "))
     };
     (0..rows).map(row).collect::<Vec<_>>().join(", ")
 }
 
-async fn insert_events(tx: &mut Transaction<'_, Any>, events: &[Event]) -> Result<(), Error> {
+async fn insert_events(
+    tx: &mut Transaction<'_, Any>,
+    backend: Backend,
+    events: &[Event],
+) -> Result<(), Error> {
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
              VALUES {} ON CONFLICT (run_id, seq) DO NOTHING",
-            placeholders(chunk.len(), 8)
+            placeholders(backend, chunk.len(), 8)
         );
         let mut query = sqlx::query(&sql);
         for event in chunk {
@@ -496,11 +508,15 @@ async fn insert_events(tx: &mut Transaction<'_, Any>, events: &[Event]) -> Resul
 
 /// Creates the rows of runs whose `run.created` is in the batch (queued,
 /// as of that event); rows that exist are left alone.
-async fn insert_runs(tx: &mut Transaction<'_, Any>, created: &[(&Event, &RunCreated)]) -> Result<(), Error> {
+async fn insert_runs(
+    tx: &mut Transaction<'_, Any>,
+    backend: Backend,
+    created: &[(&Event, &RunCreated)],
+) -> Result<(), Error> {
     for chunk in created.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} ON CONFLICT (run_id) DO NOTHING",
-            placeholders(chunk.len(), 16)
+            placeholders(backend, chunk.len(), 16)
         );
         let mut query = sqlx::query(&sql);
         for (event, body) in chunk {
@@ -530,14 +546,14 @@ async fn insert_runs(tx: &mut Transaction<'_, Any>, created: &[(&Event, &RunCrea
 /// The highest stored seq of each run created in the batch.
 async fn max_stored_seqs(
     tx: &mut Transaction<'_, Any>,
+    backend: Backend,
     created: &[(&Event, &RunCreated)],
 ) -> Result<Vec<(RunId, u64)>, Error> {
     let mut found = Vec::new();
     for chunk in created.chunks(ROWS_PER_STATEMENT) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let params = placeholders(backend, 1, chunk.len());
         let sql = format!(
-            "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN ({}) GROUP BY run_id",
-            params.join(", ")
+            "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN {params} GROUP BY run_id"
         );
         let mut query = sqlx::query(&sql);
         for (event, _) in chunk {
@@ -561,14 +577,18 @@ async fn max_stored_seqs(
 /// which then looks for later stored events). One statement per chunk:
 /// `UPDATE … FROM (VALUES …)`, which SQLite (≥ 3.33) and PostgreSQL share;
 /// both name a `VALUES` list's columns `column1`, `column2`, ….
-async fn update_runs(tx: &mut Transaction<'_, Any>, latest: &[&Event]) -> Result<(), Error> {
+async fn update_runs(
+    tx: &mut Transaction<'_, Any>,
+    backend: Backend,
+    latest: &[&Event],
+) -> Result<(), Error> {
     for chunk in latest.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "UPDATE runs SET state = v.column3, attempt = v.column4, output = v.column5, error = v.column6, \
              worker_id = v.column7, updated_ms = v.column8, last_seq = v.column9 \
              FROM (VALUES {}) AS v \
              WHERE runs.run_id = v.column1 AND runs.tenant = v.column2 AND runs.last_seq < v.column9",
-            placeholders(chunk.len(), 9)
+            placeholders(backend, chunk.len(), 9)
         );
         let mut query = sqlx::query(&sql);
         for event in chunk {
