@@ -4,6 +4,13 @@ use clap::Parser;
 use runfleet::cli::{self, Cli, Command};
 use runfleet::{bench, chaos, dev, serve};
 
+/// mimalloc rather than the system allocator: a run's path allocates and
+/// frees many small buffers (subjects, headers, encoded events, replies) on
+/// two threads, which glibc's malloc spent about a third of the process's
+/// CPU on under the throughput benchmark (`docs/performance.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -328,3 +328,63 @@ async fn multi_megabyte_step_outputs_survive_a_resume() {
         .all(|c| matches!(c.output, StepOutput::Blob { size, .. } if size > 3 * 1024 * 1024)));
     check_durable_run(run, 4, &events, &stored, &executions(&journal, run));
 }
+
+/// A step that panics ends the run at once with `agent_panicked`, written by
+/// the attempt that ran it: the step ran once, although `step.started` was
+/// still travelling when the step began (see `sdk::step`), and attempts were
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_fails_the_run_once() {
+    let journal = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    let fleet = fleet(1, 2, journal.path()).await;
+    let run = submit(&fleet, "steps", json!({ "steps": 3, "panic_at": 1 }), Some(3)).await;
+    let events =
+        wait_for(&fleet, run, "run to end", |events| events.last().is_some_and(|e| e.body.is_terminal()))
+            .await;
+    check_run_log(run, &events).unwrap_or_else(|e| panic!("{e}"));
+    match &events.last().map(|e| &e.body) {
+        Some(EventBody::Failed(failed)) => {
+            assert_eq!(failed.error.code, ErrorCode::AgentPanicked, "{failed:?}")
+        }
+        other => panic!("expected run.failed, got {other:?}"),
+    }
+    let ran: Vec<(u32, u32)> = executions(journal.path(), run).iter().map(|e| (e.index, e.attempt)).collect();
+    assert_eq!(ran, vec![(0, 1), (1, 1)], "each step ran once, in the first attempt");
+}
+
+/// A worker stopped while a step is in flight (grace and hand-off timeout
+/// both shorter than the step) hands the run off: `run.handoff` is written
+/// and another worker completes it, without using up the run's only attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_hand_off_mid_step_is_not_a_failure() {
+    harness::init_tracing();
+    let journal = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    let options = FleetOptions {
+        workers: 1,
+        slots: 2,
+        lease_ttl: Some("30s".to_owned()),
+        test_agents: true,
+        journal: Some(journal.path().to_owned()),
+        worker_args: ["--shutdown-grace", "1s", "--handoff-timeout", "1s"].map(str::to_owned).to_vec(),
+        ..Default::default()
+    };
+    let mut fleet = Fleet::start_with(TestDb::sqlite(), options).await;
+    let run = submit(&fleet, "steps", json!({ "steps": 2, "ms": 6000 }), Some(1)).await;
+    wait_for(&fleet, run, "step 0 to start", |events| {
+        events.iter().any(|e| matches!(e.body, EventBody::StepStarted(_)))
+    })
+    .await;
+    fleet.add_worker(&["default"], 2);
+    fleet.wait_ready().await;
+    fleet.workers[0].signal(libc_sigterm());
+    let events =
+        wait_for(&fleet, run, "run to end", |events| events.last().is_some_and(|e| e.body.is_terminal()))
+            .await;
+    check_run_log(run, &events).unwrap_or_else(|e| panic!("{e}"));
+    assert!(events.iter().any(|e| matches!(e.body, EventBody::Handoff(_))), "no run.handoff in {events:#?}");
+    assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Completed(_))), "{events:#?}");
+}
+
+fn libc_sigterm() -> i32 {
+    nix::sys::signal::Signal::SIGTERM as i32
+}

@@ -390,6 +390,15 @@ async fn tenants_are_isolated(registry: &Registry) {
     apply(registry, &[forged]).await;
     assert_eq!(get(registry, &a, run).await, before);
     assert_eq!(get(registry, &b, run).await, None);
+
+    // Nor does it hide the run's own latest event when they share a batch.
+    let other = RunId::generate();
+    let log = full_log(&a, other);
+    let mut forged = next(&log[3], EventBody::Started(RunStarted { delivery: 9 }));
+    forged.tenant = b.clone();
+    apply(registry, &log[..3]).await;
+    apply(registry, &[log[3].clone(), forged]).await;
+    assert_eq!(get(registry, &a, other).await.map(|v| (v.state, v.last_seq)), Some((RunState::Completed, 4)));
 }
 
 /// Replicas start together: several registries connecting (and migrating)

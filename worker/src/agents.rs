@@ -247,6 +247,9 @@ struct StepsInput {
     ms: u64,
     #[serde(default)]
     output_bytes: usize,
+    /// The step that panics (after journaling), if any.
+    #[serde(default)]
+    panic_at: Option<u32>,
 }
 
 /// Upper bounds so a bad input cannot exhaust a worker.
@@ -262,11 +265,12 @@ struct StepsOutput {
 #[async_trait]
 impl Agent for Steps {
     async fn run(&self, ctx: &mut RunContext, input: Value) -> Result<Value, AgentError> {
-        let StepsInput { steps, ms, output_bytes } = serde_json::from_value(input).map_err(|e| {
-            AgentError::invalid_input(format!(
-                "steps expects {{\"steps\": N, \"ms\": M, \"output_bytes\": B}}: {e}"
-            ))
-        })?;
+        let StepsInput { steps, ms, output_bytes, panic_at } =
+            serde_json::from_value(input).map_err(|e| {
+                AgentError::invalid_input(format!(
+                    "steps expects {{\"steps\": N, \"ms\": M, \"output_bytes\": B, \"panic_at\": I}}: {e}"
+                ))
+            })?;
         if steps > MAX_STEPS || output_bytes > MAX_STEP_OUTPUT_BYTES {
             return Err(AgentError::invalid_input(format!(
                 "steps allows at most {MAX_STEPS} steps of at most {MAX_STEP_OUTPUT_BYTES} bytes"
@@ -285,6 +289,9 @@ impl Agent for Steps {
                         }
                         if ms > 0 {
                             tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
+                        if panic_at == Some(index) {
+                            panic!("step {index} panics, as its input asked");
                         }
                         Ok(StepsOutput { index, pad: pad(index, output_bytes) })
                     }

@@ -221,16 +221,24 @@ impl Registry {
             return Ok(());
         }
         let runs = BatchRuns::of(events)?;
+        // Rows and events in key order, so concurrent projectors (replicas
+        // on PostgreSQL) lock them in the same order and cannot deadlock.
+        let mut sorted: Vec<&Event> = events.iter().collect();
+        sorted.sort_by_key(|event| (event.run_id, event.seq));
         let mut tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
-        insert_events(&mut tx, self.backend, events).await?;
+        insert_events(&mut tx, self.backend, &sorted).await?;
         let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
         insert_runs(&mut tx, self.backend, &created).await?;
         // A run created in this batch may have later events stored by an
         // earlier batch (they arrived first): its row takes the highest.
         let mut stored_later = Vec::new();
+        let created_tenant: std::collections::HashMap<RunId, &TenantId> =
+            created.iter().map(|(event, _)| (event.run_id, &event.tenant)).collect();
         for (run, seq) in max_stored_seqs(&mut tx, self.backend, &created).await? {
-            let Some(batch) = runs.get(&run) else { continue };
-            if batch.latest.is_some_and(|latest| latest.seq >= seq) {
+            let Some(batch) = created_tenant.get(&run).and_then(|tenant| runs.get(&(run, *tenant))) else {
+                continue;
+            };
+            if seq <= 1 || batch.latest.is_some_and(|latest| latest.seq >= seq) {
                 continue;
             }
             if let Some(event) = last_stored_event(&mut tx, run, &batch.tenant).await? {
@@ -240,9 +248,12 @@ impl Registry {
         let mut latest: Vec<&Event> = runs
             .values()
             .filter_map(|run| run.latest)
-            .filter(|event| !stored_later.iter().any(|later| later.run_id == event.run_id))
+            .filter(|event| {
+                !stored_later.iter().any(|later| later.run_id == event.run_id && later.tenant == event.tenant)
+            })
             .collect();
         latest.extend(stored_later.iter());
+        latest.sort_by_key(|event| event.run_id);
         update_runs(&mut tx, self.backend, &latest).await?;
         tx.commit().await.map_err(query_error("committing events"))
     }
@@ -435,11 +446,14 @@ struct BatchRun<'a> {
 struct BatchRuns;
 
 impl BatchRuns {
-    /// Groups a batch by run. Seq 1 must be `run.created`.
-    fn of(events: &[Event]) -> Result<std::collections::BTreeMap<RunId, BatchRun<'_>>, Error> {
+    /// Groups a batch by run and tenant (an event naming another tenant
+    /// than the run's never moves its row, so it must not hide the run's
+    /// own latest event). Seq 1 must be `run.created`.
+    #[allow(clippy::type_complexity)]
+    fn of(events: &[Event]) -> Result<std::collections::BTreeMap<(RunId, &TenantId), BatchRun<'_>>, Error> {
         let mut runs = std::collections::BTreeMap::new();
         for event in events {
-            let run = runs.entry(event.run_id).or_insert_with(|| BatchRun {
+            let run = runs.entry((event.run_id, &event.tenant)).or_insert_with(|| BatchRun {
                 tenant: event.tenant.clone(),
                 created: None,
                 latest: None,
@@ -451,7 +465,6 @@ impl BatchRuns {
                         reason: format!("event 1 is {}, not run.created", event.body.type_name()),
                     });
                 };
-                run.tenant = event.tenant.clone();
                 run.created = Some((event, body));
             } else if run.latest.is_none_or(|latest: &Event| latest.seq < event.seq) {
                 run.latest = Some(event);
@@ -481,7 +494,7 @@ fn placeholders(backend: Backend, rows: usize, columns: usize) -> String {
 async fn insert_events(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
-    events: &[Event],
+    events: &[&Event],
 ) -> Result<(), Error> {
     for chunk in events.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(

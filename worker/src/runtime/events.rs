@@ -5,8 +5,12 @@
 //! run's previous event, so the server refuses the append if anyone else wrote
 //! to the log since this worker read it: at most one worker commits for a run.
 
+use std::future::{Future, IntoFuture as _};
+use std::pin::Pin;
+
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
@@ -159,19 +163,25 @@ pub struct EventLog {
     /// The stream sequence of the run's last event.
     last_stream_seq: u64,
     closed: bool,
+    /// The event sent but not yet acknowledged, if any.
+    in_flight: Option<InFlight>,
     /// Set once an append found that someone else wrote to the log; every
     /// later append reports [`Error::LeaseLost`] again, so a caller that
     /// swallowed the first error still cannot mistake the run for its own.
     lost: bool,
 }
 
-/// An event sent by [`EventLog::begin`] whose acknowledgement is awaited by
-/// [`EventLog::confirm`].
-#[derive(Debug)]
-pub struct Pending {
+/// An event [`EventLog::begin`] sent, and the wait for its acknowledgement.
+struct InFlight {
     event: Event,
     redacted: bool,
-    ack: PublishAckFuture,
+    ack: Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight").field("seq", &self.event.seq).finish_non_exhaustive()
+    }
 }
 
 /// What every event of a worker's runs is written with.
@@ -208,6 +218,7 @@ impl EventLog {
             next_seq: last.event.seq + 1,
             last_stream_seq: last.stream_seq,
             closed: false,
+            in_flight: None,
             lost: false,
         }
     }
@@ -249,28 +260,32 @@ impl EventLog {
         self.closed = true;
     }
 
-    /// Appends one event and waits for JetStream to acknowledge it. Returns
-    /// the event's seq. Any error closes the log, and so does dropping the
-    /// returned future before it completes (the event may have been written).
+    /// Appends one event and waits for JetStream to acknowledge it (and for
+    /// an event [`EventLog::begin`] sent before it). Returns the event's
+    /// seq. Any error closes the log, and so does dropping the returned
+    /// future while the event is being sent (it may have been written);
+    /// dropped while only waiting for the acknowledgement, the wait resumes
+    /// at the next call.
     pub async fn append(&mut self, body: EventBody) -> Result<u64, Error> {
-        let pending = self.begin(body).await?;
-        self.confirm(pending).await
+        self.begin(body).await?;
+        self.confirm().await
     }
 
-    /// Sends one event without waiting for its acknowledgement: the first
-    /// half of [`EventLog::append`], so the caller can do other work while
-    /// the event travels. The log stays closed until [`EventLog::confirm`]
-    /// succeeds with the returned [`Pending`]; dropping it leaves the log
-    /// closed (the event may or may not be stored).
-    pub async fn begin(&mut self, body: EventBody) -> Result<Pending, Error> {
+    /// Sends one event without waiting for its acknowledgement, so the
+    /// caller can work while it travels; [`EventLog::confirm`] (or the next
+    /// `begin` / `append`) waits for it. The wait is kept in the log, so a
+    /// caller that stops waiting (a dropped step future) loses nothing: the
+    /// next append settles it first.
+    pub async fn begin(&mut self, body: EventBody) -> Result<(), Error> {
+        self.confirm().await?;
         if self.lost {
             return Err(Error::LeaseLost { run_id: self.run_id, seq: self.next_seq });
         }
         if self.closed {
             return Err(Error::Closed { run_id: self.run_id });
         }
-        // Closed until the append is acknowledged: if the caller stops
-        // waiting mid-publish the log's position is unknown.
+        // Closed while the event is being sent: if the caller stops there
+        // the log's position is unknown.
         self.closed = true;
         let seq = self.next_seq;
         let run_id = self.run_id;
@@ -295,16 +310,25 @@ impl EventLog {
             .publish_with_headers(self.subject.clone(), headers, payload.into())
             .await
             .map_err(|source| Error::Publish { run_id, source })?;
-        Ok(Pending { event, redacted, ack })
+        self.in_flight = Some(InFlight { event, redacted, ack: ack.into_future() });
+        self.closed = false;
+        Ok(())
     }
 
-    /// Waits for the acknowledgement of an event [`EventLog::begin`] sent;
-    /// returns its seq. Any error leaves the log closed, and a refusal
-    /// (someone else wrote to the log) marks it lost.
-    pub async fn confirm(&mut self, pending: Pending) -> Result<u64, Error> {
-        let Pending { event, redacted, ack } = pending;
+    /// Waits for the acknowledgement of the event [`EventLog::begin`] sent,
+    /// if one is in flight; returns the seq of the log's last event. Cancel
+    /// safe. A refusal (someone else wrote to the log) marks the log lost;
+    /// any other failure closes it.
+    pub async fn confirm(&mut self) -> Result<u64, Error> {
+        let Some(in_flight) = self.in_flight.as_mut() else {
+            return Ok(self.last_seq());
+        };
+        let acked = (&mut in_flight.ack).await;
+        let Some(InFlight { event, redacted, .. }) = self.in_flight.take() else {
+            return Ok(self.last_seq());
+        };
         let (run_id, seq) = (event.run_id, event.seq);
-        let result = match ack.await {
+        let result = match acked {
             // A duplicate means an event with our msg id (`<run_id>:<seq>`)
             // is already in the stream and we never publish the same seq
             // twice: someone else wrote this seq.
@@ -324,9 +348,9 @@ impl EventLog {
             Err(source) => Err(Error::Publish { run_id, source }),
         };
         match &result {
-            Ok(_) => self.closed = false,
+            Ok(_) => {}
             Err(e) if e.is_lease_lost() => self.lost = true,
-            Err(_) => {}
+            Err(_) => self.closed = true,
         }
         result
     }

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
@@ -67,38 +67,53 @@ pub async fn release(leases: &kv::Store, key: &str, run_id: RunId, revision: u64
 }
 
 /// How long this worker's lease on a run is sure to last, on the worker's
-/// own monotonic clock: the lease bucket's `max_age` counts from the
-/// server's stamp of the last write that created or renewed the lease,
-/// which is later than the moment the worker sent it. So the lease holds
-/// until at least *sent + TTL*, whatever the server says later, unless the
-/// process was paused or the clocks drift, which [`LeaseClock::is_fresh`]
-/// leaves half the TTL for.
+/// own clock: the lease bucket's `max_age` counts from the server's stamp of
+/// the last write that created or renewed the lease, which is later than the
+/// moment the worker sent it. So the lease holds until at least *sent +
+/// TTL*, with two assumptions [`LeaseClock::is_fresh`] leaves half the TTL
+/// of margin for: the server's clock does not run (or jump) ahead of the
+/// worker's by that much, and the TTL the worker read from the bucket at
+/// start is still the bucket's. The clock is `CLOCK_BOOTTIME`, which keeps
+/// counting while the process is stopped (SIGSTOP) and while the machine is
+/// suspended, so a worker that wakes up past its lease knows it.
 #[derive(Debug)]
 pub struct LeaseClock {
     ttl: Duration,
-    base: Instant,
-    /// Nanoseconds after `base` at which the last successful write was sent.
+    /// Boot-clock nanoseconds at which the last successful write was sent.
     sent_ns: AtomicU64,
 }
 
+/// The boot clock (`CLOCK_BOOTTIME`), or `None` if it cannot be read.
+pub fn boot_clock() -> Option<Duration> {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok().map(Duration::from)
+}
+
+fn nanos(at: Option<Duration>) -> u64 {
+    at.map_or(0, |at| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX))
+}
+
 impl LeaseClock {
-    /// A clock for a lease whose creating write was sent at `sent`.
-    pub fn new(ttl: Duration, sent: Instant) -> Arc<Self> {
-        Arc::new(Self { ttl, base: sent, sent_ns: AtomicU64::new(0) })
+    /// A clock for a lease whose creating write was sent at `sent` (a
+    /// [`boot_clock`] reading).
+    pub fn new(ttl: Duration, sent: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self { ttl, sent_ns: AtomicU64::new(nanos(sent)) })
     }
 
     /// Records a successful renewal sent at `sent`.
-    pub fn renewed(&self, sent: Instant) {
-        let ns = u64::try_from(sent.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
-        self.sent_ns.fetch_max(ns, Ordering::SeqCst);
+    pub fn renewed(&self, sent: Option<Duration>) {
+        self.sent_ns.fetch_max(nanos(sent), Ordering::SeqCst);
     }
 
     /// Whether the lease certainly still holds, with at least half its TTL
     /// to spare. A healthy heartbeat keeps this true (it renews every third
-    /// of the TTL); a worker paused past its lease sees it false at once.
+    /// of the TTL); a worker paused past its lease sees it false at once,
+    /// and so does one whose clock cannot be read.
     pub fn is_fresh(&self) -> bool {
-        let sent = self.base + Duration::from_nanos(self.sent_ns.load(Ordering::SeqCst));
-        sent.elapsed() < self.ttl / 2
+        let sent = self.sent_ns.load(Ordering::SeqCst);
+        match boot_clock() {
+            Some(now) if sent > 0 => now.saturating_sub(Duration::from_nanos(sent)) < self.ttl / 2,
+            _ => false,
+        }
     }
 }
 
@@ -175,7 +190,7 @@ impl Held {
         }
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
-        let sent = Instant::now();
+        let sent = boot_clock();
         let renewed = match update(leases, &self.key, &lease, state.revision).await {
             Ok(revision) => {
                 self.clock.renewed(sent);

@@ -198,7 +198,12 @@ impl Worker {
             &CancellationToken::new(),
         )
         .await?;
-        let js = jetstream::new(client.clone());
+        // Every running step holds one acknowledgement in flight while it
+        // works (its `step.started`, see `sdk::step`), so the context's
+        // bound on them (5,000 by default) must stay well above the slots or
+        // heartbeats, which publish through it too, would wait behind them.
+        let inflight = usize::try_from(config.slots).unwrap_or(usize::MAX).saturating_mul(4).max(5_000);
+        let js = jetstream::ContextBuilder::new().max_ack_inflight(inflight).build(client.clone());
 
         let Infrastructure { jobs, events, leases, workers, checkpoints, blobs, signals, control } =
             wait_for_infrastructure(&js, &names).await;

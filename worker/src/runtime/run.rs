@@ -9,7 +9,7 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::Message;
@@ -103,8 +103,9 @@ struct Claim {
     key: String,
     lease: Lease,
     revision: u64,
-    /// When the write that created (or last updated) the lease was sent.
-    lease_sent: Instant,
+    /// When ([`lease::boot_clock`]) the write that created (or last
+    /// updated) the lease was sent.
+    lease_sent: Option<Duration>,
     log: EventLog,
     checkpoints: CheckpointLog,
     /// Failed attempts before this one (see `RunResumed::failures`).
@@ -190,7 +191,7 @@ async fn claim(
     let now = time::now_ms();
     let mut lease =
         Lease { run_id, worker_id: shared.id.clone(), attempt, acquired_ms: now, renewed_ms: now };
-    let mut lease_sent = Instant::now();
+    let mut lease_sent = lease::boot_clock();
     let mut revision = match lease::acquire(&shared.leases, &key, &lease).await {
         Ok(revision) => revision,
         Err(lease::Error::Held { .. }) => {
@@ -356,7 +357,7 @@ async fn claim(
         let attempt = last.event.attempt.saturating_add(1);
         if lease.attempt != attempt {
             lease.attempt = attempt;
-            lease_sent = Instant::now();
+            lease_sent = lease::boot_clock();
             revision = match lease::update(&shared.leases, &key, &lease, revision).await {
                 Ok(revision) => revision,
                 Err(lease::Error::Lost { .. }) => {

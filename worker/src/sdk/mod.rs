@@ -347,13 +347,13 @@ impl RunContext {
     /// Appends one event unless the run is being stopped. A refusal stops
     /// the run at once, even if the agent swallows the error.
     async fn append(&mut self, body: EventBody) -> Result<(), AgentError> {
-        let pending = self.begin_append(body).await?;
-        self.confirm_append(pending).await
+        self.begin_append(body).await?;
+        self.confirm_append().await
     }
 
     /// Sends one event unless the run is being stopped, without waiting for
     /// its acknowledgement (see [`EventLog::begin`]).
-    async fn begin_append(&mut self, body: EventBody) -> Result<events::Pending, AgentError> {
+    async fn begin_append(&mut self, body: EventBody) -> Result<(), AgentError> {
         if self.parked.is_some() {
             return Err(AgentError::Interrupted(Interruption::Waiting));
         }
@@ -361,13 +361,13 @@ impl RunContext {
             self.log.close();
             return Err(AgentError::Interrupted(Interruption::Stopped));
         }
-        let pending = self.log.begin(body).await;
-        pending.map_err(|e| self.refused(e))
+        let sent = self.log.begin(body).await;
+        sent.map_err(|e| self.refused(e))
     }
 
-    /// Waits for an event [`RunContext::begin_append`] sent.
-    async fn confirm_append(&mut self, pending: events::Pending) -> Result<(), AgentError> {
-        let confirmed = self.log.confirm(pending).await;
+    /// Waits for the event [`RunContext::begin_append`] sent, if any.
+    async fn confirm_append(&mut self) -> Result<(), AgentError> {
+        let confirmed = self.log.confirm().await;
         confirmed.map(drop).map_err(|e| self.refused(e))
     }
 

@@ -305,19 +305,13 @@ impl RunContext {
             // recorded. Work starts before that check only while the lease
             // surely holds (a worker paused past its lease waits for the
             // fence first), so a worker that lost the run never starts a
-            // step another worker may have completed.
-            let mut announced = Some(
-                self.begin_append(EventBody::StepStarted(StepStarted {
-                    index,
-                    name: name.to_owned(),
-                    attempt,
-                }))
-                .await?,
-            );
+            // step another worker may have completed. The wait is kept in
+            // the log: whatever ends the step early, the run's next event
+            // settles it first.
+            self.begin_append(EventBody::StepStarted(StepStarted { index, name: name.to_owned(), attempt }))
+                .await?;
             if !self.lease.is_fresh() {
-                if let Some(pending) = announced.take() {
-                    self.confirm_append(pending).await?;
-                }
+                self.confirm_append().await?;
             }
             let step = StepContext {
                 run_id: self.run_id(),
@@ -360,14 +354,8 @@ impl RunContext {
                     // refused too, or (sent first) it records work that did
                     // finish, which the newer attempt then replays.
                     let write = self.checkpoints.write(index, name, value, duration).instrument(span);
-                    let (confirmed, written) = match announced.take() {
-                        Some(pending) => {
-                            let (confirmed, written) = tokio::join!(self.log.confirm(pending), write);
-                            (Some(confirmed), written)
-                        }
-                        None => (None, write.await),
-                    };
-                    if let Some(Err(e)) = confirmed {
+                    let (confirmed, written) = tokio::join!(self.log.confirm(), write);
+                    if let Err(e) = confirmed {
                         return Err(self.refused(e));
                     }
                     let blob = match written {
@@ -395,9 +383,6 @@ impl RunContext {
                     });
                 }
                 Err(error) => {
-                    if let Some(pending) = announced.take() {
-                        self.confirm_append(pending).await?;
-                    }
                     let retry_in = if error.retryable { delays.next() } else { None };
                     let failed = StepFailed {
                         index,
