@@ -1,0 +1,86 @@
+//! `runfleet bench` end to end at toy sizes: every scenario runs against the
+//! real fleets it starts (child nats-server, coordinator, workers, worker
+//! processes) and writes its part of the JSON report. The figures are not
+//! judged here (the machine is shared and a debug build is slow;
+//! `docs/performance.md` has the measured ones): this checks that each
+//! scenario completes, measures what it says, and loses nothing.
+
+mod harness;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn number(report: &Value, pointer: &str) -> f64 {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("no number at {pointer} in {report:#}"))
+}
+
+#[test]
+fn every_scenario_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let output = dir.path().join("bench.json");
+    let run = Command::new(harness::process::runfleet_binary())
+        .args(["bench", "--repeat", "1", "--runs", "200", "--workers", "1", "--slots", "8"])
+        .args(["--concurrency", "16", "--rates", "50", "--latency-duration", "1s"])
+        .args(["--steps", "5", "--step-runs", "2", "--event-rate", "200", "--event-duration", "1s"])
+        .args(["--ttls", "1s", "--failover-runs", "2", "--scale-runs", "40", "--scale-running", "4"])
+        .args(["--simulated-leases", "200", "--signal-runs", "3", "--drain-runs", "2", "--json", "--output"])
+        .arg(&output)
+        .env("RUNFLEET_NATS_SERVER", harness::nats::nats_server_binary())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run runfleet bench: {e}"));
+    assert!(
+        run.status.success(),
+        "runfleet bench failed ({}):\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| panic!("--json output: {e}"));
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(&output).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("--output file: {e}"));
+    assert_eq!(printed, written, "--json and --output differ");
+
+    for key in [
+        "machine",
+        "floor",
+        "throughput",
+        "latency",
+        "steps",
+        "events",
+        "failover",
+        "scale",
+        "signal",
+        "drain",
+    ] {
+        assert!(written.get(key).is_some(), "no {key} in the report: {written:#}");
+    }
+    assert!(number(&written, "/machine/cpus") >= 1.0);
+    assert!(number(&written, "/floor/0/runs_per_sec") > 0.0);
+    // Both figures are runs over elapsed time; the registry's can only be
+    // later, and every run completed.
+    let terminal = number(&written, "/throughput/terminal_runs_per_sec/median");
+    let registry = number(&written, "/throughput/registry_runs_per_sec/median");
+    assert!(terminal > 0.0 && registry > 0.0 && registry <= terminal, "{written:#}");
+    assert_eq!(number(&written, "/throughput/trials/0/failed"), 0.0);
+    let ratio = number(&written, "/throughput/terminal_ratio/median");
+    let floor = number(&written, "/throughput/floor_runs_per_sec/median");
+    assert!((ratio - terminal / floor).abs() < 1e-9, "ratio is terminal / floor");
+    assert_eq!(number(&written, "/latency/rates/0/percent"), 50.0);
+    assert!(number(&written, "/latency/rates/0/trials/0/runs") >= 1.0);
+    assert!(
+        number(&written, "/latency/rates/0/start_p99_ms/median")
+            <= number(&written, "/latency/rates/0/complete_p99_ms/median")
+            || number(&written, "/latency/rates/0/trials/0/runs") < 100.0,
+        "a run completes after it starts"
+    );
+    assert!(number(&written, "/steps/trials/0/step/p50_ms") > 0.0);
+    assert!(number(&written, "/events/runfleet/emitted") > 0.0);
+    assert_eq!(number(&written, "/events/runfleet/lost"), 0.0, "events lost: {:#}", written["events"]);
+    assert!(written.pointer("/failover/ttls/0").is_some());
+    assert_eq!(number(&written, "/scale/lease_updates_of_waiting_runs"), 0.0, "a waiting run held a lease");
+    assert!(number(&written, "/scale/expected_lease_updates_per_sec") > 0.0);
+}
