@@ -21,6 +21,7 @@ use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
+use sync_wrapper::SyncFuture;
 
 /// Why an event could not be appended.
 #[derive(Debug, thiserror::Error)]
@@ -175,8 +176,14 @@ pub struct EventLog {
 struct InFlight {
     event: Event,
     redacted: bool,
-    ack: Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>,
+    /// `SyncFuture`: only ever polled through `&mut`, so the log (and the
+    /// `RunContext` that owns it) stays `Sync` for agents that hold `&ctx`
+    /// across an await.
+    ack: SyncFuture<AckWait>,
 }
+
+/// The wait for one publish acknowledgement.
+type AckWait = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -310,7 +317,7 @@ impl EventLog {
             .publish_with_headers(self.subject.clone(), headers, payload.into())
             .await
             .map_err(|source| Error::Publish { run_id, source })?;
-        self.in_flight = Some(InFlight { event, redacted, ack: ack.into_future() });
+        self.in_flight = Some(InFlight { event, redacted, ack: SyncFuture::new(ack.into_future()) });
         self.closed = false;
         Ok(())
     }

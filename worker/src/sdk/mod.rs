@@ -238,6 +238,13 @@ pub struct RunContext {
     fatal: Option<(ErrorCode, String)>,
 }
 
+// Agents hold `&ctx` across awaits inside `Send` futures (`async_trait`), so
+// the context must stay `Send + Sync`.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RunContext>();
+};
+
 impl fmt::Debug for RunContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunContext")
