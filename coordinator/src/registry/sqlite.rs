@@ -32,8 +32,18 @@ const MIGRATE_ATTEMPTS: u32 = 3;
 /// JetStream's own periodic fsync may lose the last writes
 /// (`docs/operations.md`). The registry is a projection of the events
 /// stream and can be rebuilt from it.
+///
+/// The page cache (64 MiB instead of 2 MiB) and memory-mapped reads (up to
+/// 1 GiB of address space, not memory) keep the indexes' pages out of
+/// `pread` calls: under a steady projection, 14 % of the SQLite thread's
+/// time went to reading pages back that the small cache had dropped.
 pub(super) async fn tune(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(conn, "PRAGMA synchronous = NORMAL").await.map(drop)
+    sqlx::Executor::execute(
+        conn,
+        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA mmap_size = 1073741824",
+    )
+    .await
+    .map(drop)
 }
 
 /// Creates the database file if missing, sets WAL journaling (persistent in
