@@ -573,6 +573,8 @@ pub fn job_of(created: &Event) -> Option<Job> {
         max_attempts: body.max_attempts,
         created_us: created.ts_ms.saturating_mul(1000),
         traceparent: body.traceparent.clone(),
+        // A later dispatch: its claimant reads the log.
+        created_seq: None,
     })
 }
 

@@ -526,6 +526,7 @@ async fn publish_timer(f: &Fixture, run: RunId, at_ms: i64) {
         max_attempts: 3,
         created_us: 0,
         traceparent: None,
+        created_seq: None,
     };
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);

@@ -284,6 +284,11 @@ pub fn set_parent(span: &Span, traceparent: Option<&str>) {
     let _ = span.set_parent(context);
 }
 
+/// The trace id inside a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    traceparent.split('-').nth(1).map(str::to_owned)
+}
+
 /// The trace id of `span` as 32 hex digits, when it is being traced.
 pub fn trace_id(span: &Span) -> Option<String> {
     let context = span.context();

@@ -130,6 +130,7 @@ fn main() -> Result<()> {
         max_attempts: valid.max_attempts,
         created_us: T0_MS * 1000 + 250,
         traceparent: None,
+        created_seq: Some(1),
     };
     show(
         "job (coordinator -> JetStream RUNFLEET_JOBS)",

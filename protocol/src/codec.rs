@@ -49,16 +49,20 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
         .map_err(|e| Error::Encode(e.to_string()))
 }
 
-/// Decodes an envelope, checking its version first so a newer peer's message
-/// is reported as such rather than as garbage.
+/// Decodes an envelope. A newer peer's message is reported as such rather
+/// than as garbage: the version is checked whether or not the data decoded
+/// (probed again only when it did not, so a valid message is parsed once).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let probe: VersionProbe = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
-    if probe.v != PROTOCOL_VERSION {
-        return Err(Error::UnsupportedVersion { found: probe.v, supported: PROTOCOL_VERSION });
+    match rmp_serde::from_slice::<Envelope<T>>(bytes) {
+        Ok(envelope) if envelope.v == PROTOCOL_VERSION => Ok(envelope.data),
+        Ok(envelope) => Err(Error::UnsupportedVersion { found: envelope.v, supported: PROTOCOL_VERSION }),
+        Err(error) => match rmp_serde::from_slice::<VersionProbe>(bytes) {
+            Ok(probe) if probe.v != PROTOCOL_VERSION => {
+                Err(Error::UnsupportedVersion { found: probe.v, supported: PROTOCOL_VERSION })
+            }
+            _ => Err(Error::Decode(error.to_string())),
+        },
     }
-    let envelope: Envelope<T> = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
-    debug_assert_eq!(envelope.v, PROTOCOL_VERSION);
-    Ok(envelope.data)
 }
 
 /// The size of `value` encoded as bare MessagePack (no envelope): what input

@@ -5,6 +5,7 @@
 //! set to the stream sequence of the run's previous event, so only the holder
 //! of the run's lease can extend its log.
 
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,7 +14,12 @@ use crate::ids::{AgentName, QueueName, RunId, SignalKey, TenantId, WorkerId};
 use crate::state::RunState;
 
 /// One event of a run's log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Decoded field by field (see the `Deserialize` impl below) rather than
+/// through `#[serde(flatten)]`, which buffers the whole map before decoding
+/// it: events are decoded on every run's hot path (projector, claims,
+/// subscribers).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
     pub run_id: RunId,
     pub tenant: TenantId,
@@ -128,29 +134,129 @@ impl<'de> Deserialize<'de> for EventBody {
             #[serde(default)]
             data: Value,
         }
-        fn data<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+        let Wire { kind, data } = Wire::deserialize(deserializer)?;
+        EventBody::from_value(&kind, data)
+    }
+}
+
+impl EventBody {
+    /// The body of a `kind` event whose `data` was decoded on its own (it came
+    /// before its `type` on the wire, or the body is decoded standalone).
+    fn from_value<E: serde::de::Error>(kind: &str, data: Value) -> Result<Self, E> {
+        BodySeed(kind).deserialize(data).map_err(E::custom)
+    }
+}
+
+/// Decodes the `data` of a `type` already known straight into its struct.
+struct BodySeed<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
+    type Value = EventBody;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, data: D) -> Result<EventBody, D::Error> {
+        let kind = self.0;
+        fn typed<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
             kind: &str,
-            data: Value,
-        ) -> Result<T, E> {
-            serde_json::from_value(data).map_err(|e| E::custom(format_args!("invalid {kind} data: {e}")))
+            data: D,
+        ) -> Result<T, D::Error> {
+            T::deserialize(data).map_err(|e| D::Error::custom(format_args!("invalid {kind} data: {e}")))
         }
-        let Wire { kind, data: value } = Wire::deserialize(deserializer)?;
-        Ok(match kind.as_str() {
-            "run.created" => Self::Created(data(&kind, value)?),
-            "run.started" => Self::Started(data(&kind, value)?),
-            "run.resumed" => Self::Resumed(data(&kind, value)?),
-            "step.started" => Self::StepStarted(data(&kind, value)?),
-            "step.completed" => Self::StepCompleted(data(&kind, value)?),
-            "step.failed" => Self::StepFailed(data(&kind, value)?),
-            "run.retrying" => Self::Retrying(data(&kind, value)?),
-            "run.waiting" => Self::Waiting(data(&kind, value)?),
-            "approval.requested" => Self::ApprovalRequested(data(&kind, value)?),
-            "run.handoff" => Self::Handoff(data(&kind, value)?),
-            "run.cancelled" => Self::Cancelled(data(&kind, value)?),
-            "agent.event" => Self::Agent(data(&kind, value)?),
-            "run.completed" => Self::Completed(data(&kind, value)?),
-            "run.failed" => Self::Failed(data(&kind, value)?),
-            _ => Self::Unknown,
+        Ok(match kind {
+            "run.created" => EventBody::Created(typed(kind, data)?),
+            "run.started" => EventBody::Started(typed(kind, data)?),
+            "run.resumed" => EventBody::Resumed(typed(kind, data)?),
+            "step.started" => EventBody::StepStarted(typed(kind, data)?),
+            "step.completed" => EventBody::StepCompleted(typed(kind, data)?),
+            "step.failed" => EventBody::StepFailed(typed(kind, data)?),
+            "run.retrying" => EventBody::Retrying(typed(kind, data)?),
+            "run.waiting" => EventBody::Waiting(typed(kind, data)?),
+            "approval.requested" => EventBody::ApprovalRequested(typed(kind, data)?),
+            "run.handoff" => EventBody::Handoff(typed(kind, data)?),
+            "run.cancelled" => EventBody::Cancelled(typed(kind, data)?),
+            "agent.event" => EventBody::Agent(typed(kind, data)?),
+            "run.completed" => EventBody::Completed(typed(kind, data)?),
+            "run.failed" => EventBody::Failed(typed(kind, data)?),
+            _ => {
+                IgnoredAny::deserialize(data)?;
+                EventBody::Unknown
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EventVisitor)
+    }
+}
+
+/// The fields of an event on the wire; any other key is skipped.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum EventField {
+    RunId,
+    Tenant,
+    Seq,
+    TsMs,
+    Attempt,
+    WorkerId,
+    TraceId,
+    Type,
+    Data,
+    #[serde(other)]
+    Other,
+}
+
+struct EventVisitor;
+
+impl<'de> Visitor<'de> for EventVisitor {
+    type Value = Event;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a run event (a map with run_id, tenant, seq, ts_ms, attempt, type and data)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Event, A::Error> {
+        let (mut run_id, mut tenant, mut seq, mut ts_ms, mut attempt) = (None, None, None, None, None);
+        let (mut worker_id, mut trace_id) = (None, None);
+        let mut kind: Option<String> = None;
+        let mut body = None;
+        // `data` before `type` (another encoder's field order) is kept as a
+        // value until the type is known.
+        let mut early_data: Option<Value> = None;
+        while let Some(field) = map.next_key::<EventField>()? {
+            match field {
+                EventField::RunId => run_id = Some(map.next_value()?),
+                EventField::Tenant => tenant = Some(map.next_value()?),
+                EventField::Seq => seq = Some(map.next_value()?),
+                EventField::TsMs => ts_ms = Some(map.next_value()?),
+                EventField::Attempt => attempt = Some(map.next_value()?),
+                EventField::WorkerId => worker_id = map.next_value()?,
+                EventField::TraceId => trace_id = map.next_value()?,
+                EventField::Type => kind = Some(map.next_value()?),
+                EventField::Data => match &kind {
+                    Some(kind) => body = Some(map.next_value_seed(BodySeed(kind))?),
+                    None => early_data = Some(map.next_value()?),
+                },
+                EventField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let kind = kind.ok_or_else(|| A::Error::missing_field("type"))?;
+        let body = match body {
+            Some(body) => body,
+            None => EventBody::from_value(&kind, early_data.unwrap_or(Value::Null))?,
+        };
+        Ok(Event {
+            run_id: run_id.ok_or_else(|| A::Error::missing_field("run_id"))?,
+            tenant: tenant.ok_or_else(|| A::Error::missing_field("tenant"))?,
+            seq: seq.ok_or_else(|| A::Error::missing_field("seq"))?,
+            ts_ms: ts_ms.ok_or_else(|| A::Error::missing_field("ts_ms"))?,
+            attempt: attempt.ok_or_else(|| A::Error::missing_field("attempt"))?,
+            worker_id,
+            trace_id,
+            body,
         })
     }
 }
@@ -400,5 +506,74 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(error.code, ErrorCode::Unknown);
         let _ = codec::CONTENT_TYPE;
+    }
+
+    /// Events decode whatever the order of their keys (`data` before or
+    /// after `type`), skip keys they do not know, and name what is wrong.
+    #[test]
+    fn events_decode_in_any_key_order_and_name_their_errors() {
+        let run_id = RunId::generate();
+        /// A map in exactly this key order.
+        struct Ordered<'a>(&'a [(&'a str, Value)]);
+        impl Serialize for Ordered<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let mut map = serializer.serialize_map(Some(self.0.len()))?;
+                for (key, value) in self.0 {
+                    map.serialize_entry(key, value)?;
+                }
+                map.end()
+            }
+        }
+        let decode = |pairs: &[(&str, Value)]| {
+            let bytes = rmp_serde::to_vec_named(&Ordered(pairs)).unwrap_or_else(|e| panic!("{e}"));
+            rmp_serde::from_slice::<Event>(&bytes).map_err(|e| e.to_string())
+        };
+        let common = |rest: &[(&'static str, Value)]| {
+            let mut pairs = vec![
+                ("run_id", serde_json::json!(run_id)),
+                ("tenant", serde_json::json!("acme")),
+                ("seq", serde_json::json!(4)),
+                ("ts_ms", serde_json::json!(7)),
+                ("attempt", serde_json::json!(2)),
+            ];
+            pairs.extend(rest.iter().cloned());
+            pairs
+        };
+        let kind = ("type", serde_json::json!("step.completed"));
+        let data = ("data", serde_json::json!({"index": 1, "name": "fetch", "attempt": 1, "duration_ms": 5}));
+        let extra = ("from_the_future", serde_json::json!({"nested": [1, 2]}));
+        let expected = EventBody::StepCompleted(StepCompleted {
+            index: 1,
+            name: "fetch".to_owned(),
+            attempt: 1,
+            duration_ms: 5,
+            blob: false,
+        });
+        for pairs in [
+            common(&[kind.clone(), data.clone()]),
+            common(&[data.clone(), kind.clone()]),
+            common(&[extra.clone(), data.clone(), extra.clone(), kind.clone()]),
+        ] {
+            let event = decode(&pairs).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(event.body, expected);
+            assert_eq!((event.run_id, event.seq, event.attempt, event.ts_ms), (run_id, 4, 2, 7));
+            assert_eq!(event.tenant.as_str(), "acme");
+            assert_eq!(event.worker_id, None);
+        }
+
+        let no_type = decode(&common(std::slice::from_ref(&data))).err().unwrap_or_default();
+        assert!(no_type.contains("type"), "{no_type}");
+        let no_seq = decode(&[("run_id", serde_json::json!(run_id)), kind.clone(), data.clone()])
+            .err()
+            .unwrap_or_default();
+        assert!(no_seq.contains("tenant") || no_seq.contains("seq"), "{no_seq}");
+        for pairs in [
+            common(&[kind.clone(), ("data", serde_json::json!({"index": "one"}))]),
+            common(&[("data", serde_json::json!({"index": "one"})), kind.clone()]),
+        ] {
+            let bad = decode(&pairs).err().unwrap_or_default();
+            assert!(bad.contains("invalid step.completed data"), "{bad}");
+        }
     }
 }

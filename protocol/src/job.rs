@@ -22,4 +22,13 @@ pub struct Job {
     /// any worker, joins the submission's trace. Absent when tracing is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The stream sequence of the run's `run.created` event, set only on the
+    /// job a submission publishes (its first dispatch) right after that
+    /// event was stored. A worker taking such a job on its first delivery
+    /// starts the run without reading the run's log first: its first append
+    /// expects exactly this last sequence, so if anything else was written
+    /// meanwhile (a cancel, another attempt) the append is refused and the
+    /// claim reads the log as usual. Absent on every later dispatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_seq: Option<u64>,
 }

@@ -247,8 +247,9 @@ proptest! {
     #[test]
     fn jobs_roundtrip(run_id in run_id(), tenant in tenant(), agent in agent(), queue in queue(),
                       priority in 0u8..5, input in json(), max_attempts in any::<u32>(), created_us in any::<i64>(),
-                      traceparent in proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01")) {
-        roundtrip(&Job { run_id, tenant, agent, queue, priority, input, max_attempts, created_us, traceparent })?;
+                      traceparent in proptest::option::of("00-[0-9a-f]{32}-[0-9a-f]{16}-01"),
+                      created_seq in proptest::option::of(any::<u64>())) {
+        roundtrip(&Job { run_id, tenant, agent, queue, priority, input, max_attempts, created_us, traceparent, created_seq })?;
     }
 
     #[test]

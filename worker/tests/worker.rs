@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
+use runfleet_protocol::control::CancelRecord;
 use runfleet_protocol::event::{Event, EventBody, RunCompleted};
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::worker::WorkerInfo;
@@ -245,6 +246,82 @@ async fn job_of_a_run_leased_elsewhere_is_left_alone() -> anyhow::Result<()> {
     let events = env.wait_terminal(run).await?;
     assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
     assert_gapless(&events);
+    worker.stop().await
+}
+
+/// A submission's job names its `run.created`, so the claim skips reading
+/// the log; if the log moved on meanwhile (here an attempt that crashed after
+/// `run.started`), the claim's first append is refused and the run is
+/// resumed as the next attempt from what the log says, not started afresh.
+#[tokio::test]
+async fn fast_claim_of_a_run_that_moved_on_resumes_it() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let job = env.create_run("echo", json!("again"), 2).await?;
+    let run = job.run_id;
+    let created_seq = job.created_seq.context("a submitted job names its run.created")?;
+    let started = Event {
+        run_id: run,
+        tenant: env.tenant.clone(),
+        seq: 2,
+        ts_ms: time::now_ms(),
+        attempt: 1,
+        worker_id: Some(WorkerId::new("w-crashed")?),
+        trace_id: None,
+        body: EventBody::Started(runfleet_protocol::event::RunStarted { delivery: 1 }),
+    };
+    env.append_event(&started, created_seq).await?;
+    env.publish_job(&job).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.resumed", "run.completed"]);
+    assert_gapless(&events);
+    assert!(matches!(&events[2].body, EventBody::Resumed(r) if r.failures == 1), "{:?}", events[2]);
+    assert_eq!((events[2].attempt, events[2].worker_id.as_ref()), (2, Some(&worker.id)));
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    worker.stop().await
+}
+
+/// A cancel request stored before a submission's job is claimed is seen by
+/// the fast claim (it reads the control bucket while it creates the lease):
+/// the run is cancelled, never started.
+#[tokio::test]
+async fn fast_claim_honours_a_cancel_stored_before_it() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let job = env.create_run("echo", json!("never"), 2).await?;
+    let run = job.run_id;
+    assert!(job.created_seq.is_some());
+    let control = env.js.get_key_value(env.names.control_bucket()).await?;
+    let record = CancelRecord { reason: Some("changed my mind".to_owned()), requested_ms: time::now_ms() };
+    control.put(env.names.control_key(run), codec::encode(&record)?.into()).await?;
+    env.publish_job(&job).await?;
+
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(types(&events), ["run.created", "run.cancelled"]);
+    assert!(
+        matches!(&events[1].body, EventBody::Cancelled(c) if c.reason.as_deref() == Some("changed my mind")),
+        "{:?}",
+        events[1]
+    );
+    wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    worker.stop().await
+}
+
+/// A job that does not name its `run.created` (a re-dispatch, or one from an
+/// older coordinator) is claimed by reading the log first.
+#[tokio::test]
+async fn job_without_created_seq_reads_the_log_first() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let mut job = env.create_run("echo", json!("slow path"), 2).await?;
+    job.created_seq = None;
+    env.publish_job(&job).await?;
+
+    let events = env.wait_terminal(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    assert_gapless(&events);
+    assert_eq!(events[2].body, EventBody::Completed(RunCompleted { output: json!("slow path") }));
     worker.stop().await
 }
 

@@ -60,7 +60,7 @@ impl NewRun {
             ts_ms: self.record.created_ms,
             attempt: 0,
             worker_id: None,
-            trace_id: self.trace.as_deref().and_then(trace_id_of),
+            trace_id: self.trace.as_deref().and_then(telemetry::trace_id_of),
             body: EventBody::Created(RunCreated {
                 agent: self.submit.agent.clone(),
                 queue: self.submit.queue.clone(),
@@ -75,7 +75,9 @@ impl NewRun {
         (event, redacted)
     }
 
-    fn job(&self) -> Job {
+    /// The run's job; `created_seq` only on the dispatch published right
+    /// after `run.created` was stored (see [`Job::created_seq`]).
+    fn job(&self, created_seq: Option<u64>) -> Job {
         Job {
             run_id: self.record.run_id,
             tenant: self.tenant.clone(),
@@ -86,13 +88,9 @@ impl NewRun {
             max_attempts: self.submit.max_attempts,
             created_us: self.record.created_us,
             traceparent: self.trace.clone(),
+            created_seq,
         }
     }
-}
-
-/// The trace id inside a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
-fn trace_id_of(traceparent: &str) -> Option<String> {
-    traceparent.split('-').nth(1).map(str::to_owned)
 }
 
 fn fresh_record(fingerprint: String) -> IdempotencyRecord {
@@ -214,7 +212,7 @@ impl Api {
         if redacted {
             // The event carries the redacted input; jobs the coordinator
             // rebuilds later (wakes, recovery) take the real one from here.
-            let job = codec::encode(&run.job()).map_err(|e| internal("job", e))?;
+            let job = codec::encode(&run.job(None)).map_err(|e| internal("job", e))?;
             self.inner
                 .inputs
                 .put(run_id.to_string(), Bytes::from(job))
@@ -225,11 +223,12 @@ impl Api {
         let mut headers = content_headers(&names.event_msg_id(run_id, 1));
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);
-        match self.publish(subject.clone(), headers, event).await {
-            Ok(()) => {
+        let created_seq = match self.publish(subject.clone(), headers, event).await {
+            Ok(seq) => {
                 if redacted {
                     runfleet_ops::metrics::get().events_redacted.inc();
                 }
+                Some(seq)
             }
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
                 // The log exists. If nothing moved the run past `run.created`,
@@ -242,28 +241,31 @@ impl Api {
                 if started {
                     return Ok(());
                 }
+                None
             }
             Err(error) => {
                 return Err(unavailable(format!("could not publish run.created for run {run_id}"), error))
             }
-        }
-        let job = codec::encode(&run.job()).map_err(|e| internal("job", e))?;
+        };
+        let job = codec::encode(&run.job(created_seq)).map_err(|e| internal("job", e))?;
         let subject = names.job(&run.submit.queue, run.submit.priority, run_id);
         let headers = content_headers(&names.job_msg_id(run_id, 0));
-        if let Err(error) = self.publish(subject, headers, job).await {
+        if let Err(error) = self.publish(subject, headers, job).await.map(drop) {
             warn!(run_id = %run_id, error = %error, "run.created is stored but its job is not");
             return Err(unavailable(format!("could not publish the job of run {run_id}"), error));
         }
         Ok(())
     }
 
+    /// Publishes and awaits the acknowledgement; the stored message's stream
+    /// sequence (the original's, for a duplicate).
     async fn publish(
         &self,
         subject: String,
         headers: HeaderMap,
         payload: Vec<u8>,
-    ) -> Result<(), async_nats::jetstream::context::PublishError> {
+    ) -> Result<u64, async_nats::jetstream::context::PublishError> {
         let ack = self.inner.js.publish_with_headers(subject, headers, Bytes::from(payload)).await?;
-        ack.await.map(|_| ())
+        ack.await.map(|ack| ack.sequence)
     }
 }

@@ -16,6 +16,7 @@
 //! checkpoint holds the reference, size and SHA-256.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -105,7 +106,7 @@ impl std::fmt::Debug for Stores {
 /// side of its chain. Not shared: owned by the attempt's `RunContext`.
 #[derive(Debug)]
 pub struct CheckpointLog {
-    stores: Stores,
+    stores: Arc<Stores>,
     run_id: RunId,
     writer: Writer,
     filter: String,
@@ -118,7 +119,7 @@ pub struct CheckpointLog {
 
 impl CheckpointLog {
     /// The log of a run no attempt has started: the chain is empty.
-    pub fn fresh(stores: Stores, run_id: RunId, writer: Writer) -> Self {
+    pub fn fresh(stores: Arc<Stores>, run_id: RunId, writer: Writer) -> Self {
         let filter = stores.names.checkpoint_run_filter(run_id);
         Self {
             stores,
@@ -136,7 +137,7 @@ impl CheckpointLog {
     /// writing `<run_id>.fence` at the head of the chain. If an earlier
     /// attempt writes between the load and the fence, reloads and tries
     /// again; what it wrote before the fence stays valid.
-    pub async fn resume(stores: Stores, run_id: RunId, writer: Writer) -> Result<Self, Error> {
+    pub async fn resume(stores: Arc<Stores>, run_id: RunId, writer: Writer) -> Result<Self, Error> {
         let mut log = Self::fresh(stores, run_id, writer);
         for _ in 0..FENCE_ROUNDS {
             let (recorded, head) = log.load().await?;

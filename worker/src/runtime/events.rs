@@ -17,7 +17,7 @@ use futures::StreamExt;
 use runfleet_ops::metrics;
 use runfleet_ops::redact::Redactor;
 use runfleet_ops::telemetry;
-use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
@@ -66,6 +66,35 @@ pub struct LastEvent {
     pub event: Event,
     /// Its stream sequence: what `Nats-Expected-Last-Subject-Sequence` compares.
     pub stream_seq: u64,
+}
+
+impl LastEvent {
+    /// The `run.created` a job with [`Job::created_seq`] says its run's log
+    /// ends with, without reading it: everything a claim looks at (seq,
+    /// attempt 0, trace id, the event's type) follows from the job. The
+    /// event's input is not known here (the stored one may be redacted) and
+    /// is left `null`; a claim never reads it.
+    pub fn created(job: &Job, stream_seq: u64) -> Self {
+        let event = Event {
+            run_id: job.run_id,
+            tenant: job.tenant.clone(),
+            seq: 1,
+            ts_ms: job.created_us / 1000,
+            attempt: 0,
+            worker_id: None,
+            trace_id: job.traceparent.as_deref().and_then(telemetry::trace_id_of),
+            body: EventBody::Created(RunCreated {
+                agent: job.agent.clone(),
+                queue: job.queue.clone(),
+                priority: job.priority,
+                input: serde_json::Value::Null,
+                max_attempts: job.max_attempts,
+                idempotency_key: None,
+                traceparent: job.traceparent.clone(),
+            }),
+        };
+        Self { event, stream_seq }
+    }
 }
 
 /// Reads a run's last event directly from the events stream; `Ok(None)` if

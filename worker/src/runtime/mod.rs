@@ -91,9 +91,9 @@ pub(crate) struct Shared {
     /// The runs being claimed or run, for the control watch.
     pub cancels: Arc<control::Cancels>,
     pub workers: kv::Store,
-    /// The checkpoints bucket's stream, written through `$KV` subjects.
-    pub checkpoints: stream::Stream,
-    pub blobs: object_store::ObjectStore,
+    /// Where runs' checkpoints are stored (shared: a stream handle carries
+    /// the stream's whole configuration, too much to clone per run).
+    checkpoint_stores: Arc<checkpoints::Stores>,
     pub agents: Agents,
     pub lease_ttl: Duration,
     /// How often the heartbeat renews every lease.
@@ -110,14 +110,8 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Where runs' checkpoints are stored.
-    pub(crate) fn checkpoint_stores(&self) -> checkpoints::Stores {
-        checkpoints::Stores {
-            js: self.js.clone(),
-            names: self.names.clone(),
-            stream: self.checkpoints.clone(),
-            blobs: self.blobs.clone(),
-            inline_limit: self.config.checkpoint_inline_limit,
-        }
+    pub(crate) fn checkpoint_stores(&self) -> Arc<checkpoints::Stores> {
+        self.checkpoint_stores.clone()
     }
 
     /// Registers a held run with the heartbeat until the guard is dropped.
@@ -252,6 +246,13 @@ impl Worker {
         }
 
         let writer = LogWriter { js: js.clone(), names: names.clone(), worker_id: id.clone(), redactor };
+        let checkpoint_stores = Arc::new(checkpoints::Stores {
+            js: js.clone(),
+            names: names.clone(),
+            stream: checkpoints.stream,
+            blobs,
+            inline_limit: config.checkpoint_inline_limit,
+        });
         let shared = Arc::new(Shared {
             id,
             config,
@@ -265,8 +266,7 @@ impl Worker {
             control,
             cancels: Arc::new(control::Cancels::default()),
             workers,
-            checkpoints: checkpoints.stream,
-            blobs,
+            checkpoint_stores,
             agents,
             lease_ttl,
             heartbeat_interval,

@@ -175,24 +175,46 @@ async fn claim(
     let delay = shared.config.lease_held_delay;
     let key = shared.names.lease_key(run_id);
 
-    // The run's last event and cancel request are read before the lease is
-    // created, both at once: for a fresh run (the common case) that saves
-    // two round trips, since the lease is then created with the attempt it
-    // will hold. A stale read is harmless: every append is fenced by the
-    // log's sequence, so one refused append sends the claim round again,
-    // re-reading under the lease; and any decision other than starting a
-    // fresh run or acking a finished one is taken only on a read made
-    // under the lease.
-    let mut reads = Some(read_state(shared, &job, cancel).await);
-    let attempt = match &reads {
-        Some(Ok(Some((last, _)))) => last.event.attempt.saturating_add(1),
-        _ => 1,
+    let lease_for = |attempt| {
+        let now = time::now_ms();
+        Lease { run_id, worker_id: shared.id.clone(), attempt, acquired_ms: now, renewed_ms: now }
     };
-    let now = time::now_ms();
-    let mut lease =
-        Lease { run_id, worker_id: shared.id.clone(), attempt, acquired_ms: now, renewed_ms: now };
-    let mut lease_sent = lease::boot_clock();
-    let mut revision = match lease::acquire(&shared.leases, &key, &lease).await {
+    // A submission's own job on its first delivery names the stream sequence
+    // of its run's `run.created` (the fast claim): the run is almost surely
+    // fresh, so the log is not read at all and the lease is created (for
+    // attempt 1) while the cancel request is read. Otherwise the run's last
+    // event and cancel request are read before the lease is created, both
+    // at once, and the lease is created with the attempt it will hold.
+    //
+    // Either way, what was assumed or read before the lease is trusted only
+    // to start a fresh run or to ack a finished one, and every append is
+    // fenced by the log's sequence: if anything was written after what we
+    // assumed or read, our first append is refused and the claim reads
+    // again under the lease. Any other decision is taken on a read made
+    // under the lease.
+    let (mut reads, mut lease, mut lease_sent, acquired) = match job.created_seq.filter(|_| delivered == 1) {
+        Some(created_seq) => {
+            let lease = lease_for(1);
+            let sent = lease::boot_clock();
+            let (acquired, request) = tokio::join!(
+                lease::acquire(&shared.leases, &key, &lease),
+                read_cancel(shared, run_id, cancel)
+            );
+            (Some(Ok(Some((LastEvent::created(&job, created_seq), request)))), lease, sent, acquired)
+        }
+        None => {
+            let reads = read_state(shared, &job, cancel).await;
+            let attempt = match &reads {
+                Ok(Some((last, _))) => last.event.attempt.saturating_add(1),
+                _ => 1,
+            };
+            let lease = lease_for(attempt);
+            let sent = lease::boot_clock();
+            let acquired = lease::acquire(&shared.leases, &key, &lease).await;
+            (Some(reads), lease, sent, acquired)
+        }
+    };
+    let mut revision = match acquired {
         Ok(revision) => revision,
         Err(lease::Error::Held { .. }) => {
             // Come back when the holder's lease would have expired, so a
@@ -473,17 +495,22 @@ async fn read_state(
     let run_id = job.run_id;
     let (last, request) = tokio::join!(
         events::read_last(&shared.events, &shared.names, &job.tenant, run_id),
-        control::read(&shared.control, &shared.names, run_id),
+        read_cancel(shared, run_id, cancel),
     );
     let Some(last) = last? else { return Ok(None) };
-    let request = match request {
+    Ok(Some((last, request)))
+}
+
+/// The run's cancel request: stored in the control bucket, or delivered to
+/// this worker's slot by the control watch.
+async fn read_cancel(shared: &Shared, run_id: RunId, cancel: &CancelSlot) -> Option<CancelRecord> {
+    match control::read(&shared.control, &shared.names, run_id).await {
         Ok(request) => request.or_else(|| cancel.request()),
         Err(e) => {
             warn!(run_id = %run_id, error = %e, "could not read the run's cancel request; relying on the control watch");
             cancel.request()
         }
-    };
-    Ok(Some((last, request)))
+    }
 }
 
 /// How long until the lease at `key` expires if its holder stops renewing.

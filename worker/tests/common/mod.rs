@@ -9,7 +9,7 @@ pub mod nats;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -138,7 +138,8 @@ impl Env {
         Ok(job.run_id)
     }
 
-    /// Publishes `run.created` (seq 1) and returns the job to publish.
+    /// Publishes `run.created` (seq 1) and returns the job to publish, which
+    /// names the event's stream sequence as a submission's job does.
     pub async fn create_run_with(
         &self,
         agent: &str,
@@ -167,7 +168,7 @@ impl Env {
                 traceparent: None,
             }),
         };
-        self.append_event(&created, 0).await?;
+        let created_seq = self.append_event(&created, 0).await?;
         Ok(Job {
             run_id,
             tenant: self.tenant.clone(),
@@ -178,6 +179,7 @@ impl Env {
             max_attempts,
             created_us: time::now_us(),
             traceparent: None,
+            created_seq: Some(created_seq),
         })
     }
 
@@ -270,15 +272,15 @@ impl Env {
     }
 
     /// Where the worker keeps checkpoints, for driving a checkpoint log directly.
-    pub async fn checkpoint_stores(&self, inline_limit: usize) -> anyhow::Result<checkpoints::Stores> {
+    pub async fn checkpoint_stores(&self, inline_limit: usize) -> anyhow::Result<Arc<checkpoints::Stores>> {
         let bucket = self.js.get_key_value(self.names.checkpoints_bucket()).await?;
-        Ok(checkpoints::Stores {
+        Ok(Arc::new(checkpoints::Stores {
             js: self.js.clone(),
             names: self.names.clone(),
             stream: bucket.stream,
             blobs: self.js.get_object_store(self.names.blobs_bucket()).await?,
             inline_limit,
-        })
+        }))
     }
 
     /// Messages still in the jobs stream.
