@@ -7,6 +7,7 @@
 
 use std::future::{Future, IntoFuture as _};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
@@ -175,9 +176,9 @@ pub async fn failures_before(events: &stream::Stream, names: &Names, last: &Last
 /// log stays usable only after an append returned `Ok`.
 #[derive(Debug)]
 pub struct EventLog {
-    js: jetstream::Context,
-    names: Names,
-    redactor: Redactor,
+    /// The worker's connection, names, identity and redactor, shared by
+    /// every run's log.
+    writer: Arc<LogWriter>,
     /// The run's queue and agent, the labels of the run metrics.
     labels: [String; 2],
     created_us: i64,
@@ -186,7 +187,6 @@ pub struct EventLog {
     subject: String,
     run_id: RunId,
     tenant: TenantId,
-    worker_id: WorkerId,
     attempt: u32,
     /// The seq the next event gets.
     next_seq: u64,
@@ -234,22 +234,18 @@ impl EventLog {
     /// `job`'s log, continuing after `last`, written by `attempt`. Events
     /// carry the run's trace id: the one its log already has, else the
     /// current span's.
-    pub fn new(writer: &LogWriter, job: &Job, attempt: u32, last: &LastEvent) -> Self {
-        let LogWriter { js, names, worker_id, redactor } = writer.clone();
+    pub fn new(writer: &Arc<LogWriter>, job: &Job, attempt: u32, last: &LastEvent) -> Self {
         let run_id = last.event.run_id;
         let tenant = last.event.tenant.clone();
         let trace_id = last.event.trace_id.clone().or_else(|| telemetry::trace_id(&tracing::Span::current()));
         Self {
-            subject: names.run_events(&tenant, run_id),
-            js,
-            names,
-            redactor,
+            subject: writer.names.run_events(&tenant, run_id),
+            writer: writer.clone(),
             labels: [job.queue.as_str().to_owned(), job.agent.as_str().to_owned()],
             created_us: job.created_us,
             trace_id,
             run_id,
             tenant,
-            worker_id,
             attempt,
             next_seq: last.event.seq + 1,
             last_stream_seq: last.stream_seq,
@@ -272,7 +268,7 @@ impl EventLog {
     }
 
     pub fn worker_id(&self) -> &WorkerId {
-        &self.worker_id
+        &self.writer.worker_id
     }
 
     /// The seq of the last event appended (or read).
@@ -331,17 +327,18 @@ impl EventLog {
             seq,
             ts_ms: time::now_ms(),
             attempt: self.attempt,
-            worker_id: Some(self.worker_id.clone()),
+            worker_id: Some(self.writer.worker_id.clone()),
             trace_id: self.trace_id.clone(),
             body,
         };
-        let redacted = event.payload_mut().is_some_and(|payload| self.redactor.redact(payload));
+        let redacted = event.payload_mut().is_some_and(|payload| self.writer.redactor.redact(payload));
         let payload = codec::encode(&event).map_err(|source| Error::Encode { run_id, source })?;
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.names.event_msg_id(run_id, seq).as_str());
+        headers.insert(HEADER_MSG_ID, self.writer.names.event_msg_id(run_id, seq).as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.last_stream_seq.to_string().as_str());
         let ack = self
+            .writer
             .js
             .publish_with_headers(self.subject.clone(), headers, payload.into())
             .await

@@ -81,12 +81,14 @@ pub(crate) struct Shared {
     pub names: Names,
     pub js: jetstream::Context,
     /// What the runs' event logs are written with.
-    pub writer: LogWriter,
+    pub writer: Arc<LogWriter>,
     pub events: stream::Stream,
     /// The jobs stream, which also holds the runs' timers.
     pub jobs: stream::Stream,
     pub leases: kv::Store,
-    pub signals: kv::Store,
+    /// Shared with every run's context (a store handle carries its stream's
+    /// whole configuration, too much to clone per run).
+    pub signals: Arc<kv::Store>,
     pub control: kv::Store,
     /// The runs being claimed or run, for the control watch.
     pub cancels: Arc<control::Cancels>,
@@ -245,7 +247,8 @@ impl Worker {
             wake.push(subscriber);
         }
 
-        let writer = LogWriter { js: js.clone(), names: names.clone(), worker_id: id.clone(), redactor };
+        let writer =
+            Arc::new(LogWriter { js: js.clone(), names: names.clone(), worker_id: id.clone(), redactor });
         let checkpoint_stores = Arc::new(checkpoints::Stores {
             js: js.clone(),
             names: names.clone(),
@@ -262,7 +265,7 @@ impl Worker {
             events,
             jobs: jobs.clone(),
             leases,
-            signals,
+            signals: Arc::new(signals),
             control,
             cancels: Arc::new(control::Cancels::default()),
             workers,

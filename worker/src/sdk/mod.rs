@@ -218,7 +218,7 @@ pub struct RunContext {
     log: EventLog,
     checkpoints: CheckpointLog,
     /// The signals bucket and the names to read it with.
-    signals: kv::Store,
+    signals: Arc<kv::Store>,
     names: Names,
     agent: AgentName,
     input: Value,
@@ -411,7 +411,7 @@ impl RunContext {
 pub(crate) struct ContextParts {
     pub log: EventLog,
     pub checkpoints: CheckpointLog,
-    pub signals: kv::Store,
+    pub signals: Arc<kv::Store>,
     pub names: Names,
     /// Stops the run at once (lease lost, cancelled, hard hand-off).
     pub stop: CancellationToken,
