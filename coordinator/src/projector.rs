@@ -71,7 +71,7 @@ use crate::registry::{self, Lease, Registry, Takeover};
 pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an idle owner renews its lease, and a standby tries to take
 /// over: a third of [`LEASE`].
-pub const HEARTBEAT: Duration = Duration::from_millis(3_333);
+pub const HEARTBEAT: Duration = Duration::from_millis(LEASE.as_millis() as u64 / 3);
 /// Delay before a failed write, pull or takeover is tried again.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How long shutdown waits to release the projection (the database may be
@@ -146,7 +146,9 @@ enum Write {
 
 /// What one delivery chunk holds beyond the position.
 struct Batch {
-    events: Vec<(u64, Event)>,
+    events: Vec<Event>,
+    /// The stream sequence of each of `events`.
+    stream_seqs: Vec<u64>,
     /// The last stream sequence the chunk covers.
     to: u64,
 }
@@ -178,13 +180,14 @@ impl Projector {
     /// failures are logged and retried, never fatal.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         info!(projection = %self.projection, owner = %self.owner, batch = self.batch, "projector started");
-        let mut owner = false;
+        // Only changes of role are logged at info.
+        let mut owner: Option<bool> = None;
         while !shutdown.is_cancelled() {
             match self.take_over().await {
                 Ok(Some(position)) => {
-                    if !owner {
+                    if owner != Some(true) {
                         info!(position, owner = %self.owner, "projector took over the projection");
-                        owner = true;
+                        owner = Some(true);
                     }
                     match self.project_from(position, &shutdown).await {
                         Stop::Shutdown => break,
@@ -195,9 +198,9 @@ impl Projector {
                     }
                 }
                 Ok(None) => {
-                    if owner {
-                        warn!(owner = %self.owner, "projector lost the projection to another one, standing by");
-                        owner = false;
+                    if owner != Some(false) {
+                        info!(owner = %self.owner, "projector standing by: another one owns the projection");
+                        owner = Some(false);
                     }
                     sleep_or_cancel(&shutdown, HEARTBEAT).await;
                 }
@@ -207,7 +210,7 @@ impl Projector {
                 }
             }
         }
-        if owner {
+        if owner == Some(true) {
             self.release().await;
         }
         info!("projector stopped");
@@ -385,6 +388,7 @@ impl Projector {
         position: u64,
     ) -> (Option<Batch>, bool) {
         let mut events = Vec::with_capacity(chunk.len());
+        let mut stream_seqs = Vec::with_capacity(chunk.len());
         let mut to = position;
         let mut went_back = false;
         for message in chunk {
@@ -408,10 +412,11 @@ impl Projector {
             }
             to = stream_seq;
             if let Some(event) = self.decode(&message, stream_seq) {
-                events.push((stream_seq, event));
+                events.push(event);
+                stream_seqs.push(stream_seq);
             }
         }
-        ((to > position).then_some(Batch { events, to }), went_back)
+        ((to > position).then_some(Batch { events, stream_seqs, to }), went_back)
     }
 
     /// Writes one batch and moves the position from `from` to `batch.to`.
@@ -422,14 +427,13 @@ impl Projector {
     /// with it, so the batch is written again event by event and only the
     /// refused events are skipped.
     async fn project(&self, batch: Batch, from: u64, shutdown: &CancellationToken) -> Write {
-        let events: Vec<Event> = batch.events.iter().map(|(_, event)| event.clone()).collect();
-        match self.write(&events, from, batch.to, shutdown).await {
+        match self.write(&batch.events, from, batch.to, shutdown).await {
             Write::Done => {
-                debug!(events = events.len(), from, to = batch.to, "projected batch");
+                debug!(events = batch.events.len(), from, to = batch.to, "projected batch");
                 Write::Done
             }
             Write::Refused(error) => {
-                warn!(error = %error, events = events.len(), "registry refused a batch, projecting it event by event");
+                warn!(error = %error, events = batch.events.len(), "registry refused a batch, projecting it event by event");
                 self.project_one_by_one(batch, from, shutdown).await
             }
             other => other,
@@ -441,8 +445,8 @@ impl Projector {
     /// write moves the position past them).
     async fn project_one_by_one(&self, batch: Batch, from: u64, shutdown: &CancellationToken) -> Write {
         let mut position = from;
-        for (stream_seq, event) in batch.events {
-            match self.write(std::slice::from_ref(&event), position, stream_seq, shutdown).await {
+        for (event, stream_seq) in batch.events.iter().zip(batch.stream_seqs) {
+            match self.write(std::slice::from_ref(event), position, stream_seq, shutdown).await {
                 Write::Done => position = stream_seq,
                 Write::Refused(error) => warn!(
                     run_id = %event.run_id, seq = event.seq, stream_seq, error = %error,
