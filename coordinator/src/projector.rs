@@ -74,6 +74,9 @@ pub const LEASE: Duration = Duration::from_secs(10);
 pub const HEARTBEAT: Duration = Duration::from_millis(LEASE.as_millis() as u64 / 3);
 /// Delay before a failed write, pull or takeover is tried again.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Idle heartbeats in a row with events in the stream past the position
+/// after which the consumer is recreated (about [`LEASE`]).
+const STALLED_HEARTBEATS: u32 = 3;
 /// How long shutdown waits to release the projection (the database may be
 /// down; then a standby waits for the lease instead).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -335,6 +338,9 @@ impl Projector {
         debug!(position, "projector consuming");
         let mut chunks = messages.ready_chunks(self.batch);
         let mut renew_at = Instant::now() + HEARTBEAT;
+        // Idle heartbeats in a row at which the stream held events past the
+        // position: the consumer delivers nothing although there is work.
+        let mut stalled = 0;
         loop {
             let chunk = tokio::select! {
                 biased;
@@ -350,10 +356,23 @@ impl Projector {
                             renew_at = Instant::now() + RETRY_DELAY;
                         }
                     }
+                    if self.last_sequence().await.is_ok_and(|last| last > position) {
+                        stalled += 1;
+                    } else {
+                        stalled = 0;
+                    }
+                    if stalled >= STALLED_HEARTBEATS {
+                        // async-nats retries recreating an ordered consumer
+                        // forever and says nothing meanwhile (a permission
+                        // it lacks, a server that refuses): start afresh.
+                        warn!(position, "projector consumer delivers nothing although the stream has more, recreating it");
+                        return Stop::Restart;
+                    }
                     continue;
                 }
                 chunk = chunks.next() => chunk,
             };
+            stalled = 0;
             let Some(chunk) = chunk else {
                 debug!("projector consumer ended");
                 return Stop::Restart;

@@ -497,21 +497,16 @@ async fn projector_needs_nothing_beyond_the_shipped_permissions() {
     .await;
     assert_ne!(consumers[0], names.projector_consumer());
 
-    // The server loses the ordered consumer: the projector recreates it.
+    // The server loses the ordered consumer: the projector recreates it and
+    // goes on.
     ok(stream.delete_consumer(&consumers[0]).await);
-    let recreated = eventually("the ordered consumer to be recreated", 60, || async {
-        let names: Vec<String> = stream.consumer_names().map(|name| ok(name)).collect().await;
-        (names.len() == 1 && names[0] != consumers[0]).then_some(names)
-    })
-    .await;
     let runs = publish_runs(&js, 5).await;
     assert_eq!(caught_up(&js, &registry).await, 8);
     for run in &runs {
-        assert!(
-            projected(&registry, *run).await,
-            "{run} was not projected after the recreate ({recreated:?})"
-        );
+        assert!(projected(&registry, *run).await, "{run} was not projected after the consumer was lost");
     }
+    let recreated: Vec<String> = stream.consumer_names().map(|name| ok(name)).collect().await;
+    assert!(!recreated.contains(&consumers[0]), "{recreated:?}");
     shutdown.cancel();
     ok(ok(ok(tokio::time::timeout(Duration::from_secs(20), running).await)));
 
