@@ -287,7 +287,7 @@ async fn one_replica_projects_and_another_takes_over(db: TestDb) {
     // has exactly one consumer, the owner's.
     assert_eq!(projection(&registry).await.and_then(|p| p.owner), Some(first.owner.clone()));
     let stream = ok(js.get_stream(names.events_stream()).await);
-    let consumers: Vec<String> = stream.consumer_names().map(|name| ok(name)).collect().await;
+    let consumers: Vec<String> = stream.consumer_names().map(ok).collect().await;
     assert_eq!(consumers.len(), 1, "only the owner consumes: {consumers:?}");
 
     // The owner dies: the standby takes over once its lease ran out.
@@ -491,7 +491,7 @@ async fn projector_needs_nothing_beyond_the_shipped_permissions() {
     let running = tokio::spawn(coordinator.run(shutdown.clone()));
     assert_eq!(caught_up(&js, &registry).await, 3);
     let consumers = eventually("the legacy consumer to be deleted", 20, || async {
-        let names: Vec<String> = stream.consumer_names().map(|name| ok(name)).collect().await;
+        let names: Vec<String> = stream.consumer_names().map(ok).collect().await;
         (names.len() == 1).then_some(names)
     })
     .await;
@@ -505,7 +505,7 @@ async fn projector_needs_nothing_beyond_the_shipped_permissions() {
     for run in &runs {
         assert!(projected(&registry, *run).await, "{run} was not projected after the consumer was lost");
     }
-    let recreated: Vec<String> = stream.consumer_names().map(|name| ok(name)).collect().await;
+    let recreated: Vec<String> = stream.consumer_names().map(ok).collect().await;
     assert!(!recreated.contains(&consumers[0]), "{recreated:?}");
     shutdown.cancel();
     ok(ok(ok(tokio::time::timeout(Duration::from_secs(20), running).await)));
