@@ -29,7 +29,11 @@
 //! releases the row, so a standby takes over at its next poll rather than
 //! after the lease. Correctness never depends on the lease (clocks of
 //! replicas may disagree, an owner may pause past it): the compare-and-set
-//! on the position does.
+//! on the position does. A lease row rather than a PostgreSQL advisory lock:
+//! the same SQL serves SQLite; an advisory lock belongs to one session, so
+//! the owner would hold a connection outside the pool for as long as it
+//! projects and lose the lock silently with that connection; and the row
+//! tells an operator who projects and since when.
 //!
 //! **Failures.** A retryable registry failure (the database is down or
 //! busy) keeps the batch in memory and retries it every [`RETRY_DELAY`]:
