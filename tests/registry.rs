@@ -3,7 +3,7 @@
 
 mod harness;
 
-use runfleet_coordinator::registry::Registry;
+use runfleet_coordinator::registry::{Error, Lease, Registry, Takeover};
 use runfleet_protocol::api::{ListFilter, RunView};
 use runfleet_protocol::event::{
     AgentEvent, Event, EventBody, RunCancelled, RunCompleted, RunCreated, RunError, RunFailed, RunStarted,
@@ -50,6 +50,7 @@ registry_suite!(
     stale_runs_pages_non_terminal_rows_older_than_the_cut,
     large_shuffled_batches_converge,
     seq_one_must_be_run_created,
+    projector_position_moves_by_compare_and_set,
 );
 
 async fn connect(db: &TestDb) -> Registry {
@@ -461,4 +462,103 @@ async fn stale_runs_pages_non_terminal_rows_older_than_the_cut(registry: &Regist
     let rest =
         registry.stale_runs(5_000, Some(runs[1]), 2).await.unwrap_or_else(|e| panic!("stale_runs: {e}"));
     assert_eq!(rest.iter().map(|r| r.run_id).collect::<Vec<_>>(), vec![runs[4]]);
+}
+
+/// The projector's position (`apply_at`): it moves only from where the
+/// writer started and only for the projection's owner (or anyone once the
+/// owner's lease ran out), in the same transaction as the events, so a
+/// refused batch stores nothing.
+async fn projector_position_moves_by_compare_and_set(registry: &Registry) {
+    const NAME: &str = "TEST_EVENTS";
+    let lease = |owner: &str, now_ms: i64| Lease {
+        projection: NAME.to_owned(),
+        owner: owner.to_owned(),
+        now_ms,
+        until_ms: now_ms + 10_000,
+    };
+    let superseded = |result: Result<(), Error>| match result {
+        Err(Error::Superseded { .. }) => {}
+        other => panic!("expected a superseded batch, got {other:?}"),
+    };
+    let position = || async {
+        let projection = registry.projection(NAME).await.unwrap_or_else(|e| panic!("{e}"));
+        projection.map(|p| (p.position, p.owner))
+    };
+    let t = tenant("cas");
+    let runs: Vec<RunId> = (0..5).map(|_| RunId::generate()).collect();
+    let log = |i: usize| full_log(&t, runs[i]);
+
+    // No row: nothing to move, nothing written.
+    assert_eq!(registry.take_projection(&lease("a", 1_000)).await.ok(), Some(Takeover::Missing));
+    superseded(registry.apply_at(&log(0), &lease("a", 1_000), 0, 4).await);
+    assert_eq!(get(registry, &t, runs[0]).await, None);
+    assert!(registry.create_projection(&lease("a", 1_000), 0).await.unwrap_or_else(|e| panic!("{e}")));
+    assert!(!registry.create_projection(&lease("b", 1_000), 7).await.unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(position().await, Some((0, Some("a".to_owned()))));
+
+    // The owner moves it with a batch.
+    registry.apply_at(&log(0), &lease("a", 1_100), 0, 4).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(get(registry, &t, runs[0]).await.map(|v| v.state), Some(RunState::Completed));
+    let stored = registry.projection(NAME).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored.map(|p| (p.position, p.lease_until_ms)), Some((4, 11_100)));
+
+    // A batch from a stale position is refused whole.
+    superseded(registry.apply_at(&log(1), &lease("a", 1_200), 0, 8).await);
+    assert_eq!(get(registry, &t, runs[1]).await, None, "the refused batch stored nothing");
+    assert_eq!(position().await, Some((4, Some("a".to_owned()))));
+
+    // Another projector can neither write nor take over while the lease runs.
+    superseded(registry.apply_at(&log(1), &lease("b", 5_000), 4, 8).await);
+    assert_eq!(get(registry, &t, runs[1]).await, None);
+    assert_eq!(
+        registry.take_projection(&lease("b", 5_000)).await.ok(),
+        Some(Takeover::Held { owner: "a".to_owned(), until_ms: 11_100 })
+    );
+    assert!(!registry.renew_projection(&lease("b", 5_000)).await.unwrap_or_else(|e| panic!("{e}")));
+    assert!(registry.renew_projection(&lease("a", 6_000)).await.unwrap_or_else(|e| panic!("{e}")));
+
+    // Once it ran out (16 000), it can; the old owner, back from a pause,
+    // is refused even from the right position, and cannot renew.
+    assert_eq!(
+        registry.take_projection(&lease("b", 15_000)).await.ok().map(|t| matches!(t, Takeover::Held { .. })),
+        Some(true)
+    );
+    assert_eq!(
+        registry.take_projection(&lease("b", 20_000)).await.ok(),
+        Some(Takeover::Taken { position: 4 })
+    );
+    registry.apply_at(&log(1), &lease("b", 20_100), 4, 8).await.unwrap_or_else(|e| panic!("{e}"));
+    superseded(registry.apply_at(&log(2), &lease("a", 20_200), 8, 12).await);
+    assert_eq!(get(registry, &t, runs[2]).await, None);
+    assert!(!registry.renew_projection(&lease("a", 20_200)).await.unwrap_or_else(|e| panic!("{e}")));
+
+    // Released, it is anyone's at once.
+    assert!(registry.release_projection(NAME, "b", 20_300).await.unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(position().await, Some((8, None)));
+    assert_eq!(
+        registry.take_projection(&lease("a", 20_400)).await.ok(),
+        Some(Takeover::Taken { position: 8 })
+    );
+
+    // Two batches racing from the same position: exactly one commits.
+    let (three, four, racing) = (log(3), log(4), lease("a", 20_500));
+    let (x, y) =
+        tokio::join!(registry.apply_at(&three, &racing, 8, 12), registry.apply_at(&four, &racing, 8, 13));
+    let stored = (get(registry, &t, runs[3]).await.is_some(), get(registry, &t, runs[4]).await.is_some());
+    match (x, y) {
+        (Ok(()), y) => {
+            superseded(y);
+            assert_eq!((position().await, stored), (Some((12, Some("a".to_owned()))), (true, false)));
+        }
+        (x, Ok(())) => {
+            superseded(x);
+            assert_eq!((position().await, stored), (Some((13, Some("a".to_owned()))), (false, true)));
+        }
+        other => panic!("neither batch committed: {other:?}"),
+    }
+
+    // Moving the position alone (past messages that held no event).
+    let at = position().await.map_or(0, |(p, _)| p);
+    registry.apply_at(&[], &lease("a", 20_600), at, 20).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(position().await, Some((20, Some("a".to_owned()))));
 }

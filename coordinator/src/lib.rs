@@ -107,7 +107,7 @@ impl Coordinator {
         let topology = setup::ensure(&js, &names, &config).await?;
         let registry = Registry::connect(&config.database_url).await?;
         let projector =
-            Projector::new(&topology.events, names.clone(), registry.clone(), config.projector_batch).await?;
+            Projector::new(topology.events.clone(), names.clone(), registry.clone(), config.projector_batch);
         let limits = ApiLimits {
             max_input_bytes: config.max_input_bytes,
             default_max_attempts: config.default_max_attempts,
@@ -147,6 +147,12 @@ impl Coordinator {
     /// The registry this coordinator projects into.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The owner id this coordinator's projector writes into the position
+    /// row while it is the fleet's active projector (see [`projector`]).
+    pub fn projector_owner(&self) -> &str {
+        self.projector.owner()
     }
 
     /// Serves the API, runs the projector and the recovery loop until
@@ -219,8 +225,11 @@ impl CoordinatorProbe {
                     metrics.jobs_pending.with_label_values(&[queue.as_str(), &band.to_string()]).set(pending);
                 }
             }
-            if let Ok(info) = self.events.consumer_info(self.names.projector_consumer()).await {
-                metrics.projector_lag.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+            // The same on every replica: the stream's last sequence minus
+            // the position stored in the registry.
+            match projector::lag(&self.events, &self.registry, &self.names).await {
+                Ok(lag) => metrics.projector_lag.set(i64::try_from(lag).unwrap_or(i64::MAX)),
+                Err(error) => warn!(error = %error, "could not sample the projector lag"),
             }
         }
     }

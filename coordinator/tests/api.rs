@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures::future::join_all;
 use nats::NatsServer;
-use runfleet_coordinator::{Coordinator, CoordinatorConfig};
+use runfleet_coordinator::{projector, Coordinator, CoordinatorConfig};
 use runfleet_protocol::api::{
     EventsRequest, EventsResponse, GetRequest, ListRequest, ListResponse, Reply, RunView, SubmitRequest,
     SubmitResponse,
@@ -35,6 +35,7 @@ struct Fixture {
     client: async_nats::Client,
     js: jetstream::Context,
     names: Names,
+    registry: runfleet_coordinator::registry::Registry,
     shutdown: CancellationToken,
     coordinator: tokio::task::JoinHandle<Result<(), runfleet_coordinator::Error>>,
 }
@@ -54,11 +55,21 @@ impl Fixture {
             ..Default::default()
         };
         let coordinator = Coordinator::start(config).await.unwrap_or_else(|e| panic!("start: {e}"));
+        let registry = coordinator.registry().clone();
         let shutdown = CancellationToken::new();
         let coordinator = tokio::spawn(coordinator.run(shutdown.clone()));
         let client = server.client().await;
         let js = jetstream::new(client.clone());
-        Self { _server: server, _db: db, client, js, names: Names::default(), shutdown, coordinator }
+        Self {
+            _server: server,
+            _db: db,
+            client,
+            js,
+            names: Names::default(),
+            registry,
+            shutdown,
+            coordinator,
+        }
     }
 
     fn subject(&self, tenant: &str, verb: &str) -> String {
@@ -339,6 +350,22 @@ async fn projector_projects_runs_and_skips_garbage() {
     let events: EventsResponse = f.call("acme", VERB_EVENTS, &events).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(events.events.len(), 1);
     assert!(!events.has_more);
+
+    // Garbage last in the stream: the stored position still moves past it,
+    // so nothing is left to project.
+    let ack =
+        f.js.publish(f.names.run_events(&t, RunId::generate()), Bytes::from_static(b"\xc1garbage")).await;
+    ack.unwrap_or_else(|e| panic!("{e}")).await.unwrap_or_else(|e| panic!("{e}"));
+    let stream = f.js.get_stream(f.names.events_stream()).await.unwrap_or_else(|e| panic!("{e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let lag = projector::lag(&stream, &f.registry, &f.names).await.unwrap_or_else(|e| panic!("{e}"));
+        if lag == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "projector stuck {lag} events behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     f.stop().await;
 }
 
@@ -379,9 +406,9 @@ async fn projector_skips_events_the_registry_refuses() {
         database_url: format!("sqlite:{}", db.path().join("registry.db").display()),
         ..Default::default()
     };
-    // Start (topology and projector consumer exist) but do not run yet, so
-    // the poison and the good event are pending together and fetched in
-    // one batch.
+    // Start (topology and registry exist) but do not run yet, so the poison
+    // and the good event are in the stream together and delivered in one
+    // batch.
     let coordinator = Coordinator::start(config).await.unwrap_or_else(|e| panic!("start: {e}"));
     let registry = coordinator.registry().clone();
     let client = server.client().await;
@@ -419,22 +446,16 @@ async fn projector_skips_events_the_registry_refuses() {
 
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(coordinator.run(shutdown.clone()));
+    let events = js.get_stream(names.events_stream()).await.unwrap_or_else(|e| panic!("{e}"));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let view = registry.get(&t, good.run_id).await.unwrap_or_else(|e| panic!("{e}"));
-        let mut consumer: jetstream::consumer::PullConsumer = js
-            .get_stream(names.events_stream())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
-            .get_consumer(&names.projector_consumer())
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        let info = consumer.info().await.unwrap_or_else(|e| panic!("{e}"));
-        let settled = info.num_pending == 0 && info.num_ack_pending == 0;
-        if view.is_some() && settled {
+        // Settled: the stored position reached the stream's end.
+        let lag = projector::lag(&events, &registry, &names).await.unwrap_or_else(|e| panic!("{e}"));
+        if view.is_some() && lag == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "projector stalled: {view:?}, {info:?}");
+        assert!(tokio::time::Instant::now() < deadline, "projector stalled: {view:?}, lag {lag}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(registry.get(&t, poison.run_id).await.unwrap_or_else(|e| panic!("{e}")).is_none());

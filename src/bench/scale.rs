@@ -99,7 +99,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use runfleet_coordinator::CoordinatorConfig;
+use runfleet_coordinator::registry::Registry;
+use runfleet_coordinator::{projector, CoordinatorConfig};
 use runfleet_protocol::api::SubmitRequest;
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::lease::Lease;
@@ -438,6 +439,8 @@ struct ScaleFleet {
     coordinator: CoordinatorProcess,
     nats: EmbeddedNats,
     client: Client,
+    /// The coordinator's registry, read for the projector's position.
+    registry: Registry,
     pids: Pids,
 }
 
@@ -452,6 +455,8 @@ impl ScaleFleet {
         )?;
         let client = Client::connect(&nats.url(), TenantId::default_tenant(), Names::default()).await?;
         coordinator.await_serving(&client).await?;
+        let database_url = format!("sqlite:{}", dir.join("runfleet.db").display());
+        let registry = Registry::connect(&database_url).await.context("could not open the registry")?;
         let mut workers = WorkerProcesses::default();
         for i in 0..WORKERS {
             workers.spawn(&nats.url(), &dir.join(format!("worker-{i}.log")), slots_per_worker(args), &[])?;
@@ -464,7 +469,7 @@ impl ScaleFleet {
                 .collect::<anyhow::Result<_>>()?,
             nats_server: nats.pid().context("nats-server exited")?,
         };
-        Ok(Self { workers, coordinator, nats, client, pids })
+        Ok(Self { workers, coordinator, nats, client, registry, pids })
     }
 }
 
@@ -502,7 +507,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
     let tracker = Tracker::start(client, stop).await?;
     let none = HashSet::new();
 
-    settle(client).await?;
+    settle(client, &fleet.registry).await?;
     let window_idle = heartbeat_window(client, pids, ticks, window, &none).await?;
     let rss_idle = pids.rss()?;
 
@@ -520,7 +525,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         tracker.wait_for(&runs, Milestone::Started).await?;
         await_leases(client, &runs, true).await?;
         running.extend(runs);
-        settle(client).await?;
+        settle(client, &fleet.registry).await?;
         if i == 0 {
             rss_running_half = pids.rss()?;
         }
@@ -545,7 +550,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         tracker.wait_for(&runs, Milestone::Waiting).await?;
         await_leases(client, &runs, false).await?;
         waiting.extend(runs);
-        settle(client).await?;
+        settle(client, &fleet.registry).await?;
         if i == 0 {
             rss_waiting_half = pids.rss()?;
         }
@@ -566,7 +571,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
     let finished = submit_all(client, waiting_second, echo_request).await?;
     tracker.wait_for(&finished, Milestone::Completed).await?;
     await_leases(client, &finished, false).await?;
-    settle(client).await?;
+    settle(client, &fleet.registry).await?;
     let rss_finished = pids.rss()?;
     tracker.ensure_none_ended(&[running, waiting].concat())?;
 
@@ -816,25 +821,23 @@ impl Tracker {
 }
 
 /// Waits until the coordinator's projector has taken in every event
-/// written so far (its consumer has nothing pending or unacked), then
-/// [`SETTLE`]s: the fleet is quiet when its memory is read.
-async fn settle(client: &Client) -> anyhow::Result<()> {
+/// written so far (the position stored in its registry reached the events
+/// stream's last sequence), then [`SETTLE`]s: the fleet is quiet when its
+/// memory is read.
+async fn settle(client: &Client, registry: &Registry) -> anyhow::Result<()> {
     let js = jetstream::new(client.nats().clone());
     let names = client.names();
     let events = js.get_stream(names.events_stream()).await.context("could not open the events stream")?;
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        let info = events
-            .consumer_info(names.projector_consumer())
-            .await
-            .context("could not read the projector's consumer")?;
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
+        let lag =
+            projector::lag(&events, registry, names).await.context("could not read the projector lag")?;
+        if lag == 0 {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the projector still had {} events to take in after {}s",
-            info.num_pending + info.num_ack_pending as u64,
+            "the projector still had {lag} events to take in after {}s",
             PHASE_TIMEOUT.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -10,11 +10,18 @@
 //! [`Registry::apply`] is idempotent and order-independent, so replaying or
 //! redelivering events (even out of order) converges to the same rows.
 //!
+//! [`Registry::apply_at`] also records how far the projector got in the
+//! events stream, in the same transaction and by compare-and-set; the
+//! projection's owner and [`Lease`] decide which projector consumes.
+//!
 //! Tenants are isolated: every read filters on the tenant, so a run of one
 //! tenant does not exist for another.
 
+mod position;
 mod postgres;
 mod sqlite;
+
+pub use position::{Lease, Projection, Takeover};
 
 use runfleet_protocol::api::{EventsResponse, ListFilter, ListResponse, RunView};
 use runfleet_protocol::event::{Event, EventBody, RunCreated, RunError};
@@ -53,6 +60,18 @@ pub enum Error {
     /// A stored row does not decode: a bug or a hand-edited database.
     #[error("registry row for run {run_id} is corrupt: {reason}")]
     Corrupt { run_id: String, reason: String },
+    /// A batch written with [`Registry::apply_at`] was rolled back because
+    /// the projection is no longer at the position the batch started from,
+    /// or another projector owns it: re-read the position and go on from
+    /// there. Not retryable as it is.
+    #[error(
+        "projection {projection} is no longer at stream sequence {from} or is owned by another projector; \
+         batch rolled back"
+    )]
+    Superseded { projection: String, from: u64 },
+    /// The projection's stored row does not decode: a hand-edited database.
+    #[error("registry position of projection {projection} is corrupt: {reason}")]
+    CorruptPosition { projection: String, reason: String },
 }
 
 impl Error {
@@ -62,7 +81,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Connect { .. } | Self::Query { .. } => true,
-            Self::UnsupportedUrl(_) | Self::Migrate { .. } | Self::Corrupt { .. } => false,
+            Self::UnsupportedUrl(_)
+            | Self::Migrate { .. }
+            | Self::Corrupt { .. }
+            | Self::Superseded { .. }
+            | Self::CorruptPosition { .. } => false,
         }
     }
 }
@@ -220,12 +243,41 @@ impl Registry {
         if events.is_empty() {
             return Ok(());
         }
+        self.write(events, None).await
+    }
+
+    /// Records `events` like [`apply`](Self::apply) and, in the same
+    /// transaction, moves `lease.projection`'s position from `from` to `to`
+    /// (the last stream sequence the batch covers) and renews the lease.
+    ///
+    /// The move is a compare-and-set: it applies only if the stored position
+    /// is still `from` and `lease.owner` still owns the projection (or
+    /// nobody does, or the owner's lease ended before `lease.now_ms`).
+    /// Otherwise nothing is written and the result is
+    /// [`Error::Superseded`]. So a batch is committed at most once per
+    /// position, and a retry after a failure whose outcome was unknown (a
+    /// commit whose answer was lost) is refused rather than doubled.
+    /// `events` may be empty, to move past messages that held no event.
+    pub async fn apply_at(&self, events: &[Event], lease: &Lease, from: u64, to: u64) -> Result<(), Error> {
+        self.write(events, Some((lease, from, to))).await
+    }
+
+    /// One transaction: the position's compare-and-set first (so concurrent
+    /// projectors queue on its row and the loser writes nothing), then the
+    /// events.
+    async fn write(&self, events: &[Event], position: Option<(&Lease, u64, u64)>) -> Result<(), Error> {
         let runs = BatchRuns::of(events)?;
         // Rows and events in key order, so concurrent projectors (replicas
         // on PostgreSQL) lock them in the same order and cannot deadlock.
         let mut sorted: Vec<&Event> = events.iter().collect();
         sorted.sort_by_key(|event| (event.run_id, event.seq));
         let mut tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
+        if let Some((lease, from, to)) = position {
+            position::advance(&mut tx, lease, from, to).await?;
+        }
+        if events.is_empty() {
+            return tx.commit().await.map_err(query_error("committing the projector position"));
+        }
         insert_events(&mut tx, self.backend, &sorted).await?;
         let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
         insert_runs(&mut tx, self.backend, &created).await?;
