@@ -51,6 +51,7 @@ registry_suite!(
     large_shuffled_batches_converge,
     seq_one_must_be_run_created,
     projector_position_moves_by_compare_and_set,
+    a_whole_life_in_one_batch_matches_event_by_event,
 );
 
 async fn connect(db: &TestDb) -> Registry {
@@ -288,6 +289,31 @@ async fn events_paging(registry: &Registry) {
 
     let unknown = registry.events(&t, RunId::generate(), 0, 10).await.unwrap_or_else(|e| panic!("{e}"));
     assert!(unknown.is_none());
+}
+
+/// A run created in a batch gets its row at the batch's latest event in one
+/// insert; that row equals the one built event by event, and a row that
+/// already exists (an earlier batch held `run.created`) is still moved by a
+/// batch that replays the whole log.
+async fn a_whole_life_in_one_batch_matches_event_by_event(registry: &Registry) {
+    let t = tenant("acme");
+    let (at_once, one_by_one, existing) = (RunId::generate(), RunId::generate(), RunId::generate());
+    apply(registry, &full_log(&t, at_once)).await;
+    for event in full_log(&t, one_by_one) {
+        apply(registry, &[event]).await;
+    }
+    let existing_log = full_log(&t, existing);
+    apply(registry, &existing_log[..1]).await;
+    apply(registry, &existing_log).await;
+
+    let reference = get(registry, &t, one_by_one).await.unwrap_or_else(|| panic!("run should exist"));
+    assert_eq!(reference.state, RunState::Completed);
+    assert_eq!(reference.output, Some(json!({"answer": 42})));
+    assert_eq!((reference.last_seq, reference.attempt), (4, 1));
+    for run in [at_once, existing] {
+        let view = get(registry, &t, run).await.unwrap_or_else(|| panic!("run {run} should exist"));
+        assert_eq!(view, RunView { run_id: run, ..reference.clone() });
+    }
 }
 
 async fn replay_is_idempotent(registry: &Registry) {

@@ -234,11 +234,12 @@ impl Registry {
     /// then reflects the highest-seq event stored for the run, whatever order
     /// the events arrived in.
     ///
-    /// A batch costs a handful of statements whatever its size: one
-    /// multi-row insert of the events (per [`ROWS_PER_STATEMENT`]), one of
-    /// the new runs, one lookup of events stored before their run's
-    /// `run.created` arrived (only for runs created in this batch), and one
-    /// multi-row update of the rows whose run moved.
+    /// A batch costs a handful of statements whatever its size: multi-row
+    /// inserts of the events, inserts of the new runs (already at the
+    /// batch's latest event of each), one lookup of events stored before
+    /// their run's `run.created` arrived (only for runs created in this
+    /// batch), and multi-row updates of the rows whose run moved; each in
+    /// statements of power-of-two sizes ([`statement_chunks`]).
     pub async fn apply(&self, events: &[Event]) -> Result<(), Error> {
         if events.is_empty() {
             return Ok(());
@@ -280,7 +281,13 @@ impl Registry {
         }
         insert_events(&mut tx, self.backend, &sorted).await?;
         let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
-        insert_runs(&mut tx, self.backend, &created).await?;
+        let new_rows: Vec<NewRow<'_>> = runs
+            .values()
+            .filter_map(|run| {
+                run.created.map(|(event, body)| NewRow { created: event, body, latest: run.latest })
+            })
+            .collect();
+        insert_runs(&mut tx, self.backend, &new_rows).await?;
         // A run created in this batch may have later events stored by an
         // earlier batch (they arrived first): its row takes the highest.
         let mut stored_later = Vec::new();
@@ -482,9 +489,32 @@ fn json_text(value: &impl serde::Serialize, run: RunId) -> Result<String, Error>
         .map_err(|e| Error::Corrupt { run_id: run.to_string(), reason: e.to_string() })
 }
 
-/// Rows per multi-row statement: 8 parameters each stays far below
-/// SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
-const ROWS_PER_STATEMENT: usize = 500;
+/// The most rows of one multi-row statement: 16 parameters each stays far
+/// below SQLite's 32,766 and PostgreSQL's 65,535 bound parameters.
+const ROWS_PER_STATEMENT: usize = 512;
+
+/// Splits rows into multi-row statements whose sizes are powers of two
+/// (full [`ROWS_PER_STATEMENT`] chunks, then the rest by its binary digits:
+/// 300 rows are 256 + 32 + 8 + 4). Each statement's text depends only on its
+/// size, so a connection prepares at most ten shapes per statement and
+/// reuses them from its statement cache; with every batch size its own
+/// text, parsing the statement cost about as much as running it.
+fn statement_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = if rest.len() >= ROWS_PER_STATEMENT {
+            ROWS_PER_STATEMENT
+        } else {
+            1 << (usize::BITS - 1 - rest.len().leading_zeros())
+        };
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// What one batch holds of each run.
 struct BatchRun<'a> {
@@ -548,7 +578,7 @@ async fn insert_events(
     backend: Backend,
     events: &[&Event],
 ) -> Result<(), Error> {
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(events) {
         let sql = format!(
             "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
              VALUES {} ON CONFLICT (run_id, seq) DO NOTHING",
@@ -571,37 +601,50 @@ async fn insert_events(
     Ok(())
 }
 
-/// Creates the rows of runs whose `run.created` is in the batch (queued,
-/// as of that event); rows that exist are left alone.
+/// A run whose `run.created` is in the batch, and the batch's latest event
+/// of it after that, if any.
+struct NewRow<'a> {
+    created: &'a Event,
+    body: &'a RunCreated,
+    latest: Option<&'a Event>,
+}
+
+/// Creates the rows of runs whose `run.created` is in the batch, directly
+/// at the batch's latest event of the run (a short run's whole life is
+/// often one batch: one row write instead of an insert and an update that
+/// moves every index entry again); rows that exist are left alone, and
+/// [`update_runs`] moves them.
 async fn insert_runs(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
-    created: &[(&Event, &RunCreated)],
+    rows: &[NewRow<'_>],
 ) -> Result<(), Error> {
-    for chunk in created.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(rows) {
         let sql = format!(
             "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} ON CONFLICT (run_id) DO NOTHING",
             placeholders(backend, chunk.len(), 16)
         );
         let mut query = sqlx::query(&sql);
-        for (event, body) in chunk {
+        for NewRow { created, body, latest } in chunk {
+            let now = latest.unwrap_or(created);
+            let (output, error) = outcome_of(now);
             query = query
-                .bind(event.run_id.to_string())
-                .bind(event.tenant.as_str())
+                .bind(created.run_id.to_string())
+                .bind(created.tenant.as_str())
                 .bind(body.agent.as_str())
                 .bind(body.queue.as_str())
                 .bind(i64::from(body.priority))
-                .bind(RunState::Queued.as_str())
-                .bind(i64::from(event.attempt))
+                .bind(now.state_after().as_str())
+                .bind(i64::from(now.attempt))
                 .bind(i64::from(body.max_attempts))
-                .bind(json_text(&body.input, event.run_id)?)
-                .bind(None::<String>)
-                .bind(None::<String>)
+                .bind(json_text(&body.input, created.run_id)?)
+                .bind(output.map(|output| json_text(&output, created.run_id)).transpose()?)
+                .bind(error.map(|error| json_text(&error, created.run_id)).transpose()?)
                 .bind(body.idempotency_key.clone())
-                .bind(None::<String>)
-                .bind(event.ts_ms)
-                .bind(event.ts_ms)
-                .bind(to_i64(event.seq));
+                .bind(now.worker_id.as_ref().map(ToString::to_string))
+                .bind(created.ts_ms)
+                .bind(now.ts_ms)
+                .bind(to_i64(now.seq));
         }
         query.execute(&mut **tx).await.map_err(query_error("inserting runs"))?;
     }
@@ -615,7 +658,7 @@ async fn max_stored_seqs(
     created: &[(&Event, &RunCreated)],
 ) -> Result<Vec<(RunId, u64)>, Error> {
     let mut found = Vec::new();
-    for chunk in created.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(created) {
         let params = placeholders(backend, 1, chunk.len());
         let sql = format!(
             "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN {params} GROUP BY run_id"
@@ -647,7 +690,7 @@ async fn update_runs(
     backend: Backend,
     latest: &[&Event],
 ) -> Result<(), Error> {
-    for chunk in latest.chunks(ROWS_PER_STATEMENT) {
+    for chunk in statement_chunks(latest) {
         let sql = format!(
             "UPDATE runs SET state = v.column3, attempt = v.column4, output = v.column5, error = v.column6, \
              worker_id = v.column7, updated_ms = v.column8, last_seq = v.column9 \
@@ -770,6 +813,24 @@ fn run_view(row: &AnyRow) -> Result<RunView, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_come_in_a_few_sizes_and_cover_every_row() {
+        for len in [0, 1, 2, 3, 7, 300, 511, 512, 513, 1500] {
+            let rows: Vec<usize> = (0..len).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&rows).collect();
+            assert_eq!(chunks.concat(), rows, "{len} rows");
+            for chunk in &chunks {
+                assert!(
+                    chunk.len().is_power_of_two() && chunk.len() <= ROWS_PER_STATEMENT,
+                    "{len}: {}",
+                    chunk.len()
+                );
+            }
+        }
+        let sizes: Vec<usize> = statement_chunks(&[0u8; 300]).map(<[u8]>::len).collect();
+        assert_eq!(sizes, [256, 32, 8, 4]);
+    }
 
     #[test]
     fn backend_is_chosen_by_url() {

@@ -37,10 +37,13 @@ const MIGRATE_ATTEMPTS: u32 = 3;
 /// 1 GiB of address space, not memory) keep the indexes' pages out of
 /// `pread` calls: under a steady projection, 14 % of the SQLite thread's
 /// time went to reading pages back that the small cache had dropped.
+/// Statement journals (multi-row statements inside a transaction keep one
+/// to undo a failed statement) live in memory rather than in temp files.
 pub(super) async fn tune(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
     sqlx::Executor::execute(
         conn,
-        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA mmap_size = 1073741824",
+        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA mmap_size = 1073741824; \
+         PRAGMA temp_store = MEMORY",
     )
     .await
     .map(drop)
