@@ -23,6 +23,7 @@ use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
 use sync_wrapper::SyncFuture;
+use tracing::debug;
 
 /// Why an event could not be appended.
 #[derive(Debug, thiserror::Error)]
@@ -205,10 +206,28 @@ pub struct EventLog {
 struct InFlight {
     event: Event,
     redacted: bool,
+    /// What was sent, to send it again if no answer came back.
+    payload: bytes::Bytes,
+    headers: HeaderMap,
+    /// Times it was sent again.
+    resent: u32,
     /// `SyncFuture`: only ever polled through `&mut`, so the log (and the
     /// `RunContext` that owns it) stays `Sync` for agents that hold `&ctx`
     /// across an await.
     ack: SyncFuture<AckWait>,
+}
+
+/// How often an event that got no acknowledgement is sent again before the
+/// append fails (each send waits up to the JetStream context's timeout).
+const RESENDS: u32 = 3;
+/// The pause before the first resend, growing with each.
+const RESEND_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Failures after which the event may or may not be stored, so sending it
+/// again is the way to find out: no answer in time, a broken connection,
+/// or no JetStream answering yet (a server starting).
+fn resendable(kind: PublishErrorKind) -> bool {
+    matches!(kind, PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::Other)
 }
 
 /// The wait for one publish acknowledgement.
@@ -337,13 +356,21 @@ impl EventLog {
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
         headers.insert(HEADER_MSG_ID, self.writer.names.event_msg_id(run_id, seq).as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.last_stream_seq.to_string().as_str());
+        let payload = bytes::Bytes::from(payload);
         let ack = self
             .writer
             .js
-            .publish_with_headers(self.subject.clone(), headers, payload.into())
+            .publish_with_headers(self.subject.clone(), headers.clone(), payload.clone())
             .await
             .map_err(|source| Error::Publish { run_id, source })?;
-        self.in_flight = Some(InFlight { event, redacted, ack: SyncFuture::new(ack.into_future()) });
+        self.in_flight = Some(InFlight {
+            event,
+            redacted,
+            payload,
+            headers,
+            resent: 0,
+            ack: SyncFuture::new(ack.into_future()),
+        });
         self.closed = false;
         Ok(())
     }
@@ -353,18 +380,48 @@ impl EventLog {
     /// safe. A refusal (someone else wrote to the log) marks the log lost;
     /// any other failure closes it.
     pub async fn confirm(&mut self) -> Result<u64, Error> {
-        let Some(in_flight) = self.in_flight.as_mut() else {
-            return Ok(self.last_seq());
+        let acked = loop {
+            let Some(in_flight) = self.in_flight.as_mut() else {
+                return Ok(self.last_seq());
+            };
+            match (&mut in_flight.ack).await {
+                // No answer (a server restarting, a connection re-made): the
+                // event may or may not be stored. Send the same message again
+                // (same msg id, same expected last sequence): stored already,
+                // it comes back a duplicate; else it is stored now. So an
+                // event whose step already started work is not lost to a
+                // restart of the server. The resend replaces the wait in the
+                // log, so a dropped `confirm` resumes it.
+                Err(e) if resendable(e.kind()) && in_flight.resent < RESENDS => {
+                    in_flight.resent += 1;
+                    let delay = RESEND_DELAY * in_flight.resent;
+                    debug!(run_id = %self.run_id, seq = in_flight.event.seq, resent = in_flight.resent, error = %e, "event not acknowledged; sending it again");
+                    let (js, subject) = (self.writer.js.clone(), self.subject.clone());
+                    let (headers, payload) = (in_flight.headers.clone(), in_flight.payload.clone());
+                    in_flight.ack = SyncFuture::new(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        js.publish_with_headers(subject, headers, payload).await?.await
+                    }));
+                }
+                acked => break acked,
+            }
         };
-        let acked = (&mut in_flight.ack).await;
-        let Some(InFlight { event, redacted, .. }) = self.in_flight.take() else {
+        let Some(InFlight { event, redacted, resent, .. }) = self.in_flight.take() else {
             return Ok(self.last_seq());
         };
         let (run_id, seq) = (event.run_id, event.seq);
+        let acked = match acked {
+            // After a resend, a duplicate may be our own first send.
+            Ok(ack) if ack.duplicate && resent > 0 && self.stored_is(&event, ack.sequence).await => {
+                Ok(async_nats::jetstream::publish::PublishAck { duplicate: false, ..ack })
+            }
+            acked => acked,
+        };
         let result = match acked {
             // A duplicate means an event with our msg id (`<run_id>:<seq>`)
             // is already in the stream and we never publish the same seq
-            // twice: someone else wrote this seq.
+            // twice (resends aside, checked above): someone else wrote this
+            // seq.
             Ok(ack) if ack.duplicate => Err(Error::LeaseLost { run_id, seq }),
             Ok(ack) => {
                 self.next_seq = seq + 1;
@@ -386,6 +443,22 @@ impl EventLog {
             Err(_) => self.closed = true,
         }
         result
+    }
+
+    /// Whether the event stored at `stream_seq` is `event` as this attempt
+    /// wrote it (the same seq, attempt and worker), not another writer's.
+    async fn stored_is(&self, event: &Event, stream_seq: u64) -> bool {
+        let js = &self.writer.js;
+        let Ok(stream) = js.get_stream_no_info(self.writer.names.events_stream()).await else {
+            return false;
+        };
+        let Ok(message) = stream.direct_get(stream_seq).await else { return false };
+        codec::decode::<Event>(&message.payload).is_ok_and(|stored| {
+            stored.run_id == event.run_id
+                && stored.seq == event.seq
+                && stored.attempt == event.attempt
+                && stored.worker_id == event.worker_id
+        })
     }
 
     /// Moves the run metrics for an event that is now stored.

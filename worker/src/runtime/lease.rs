@@ -6,9 +6,8 @@
 //! lease TTL: a lease that is not renewed ages out, which is how a crashed
 //! worker's runs become claimable again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
@@ -66,57 +65,6 @@ pub async fn release(leases: &kv::Store, key: &str, run_id: RunId, revision: u64
         .map_err(|e| Error::Kv { run_id, message: e.to_string() })
 }
 
-/// How long this worker's lease on a run is sure to last, on the worker's
-/// own clock: the lease bucket's `max_age` counts from the server's stamp of
-/// the last write that created or renewed the lease, which is later than the
-/// moment the worker sent it. So the lease holds until at least *sent +
-/// TTL*, with two assumptions [`LeaseClock::is_fresh`] leaves half the TTL
-/// of margin for: the server's clock does not run (or jump) ahead of the
-/// worker's by that much, and the TTL the worker read from the bucket at
-/// start is still the bucket's. The clock is `CLOCK_BOOTTIME`, which keeps
-/// counting while the process is stopped (SIGSTOP) and while the machine is
-/// suspended, so a worker that wakes up past its lease knows it.
-#[derive(Debug)]
-pub struct LeaseClock {
-    ttl: Duration,
-    /// Boot-clock nanoseconds at which the last successful write was sent.
-    sent_ns: AtomicU64,
-}
-
-/// The boot clock (`CLOCK_BOOTTIME`), or `None` if it cannot be read.
-pub fn boot_clock() -> Option<Duration> {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok().map(Duration::from)
-}
-
-fn nanos(at: Option<Duration>) -> u64 {
-    at.map_or(0, |at| u64::try_from(at.as_nanos()).unwrap_or(u64::MAX))
-}
-
-impl LeaseClock {
-    /// A clock for a lease whose creating write was sent at `sent` (a
-    /// [`boot_clock`] reading).
-    pub fn new(ttl: Duration, sent: Option<Duration>) -> Arc<Self> {
-        Arc::new(Self { ttl, sent_ns: AtomicU64::new(nanos(sent)) })
-    }
-
-    /// Records a successful renewal sent at `sent`.
-    pub fn renewed(&self, sent: Option<Duration>) {
-        self.sent_ns.fetch_max(nanos(sent), Ordering::SeqCst);
-    }
-
-    /// Whether the lease certainly still holds, with at least half its TTL
-    /// to spare. A healthy heartbeat keeps this true (it renews every third
-    /// of the TTL); a worker paused past its lease sees it false at once,
-    /// and so does one whose clock cannot be read.
-    pub fn is_fresh(&self) -> bool {
-        let sent = self.sent_ns.load(Ordering::SeqCst);
-        match boot_clock() {
-            Some(now) if sent > 0 => now.saturating_sub(Duration::from_nanos(sent)) < self.ttl / 2,
-            _ => false,
-        }
-    }
-}
-
 /// The lease state of a held run, guarded so the heartbeat and the run's own
 /// release never race on the revision.
 #[derive(Debug)]
@@ -137,8 +85,6 @@ pub(crate) struct Held {
     pub acker: Acker,
     /// Cancelled when the run must stop (lease lost, or handed off at shutdown).
     pub stop: CancellationToken,
-    /// Moved by every successful renewal.
-    pub clock: Arc<LeaseClock>,
     lost: AtomicBool,
 }
 
@@ -150,7 +96,6 @@ impl Held {
         revision: u64,
         acker: Acker,
         stop: CancellationToken,
-        clock: Arc<LeaseClock>,
     ) -> Arc<Self> {
         Arc::new(Self {
             run_id,
@@ -158,7 +103,6 @@ impl Held {
             state: tokio::sync::Mutex::new(LeaseState { lease, revision, done: false }),
             acker,
             stop,
-            clock,
             lost: AtomicBool::new(false),
         })
     }
@@ -190,10 +134,8 @@ impl Held {
         }
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
-        let sent = boot_clock();
         let renewed = match update(leases, &self.key, &lease, state.revision).await {
             Ok(revision) => {
-                self.clock.renewed(sent);
                 state.lease = lease;
                 state.revision = revision;
                 Ok(true)

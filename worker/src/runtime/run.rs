@@ -30,7 +30,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::checkpoints::{CheckpointLog, Writer};
 use super::control::{self, CancelSlot};
 use super::events::{self, EventLog, LastEvent};
-use super::lease::{self, Held, LeaseClock};
+use super::lease::{self, Held};
 use super::{wake, Shared};
 use crate::sdk::{AgentError, ContextParts, Interruption, Park, RunContext};
 
@@ -103,9 +103,6 @@ struct Claim {
     key: String,
     lease: Lease,
     revision: u64,
-    /// When ([`lease::boot_clock`]) the write that created (or last
-    /// updated) the lease was sent.
-    lease_sent: Option<Duration>,
     log: EventLog,
     checkpoints: CheckpointLog,
     /// Failed attempts before this one (see `RunResumed::failures`).
@@ -192,15 +189,14 @@ async fn claim(
     // assumed or read, our first append is refused and the claim reads
     // again under the lease. Any other decision is taken on a read made
     // under the lease.
-    let (mut reads, mut lease, mut lease_sent, acquired) = match job.created_seq.filter(|_| delivered == 1) {
+    let (mut reads, mut lease, acquired) = match job.created_seq.filter(|_| delivered == 1) {
         Some(created_seq) => {
             let lease = lease_for(1);
-            let sent = lease::boot_clock();
             let (acquired, request) = tokio::join!(
                 lease::acquire(&shared.leases, &key, &lease),
                 read_cancel(shared, run_id, cancel)
             );
-            (Some(Ok(Some((LastEvent::created(&job, created_seq), request)))), lease, sent, acquired)
+            (Some(Ok(Some((LastEvent::created(&job, created_seq), request)))), lease, acquired)
         }
         None => {
             let reads = read_state(shared, &job, cancel).await;
@@ -209,9 +205,8 @@ async fn claim(
                 _ => 1,
             };
             let lease = lease_for(attempt);
-            let sent = lease::boot_clock();
             let acquired = lease::acquire(&shared.leases, &key, &lease).await;
-            (Some(reads), lease, sent, acquired)
+            (Some(reads), lease, acquired)
         }
     };
     let mut revision = match acquired {
@@ -379,7 +374,6 @@ async fn claim(
         let attempt = last.event.attempt.saturating_add(1);
         if lease.attempt != attempt {
             lease.attempt = attempt;
-            lease_sent = lease::boot_clock();
             revision = match lease::update(&shared.leases, &key, &lease, revision).await {
                 Ok(revision) => revision,
                 Err(lease::Error::Lost { .. }) => {
@@ -416,7 +410,7 @@ async fn claim(
         let mut log = EventLog::new(&shared.writer, &job, attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
-            return Some(Claim { job, acker, key, lease, revision, lease_sent, log, checkpoints, failures });
+            return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
         }
         let first = if resume {
             EventBody::Resumed(RunResumed {
@@ -440,17 +434,7 @@ async fn claim(
                         debug!(run_id = %run_id, error = %e, "could not disarm the woken run's timer");
                     }
                 }
-                return Some(Claim {
-                    job,
-                    acker,
-                    key,
-                    lease,
-                    revision,
-                    lease_sent,
-                    log,
-                    checkpoints,
-                    failures,
-                });
+                return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
             }
             // An earlier attempt wrote after our read: if the lease is still
             // ours it has just not noticed yet; read again.
@@ -572,12 +556,11 @@ enum Ended {
 }
 
 async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: Shutdown) {
-    let Claim { job, acker, key, lease, revision, lease_sent, log, checkpoints, failures } = claim;
+    let Claim { job, acker, key, lease, revision, log, checkpoints, failures } = claim;
     let run_id = job.run_id;
     let attempt = lease.attempt;
     let stop = shutdown.handoff.child_token();
-    let clock = LeaseClock::new(shared.lease_ttl, lease_sent);
-    let held = Held::new(run_id, key, lease, revision, acker, stop.clone(), clock.clone());
+    let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
 
     let parts = ContextParts {
@@ -587,7 +570,6 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
         names: shared.names.clone(),
         stop: stop.clone(),
         drain: shutdown.drain.child_token(),
-        lease: clock,
     };
     let mut ctx = RunContext::new(parts, job.agent.clone(), job.input.clone());
 

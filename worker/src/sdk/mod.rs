@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::runtime::checkpoints::{self, CheckpointLog};
 use crate::runtime::events::{self, EventLog};
-use crate::runtime::lease::LeaseClock;
 
 pub use async_trait::async_trait;
 pub use step::{StepContext, StepError, StepOptions};
@@ -225,9 +224,6 @@ pub struct RunContext {
     stop: CancellationToken,
     /// Cancelled when the worker drains: no new step starts.
     drain: CancellationToken,
-    /// How long the run's lease surely holds: a step's work may start
-    /// before `step.started` is acknowledged only while it is fresh.
-    lease: Arc<LeaseClock>,
     /// Set when the run parked on a wait (see [`RunContext::await_signal`]).
     parked: Option<Park>,
     /// Set when a step refused to start because the worker drains.
@@ -257,7 +253,7 @@ impl fmt::Debug for RunContext {
 
 impl RunContext {
     pub(crate) fn new(parts: ContextParts, agent: AgentName, input: Value) -> Self {
-        let ContextParts { log, checkpoints, signals, names, stop, drain, lease } = parts;
+        let ContextParts { log, checkpoints, signals, names, stop, drain } = parts;
         Self {
             log,
             checkpoints,
@@ -267,7 +263,6 @@ impl RunContext {
             input,
             stop,
             drain,
-            lease,
             parked: None,
             handed_off: false,
             next_step: 0,
@@ -417,8 +412,6 @@ pub(crate) struct ContextParts {
     pub stop: CancellationToken,
     /// Stops the run at its next step boundary (drain).
     pub drain: CancellationToken,
-    /// The run's lease clock, renewed by the heartbeat.
-    pub lease: Arc<LeaseClock>,
 }
 
 /// A registry of agents by name, handed to [`crate::Worker::start`].

@@ -300,19 +300,17 @@ impl RunContext {
         let mut delays = options.delays();
         let mut attempt = 1;
         loop {
-            // `step.started` travels while the step works: its fence (the
-            // log's sequence) is checked before the step's result is
-            // recorded. Work starts before that check only while the lease
-            // surely holds (a worker paused past its lease waits for the
-            // fence first), so a worker that lost the run never starts a
-            // step another worker may have completed. The wait is kept in
-            // the log: whatever ends the step early, the run's next event
-            // settles it first.
+            // The step's work starts only once `step.started` is stored:
+            // every execution of a step is in the log, and a worker that
+            // lost the run (its append refused) never starts a step another
+            // worker may have completed. Starting the work while the event
+            // travelled, even with the lease surely held when it was sent,
+            // let a worker paused between queueing the event and writing it
+            // to the socket run a step the log never heard of (the chaos
+            // harness caught it, about one run in five).
             self.begin_append(EventBody::StepStarted(StepStarted { index, name: name.to_owned(), attempt }))
                 .await?;
-            if !self.lease.is_fresh() {
-                self.confirm_append().await?;
-            }
+            self.confirm_append().await?;
             let step = StepContext {
                 run_id: self.run_id(),
                 worker_id: self.worker_id().clone(),
