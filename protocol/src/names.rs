@@ -249,7 +249,9 @@ impl Names {
         format!("{run}:{seq}")
     }
 
-    /// The durable consumer that projects events into the SQL registry.
+    /// The durable consumer that projected events into the SQL registry
+    /// before the projector kept its position in SQL: the coordinator now
+    /// only seeds its position from this consumer's ack floor and deletes it.
     pub fn projector_consumer(&self) -> String {
         "projector".to_owned()
     }
