@@ -144,6 +144,17 @@ impl NatsServer {
         }
     }
 
+    /// Sends the server process a signal by name (`STOP` pauses it with
+    /// its sockets open, `CONT` lets it go on).
+    pub fn signal(&self, name: &str) {
+        let Some(child) = &self.child else { panic!("nats-server is not running") };
+        let status = Command::new("kill")
+            .args(["-s", name, &child.id().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill -s {name}: {e}"));
+        assert!(status.success(), "kill -s {name} failed: {status}");
+    }
+
     /// Kills the server and starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();

@@ -14,7 +14,7 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use runfleet_ops::metrics;
 use runfleet_ops::redact::Redactor;
 use runfleet_ops::telemetry;
@@ -231,7 +231,17 @@ fn resendable(kind: PublishErrorKind) -> bool {
 }
 
 /// The wait for one publish acknowledgement.
-type AckWait = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+type AckWait = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// How the wait for an event's acknowledgement ended.
+enum Answer {
+    /// The server's answer to the last send.
+    Ack(Result<PublishAck, PublishError>),
+    /// A resend was refused (its first send may have been stored), so the
+    /// run's last event was read: its stream sequence if it is this
+    /// attempt's event, [`Error::LeaseLost`] if someone else's.
+    Checked(Result<u64, Error>),
+}
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -247,6 +257,70 @@ pub struct LogWriter {
     pub worker_id: WorkerId,
     /// Cleans event payloads before they are published.
     pub redactor: Redactor,
+}
+
+/// An event sent again after its acknowledgement did not come.
+struct Resend {
+    writer: Arc<LogWriter>,
+    subject: String,
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    run_id: RunId,
+    seq: u64,
+    attempt: u32,
+}
+
+impl Resend {
+    /// Sends the event again after `delay`. If the server refuses it (as a
+    /// duplicate of its msg id, or for its expected last sequence, which
+    /// nats-server 2.12+ checks first), the first send may have been stored:
+    /// the run's last event says whether it is this attempt's own.
+    async fn send(self, delay: std::time::Duration) -> Answer {
+        tokio::time::sleep(delay).await;
+        let js = &self.writer.js;
+        let acked = match js
+            .publish_with_headers(self.subject.clone(), self.headers.clone(), self.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match acked {
+            Ok(ack) if !ack.duplicate => Answer::Ack(Ok(ack)),
+            Ok(_) => Answer::Checked(self.stored_last().await),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Answer::Checked(self.stored_last().await)
+            }
+            Err(e) => Answer::Ack(Err(e)),
+        }
+    }
+
+    /// The stream sequence of the run's last event if it is this event as
+    /// this attempt wrote it (the same seq, attempt and worker).
+    async fn stored_last(&self) -> Result<u64, Error> {
+        let run_id = self.run_id;
+        let stream = self
+            .writer
+            .js
+            .get_stream_no_info(self.writer.names.events_stream())
+            .await
+            .map_err(|e| Error::Scan { run_id, message: e.to_string() })?;
+        let last = stream
+            .direct_get_last_for_subject(self.subject.as_str())
+            .await
+            .map_err(|source| Error::Read { run_id, source })?;
+        let ours = codec::decode::<Event>(&last.payload).is_ok_and(|stored| {
+            stored.run_id == run_id
+                && stored.seq == self.seq
+                && stored.attempt == self.attempt
+                && stored.worker_id.as_ref() == Some(&self.writer.worker_id)
+        });
+        if ours {
+            Ok(last.sequence)
+        } else {
+            Err(Error::LeaseLost { run_id, seq: self.seq })
+        }
+    }
 }
 
 impl EventLog {
@@ -369,7 +443,7 @@ impl EventLog {
             payload,
             headers,
             resent: 0,
-            ack: SyncFuture::new(ack.into_future()),
+            ack: SyncFuture::new(Box::pin(ack.into_future().map(Answer::Ack))),
         });
         self.closed = false;
         Ok(())
@@ -380,7 +454,7 @@ impl EventLog {
     /// safe. A refusal (someone else wrote to the log) marks the log lost;
     /// any other failure closes it.
     pub async fn confirm(&mut self) -> Result<u64, Error> {
-        let acked = loop {
+        let answer = loop {
             let Some(in_flight) = self.in_flight.as_mut() else {
                 return Ok(self.last_seq());
             };
@@ -388,77 +462,61 @@ impl EventLog {
                 // No answer (a server restarting, a connection re-made): the
                 // event may or may not be stored. Send the same message again
                 // (same msg id, same expected last sequence): stored already,
-                // it comes back a duplicate; else it is stored now. So an
-                // event whose step already started work is not lost to a
-                // restart of the server. The resend replaces the wait in the
-                // log, so a dropped `confirm` resumes it.
-                Err(e) if resendable(e.kind()) && in_flight.resent < RESENDS => {
+                // it is refused and the run's last event shows it ours; else
+                // it is stored now. So an event whose step already started
+                // work is not lost to a restart of the server. The resend
+                // replaces the wait in the log, so a dropped `confirm`
+                // resumes it.
+                Answer::Ack(Err(e)) if resendable(e.kind()) && in_flight.resent < RESENDS => {
                     in_flight.resent += 1;
                     let delay = RESEND_DELAY * in_flight.resent;
                     debug!(run_id = %self.run_id, seq = in_flight.event.seq, resent = in_flight.resent, error = %e, "event not acknowledged; sending it again");
-                    let (js, subject) = (self.writer.js.clone(), self.subject.clone());
-                    let (headers, payload) = (in_flight.headers.clone(), in_flight.payload.clone());
-                    in_flight.ack = SyncFuture::new(Box::pin(async move {
-                        tokio::time::sleep(delay).await;
-                        js.publish_with_headers(subject, headers, payload).await?.await
-                    }));
+                    let resend = Resend {
+                        writer: self.writer.clone(),
+                        subject: self.subject.clone(),
+                        headers: in_flight.headers.clone(),
+                        payload: in_flight.payload.clone(),
+                        run_id: self.run_id,
+                        seq: in_flight.event.seq,
+                        attempt: in_flight.event.attempt,
+                    };
+                    in_flight.ack = SyncFuture::new(Box::pin(resend.send(delay)));
                 }
-                acked => break acked,
+                answer => break answer,
             }
         };
-        let Some(InFlight { event, redacted, resent, .. }) = self.in_flight.take() else {
+        let Some(InFlight { event, redacted, .. }) = self.in_flight.take() else {
             return Ok(self.last_seq());
         };
         let (run_id, seq) = (event.run_id, event.seq);
-        let acked = match acked {
-            // After a resend, a duplicate may be our own first send.
-            Ok(ack) if ack.duplicate && resent > 0 && self.stored_is(&event, ack.sequence).await => {
-                Ok(async_nats::jetstream::publish::PublishAck { duplicate: false, ..ack })
-            }
-            acked => acked,
-        };
-        let result = match acked {
+        let stored = match answer {
+            Answer::Checked(checked) => checked,
+            Answer::Ack(Ok(ack)) if !ack.duplicate => Ok(ack.sequence),
             // A duplicate means an event with our msg id (`<run_id>:<seq>`)
             // is already in the stream and we never publish the same seq
-            // twice (resends aside, checked above): someone else wrote this
-            // seq.
-            Ok(ack) if ack.duplicate => Err(Error::LeaseLost { run_id, seq }),
-            Ok(ack) => {
-                self.next_seq = seq + 1;
-                self.last_stream_seq = ack.sequence;
-                self.count(&event.body);
-                if redacted {
-                    metrics::get().events_redacted.inc();
-                }
-                Ok(seq)
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            // twice (resends aside, checked when sent): someone else wrote
+            // this seq.
+            Answer::Ack(Ok(_)) => Err(Error::LeaseLost { run_id, seq }),
+            Answer::Ack(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 Err(Error::LeaseLost { run_id, seq })
             }
-            Err(source) => Err(Error::Publish { run_id, source }),
+            Answer::Ack(Err(source)) => Err(Error::Publish { run_id, source }),
         };
+        let result = stored.map(|stream_seq| {
+            self.next_seq = seq + 1;
+            self.last_stream_seq = stream_seq;
+            self.count(&event.body);
+            if redacted {
+                metrics::get().events_redacted.inc();
+            }
+            seq
+        });
         match &result {
             Ok(_) => {}
             Err(e) if e.is_lease_lost() => self.lost = true,
             Err(_) => self.closed = true,
         }
         result
-    }
-
-    /// Whether the event stored at `stream_seq` is `event` as this attempt
-    /// wrote it (the same seq, attempt and worker), not another writer's.
-    async fn stored_is(&self, event: &Event, stream_seq: u64) -> bool {
-        let js = &self.writer.js;
-        let Ok(stream) = js.get_stream_no_info(self.writer.names.events_stream()).await else {
-            return false;
-        };
-        let Ok(message) = stream.direct_get(stream_seq).await else { return false };
-        codec::decode::<Event>(&message.payload).is_ok_and(|stored| {
-            stored.run_id == event.run_id
-                && stored.seq == event.seq
-                && stored.attempt == event.attempt
-                && stored.worker_id == event.worker_id
-        })
     }
 
     /// Moves the run metrics for an event that is now stored.
