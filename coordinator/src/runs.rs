@@ -239,9 +239,9 @@ impl Runs {
             Err(error) => Err(error),
         };
         match published {
-            // A duplicate: an event with this seq's msg id is already stored
-            // (msg-id dedup runs before the sequence check), so someone
-            // else wrote it and the log moved.
+            // A duplicate: an event with this seq's msg id is already stored,
+            // so someone else wrote it and the log moved. (nats-server 2.12+
+            // checks the expected sequence first, which answers the same.)
             Ok(ack) => Ok(!ack.duplicate),
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
             Err(error) => Err(jetstream_error("append to the run's log", subject)(error.to_string())),
