@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream;
 use common::{assert_gapless, Env};
 use runfleet_protocol::event::{Event, EventBody, RunStarted, StepStarted};
@@ -45,14 +46,17 @@ async fn append_across_a_pause(
     });
     tokio::time::sleep(PAUSE).await;
     env.server.signal("CONT");
-    append.await.expect("append task")
+    match append.await {
+        Ok(appended) => appended,
+        Err(e) => panic!("append task: {e}"),
+    }
 }
 
 #[tokio::test]
 async fn an_unacknowledged_append_is_sent_again_and_stored_once() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
     let job = env.create_run("steps", json!({ "steps": 1 }), 2).await?;
-    let created_seq = job.created_seq.expect("created_seq");
+    let created_seq = job.created_seq.context("a created run has its created_seq")?;
     let worker_id = WorkerId::generate();
     let log = EventLog::new(&writer(&env, &worker_id), &job, 1, &LastEvent::created(&job, created_seq));
 
@@ -78,7 +82,7 @@ async fn an_unacknowledged_append_is_sent_again_and_stored_once() -> anyhow::Res
 async fn a_resent_append_that_finds_another_writers_event_is_lost() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
     let job = env.create_run("steps", json!({ "steps": 1 }), 2).await?;
-    let created_seq = job.created_seq.expect("created_seq");
+    let created_seq = job.created_seq.context("a created run has its created_seq")?;
     let log =
         EventLog::new(&writer(&env, &WorkerId::generate()), &job, 1, &LastEvent::created(&job, created_seq));
 
