@@ -78,6 +78,7 @@ fn every_scenario_runs_and_reports() {
         "a run completes after it starts"
     );
     assert!(number(&written, "/steps/trials/0/step/p50_ms") > 0.0);
+    assert!(number(&written, "/steps/trials/0/atomic_batch_round_trip/p50_ms") > 0.0);
     assert!(number(&written, "/events/runfleet/emitted") > 0.0);
     assert_eq!(number(&written, "/events/runfleet/lost"), 0.0, "events lost: {:#}", written["events"]);
     assert!(written.pointer("/failover/ttls/0").is_some());

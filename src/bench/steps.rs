@@ -24,6 +24,10 @@
 //! stream of the same server) as the run had steps: a step costs three such
 //! round trips plus the SDK's own work, so `step p50 / publish p50` near 3
 //! means the round trips are the cost.
+//!
+//! It also times as many JetStream atomic batches of two such messages (a
+//! second scratch stream, `allow_atomic`): the price of joining two appends
+//! into one round trip, which is why steps do not (`docs/performance.md`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -51,6 +55,9 @@ const TARGET_OVERHEAD_P99_MS: f64 = 2.0;
 const RTT_STREAM: &str = "BENCH_PUBLISH_RTT";
 const RTT_SUBJECT: &str = "bench.publish.rtt";
 const RTT_PAYLOAD_BYTES: usize = 256;
+/// The scratch stream of the atomic-batch reference.
+const BATCH_STREAM: &str = "BENCH_ATOMIC_BATCH_RTT";
+const BATCH_SUBJECT: &str = "bench.atomic.rtt";
 /// The lease TTL of the scenario's fleet: the default, so the heartbeat
 /// (one KV update per TTL/3) runs at its usual rate beside the steps.
 const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
@@ -132,6 +139,9 @@ pub struct StepsTrial {
     pub baseline: Latency,
     /// One acknowledged JetStream publish, measured between the runs.
     pub publish_round_trip: Latency,
+    /// One acknowledged atomic batch of two such messages, measured between
+    /// the runs.
+    pub atomic_batch_round_trip: Latency,
     /// `step` p50 over `publish_round_trip` p50.
     pub step_per_round_trip_p50: f64,
     /// `step` minus `baseline` at p50.
@@ -213,10 +223,21 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet, samples: &Mutex<Samples>) -
     })
     .await
     .context("could not create the publish round-trip stream")?;
+    js.create_stream(stream::Config {
+        name: BATCH_STREAM.to_owned(),
+        subjects: vec![BATCH_SUBJECT.to_owned()],
+        storage: stream::StorageType::File,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .context("could not create the atomic batch stream")?;
     let payload = bytes::Bytes::from(vec![b'x'; RTT_PAYLOAD_BYTES]);
     let mut step = Histogram::<u64>::new(3)?;
     let mut plain = Histogram::<u64>::new(3)?;
     let mut round_trip = Histogram::<u64>::new(3)?;
+    let mut batch_round_trip = Histogram::<u64>::new(3)?;
+    let mut batches = 0u64;
     let mut step_p50_per_run = Vec::new();
 
     progress(args, format!("steps: 1 warm-up run, then {} runs of {} steps", args.step_runs, args.steps));
@@ -261,11 +282,18 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet, samples: &Mutex<Samples>) -
                 .context("publish was not acknowledged")?;
             round_trip.record(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
         }
+        for _ in 0..args.steps {
+            batches += 1;
+            let begin = Instant::now();
+            atomic_batch_of_two(&js, &format!("bench-{batches}"), &payload).await?;
+            batch_round_trip.record(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+        }
     }
 
     let step_latency = Latency::from_nanos(&step);
     let baseline = Latency::from_nanos(&plain);
     let publish_round_trip = Latency::from_nanos(&round_trip);
+    let atomic_batch_round_trip = Latency::from_nanos(&batch_round_trip);
     let overhead_p50_ms = step_latency.p50_ms - baseline.p50_ms;
     let overhead_p99_ms = step_latency.p99_ms - baseline.p99_ms;
     Ok(StepsTrial {
@@ -274,6 +302,7 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet, samples: &Mutex<Samples>) -
         step: step_latency,
         baseline,
         publish_round_trip,
+        atomic_batch_round_trip,
         step_per_round_trip_p50: step_latency.p50_ms / publish_round_trip.p50_ms,
         overhead_p50_ms,
         overhead_p99_ms,
@@ -283,6 +312,37 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet, samples: &Mutex<Samples>) -
         meets_p50_target: overhead_p50_ms <= TARGET_OVERHEAD_P50_MS,
         meets_p99_target: overhead_p99_ms <= TARGET_OVERHEAD_P99_MS,
     })
+}
+
+/// Publishes one atomic batch of two messages on [`BATCH_SUBJECT`] (the
+/// first without a reply, the second committing) and waits for its
+/// acknowledgement.
+async fn atomic_batch_of_two(
+    js: &async_nats::jetstream::Context,
+    batch: &str,
+    payload: &bytes::Bytes,
+) -> anyhow::Result<()> {
+    let headers = |sequence: &str, commit: bool| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Batch-Id", batch);
+        headers.insert("Nats-Batch-Sequence", sequence);
+        if commit {
+            headers.insert("Nats-Batch-Commit", "1");
+        }
+        headers
+    };
+    js.client()
+        .publish_with_headers(BATCH_SUBJECT, headers("1", false), payload.clone())
+        .await
+        .context("atomic batch: first message not sent")?;
+    let ack = js
+        .publish_with_headers(BATCH_SUBJECT, headers("2", true), payload.clone())
+        .await
+        .context("atomic batch: commit not sent")?
+        .await
+        .context("atomic batch was not acknowledged")?;
+    anyhow::ensure!(ack.batch_size == Some(2), "atomic batch stored {:?} messages, not 2", ack.batch_size);
+    Ok(())
 }
 
 pub(super) fn print(result: &StepsResult) {
@@ -306,6 +366,15 @@ pub(super) fn print(result: &StepsResult) {
             us(rtt.p50_ms),
             us(rtt.p99_ms),
             us(rtt.max_ms),
+        );
+        let batch = &last.atomic_batch_round_trip;
+        println!(
+            "{:<14}{:>12}{:>12}{:>12}   (one acked atomic batch of two: {:.1}x a publish at p50)",
+            "atomic batch",
+            us(batch.p50_ms),
+            us(batch.p99_ms),
+            us(batch.max_ms),
+            batch.p50_ms / rtt.p50_ms,
         );
     }
     let row = |name: &str, s: &Spread| {
