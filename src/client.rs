@@ -450,7 +450,7 @@ impl Follow {
                     reason: "the subscription ended (the connection was closed)".to_owned(),
                 });
             };
-            if let Ok(event) = codec::decode::<Event>(&message.payload) {
+            if let Ok(event) = runfleet_protocol::event::decode_last_of_log_message(&message.payload) {
                 if event.run_id == self.run && event.seq > self.known_seq {
                     self.known_seq = event.seq;
                     heard = true;

@@ -59,7 +59,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use futures::StreamExt;
 use runfleet_protocol::event::Event;
 use runfleet_protocol::names::parse_run_events_subject;
-use runfleet_protocol::{codec, time, Names};
+use runfleet_protocol::{time, Names};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -154,7 +154,8 @@ enum Write {
 /// What one delivery chunk holds beyond the position.
 struct Batch {
     events: Vec<Event>,
-    /// The stream sequence of each of `events`.
+    /// The stream sequence of each of `events` (the same for the events of
+    /// one message).
     stream_seqs: Vec<u64>,
     /// The last stream sequence the chunk covers.
     to: u64,
@@ -434,7 +435,7 @@ impl Projector {
                 continue;
             }
             to = stream_seq;
-            if let Some(event) = self.decode(&message, stream_seq) {
+            for event in self.decode(&message, stream_seq) {
                 events.push(event);
                 stream_seqs.push(stream_seq);
             }
@@ -463,17 +464,23 @@ impl Projector {
         }
     }
 
-    /// Writes each event in its own transaction, each moving the position to
-    /// its stream sequence; refused events are logged and skipped (the next
-    /// write moves the position past them).
+    /// Writes the events of each message in their own transaction, each
+    /// moving the position to the message's stream sequence (the position
+    /// counts messages, so a message's events are written together);
+    /// refused messages are logged and skipped (the next write moves the
+    /// position past them).
     async fn project_one_by_one(&self, batch: Batch, from: u64, shutdown: &CancellationToken) -> Write {
         let mut position = from;
-        for (event, stream_seq) in batch.events.iter().zip(batch.stream_seqs) {
-            match self.write(std::slice::from_ref(event), position, stream_seq, shutdown).await {
+        let mut start = 0;
+        while let Some(&stream_seq) = batch.stream_seqs.get(start) {
+            let end = start + batch.stream_seqs[start..].iter().take_while(|&&s| s == stream_seq).count();
+            let message = &batch.events[start..end];
+            start = end;
+            match self.write(message, position, stream_seq, shutdown).await {
                 Write::Done => position = stream_seq,
                 Write::Refused(error) => warn!(
-                    run_id = %event.run_id, seq = event.seq, stream_seq, error = %error,
-                    "skipping event the registry refuses"
+                    run_id = %message[0].run_id, seq = message[0].seq, events = message.len(), stream_seq, error = %error,
+                    "skipping a message the registry refuses"
                 ),
                 other => return other,
             }
@@ -524,28 +531,33 @@ impl Projector {
         }
     }
 
-    /// The event in `message`, or `None` (logged) if it is not a valid event
-    /// of the run its subject names.
-    fn decode(&self, message: &jetstream::Message, stream_seq: u64) -> Option<Event> {
+    /// The events in `message` (one, or a step's `step.completed` and the
+    /// event after it), without those (logged) that are not valid events of
+    /// the run its subject names.
+    fn decode(&self, message: &jetstream::Message, stream_seq: u64) -> Vec<Event> {
         let subject = message.subject.as_str();
         let Some((tenant, run)) = parse_run_events_subject(&self.names, subject) else {
             warn!(subject, stream_seq, "skipping message on a subject that is not a run's event log");
-            return None;
+            return Vec::new();
         };
-        match codec::decode::<Event>(&message.payload) {
-            Ok(event) if event.tenant == tenant && event.run_id == run => Some(event),
-            Ok(event) => {
+        let mut events = match runfleet_protocol::event::decode_log_message(&message.payload) {
+            Ok(events) => events,
+            Err(error) => {
+                warn!(subject, stream_seq, error = %error, "skipping event that does not decode");
+                return Vec::new();
+            }
+        };
+        events.retain(|event| {
+            let ours = event.tenant == tenant && event.run_id == run;
+            if !ours {
                 warn!(
                     subject, stream_seq, event_run_id = %event.run_id, event_tenant = %event.tenant,
                     "skipping event whose run or tenant does not match its subject"
                 );
-                None
             }
-            Err(error) => {
-                warn!(subject, stream_seq, error = %error, "skipping event that does not decode");
-                None
-            }
-        }
+            ours
+        });
+        events
     }
 }
 

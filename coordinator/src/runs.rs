@@ -578,13 +578,22 @@ pub fn job_of(created: &Event) -> Option<Job> {
     })
 }
 
-/// The event in a stored message, or `None` (logged) if it does not decode.
+/// The last event in a stored message of a run's log, or `None` (logged)
+/// if it does not decode.
 pub(crate) fn stored_event(message: &StreamMessage) -> Option<StoredEvent> {
-    match codec::decode(&message.payload) {
-        Ok(event) => Some(StoredEvent { event, stream_seq: message.sequence }),
+    let event = stored_events(message).pop()?;
+    Some(StoredEvent { event, stream_seq: message.sequence })
+}
+
+/// The events in a stored message of a run's log (one, or a step's
+/// `step.completed` and the event after it), none (logged) if it does not
+/// decode.
+pub(crate) fn stored_events(message: &StreamMessage) -> Vec<Event> {
+    match runfleet_protocol::event::decode_log_message(&message.payload) {
+        Ok(events) => events,
         Err(error) => {
             warn!(subject = %message.subject, stream_seq = message.sequence, error = %error, "stored event does not decode");
-            None
+            Vec::new()
         }
     }
 }

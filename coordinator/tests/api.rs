@@ -149,7 +149,9 @@ async fn events_of(fixture: &Fixture, subject: &str) -> Vec<Event> {
     let mut seq = 0;
     while let Ok(message) = stream.direct_get_next_for_subject(subject, Some(seq)).await {
         seq = message.sequence + 1;
-        events.push(codec::decode(&message.payload).unwrap_or_else(|e| panic!("{e}")));
+        events.extend(
+            runfleet_protocol::event::decode_log_message(&message.payload).unwrap_or_else(|e| panic!("{e}")),
+        );
     }
     events
 }

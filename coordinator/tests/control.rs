@@ -204,7 +204,7 @@ impl Fixture {
         let mut seq = 0;
         while let Ok(message) = stream.direct_get_next_for_subject(&subject, Some(seq)).await {
             seq = message.sequence + 1;
-            events.push(ok(codec::decode(&message.payload)));
+            events.extend(ok(runfleet_protocol::event::decode_log_message(&message.payload)));
         }
         events
     }
@@ -215,7 +215,7 @@ impl Fixture {
         let stream = self.events_stream().await;
         let subject = self.names.run_events(&self.tenant, run);
         let last_message = ok(stream.direct_get_last_for_subject(&subject).await);
-        let last: Event = ok(codec::decode(&last_message.payload));
+        let last = ok(runfleet_protocol::event::decode_last_of_log_message(&last_message.payload));
         let event = Event {
             run_id: run,
             tenant: self.tenant.clone(),

@@ -53,12 +53,26 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 /// than as garbage: the version is checked whether or not the data decoded
 /// (probed again only when it did not, so a valid message is parsed once).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    decode_as(PROTOCOL_VERSION, bytes)
+}
+
+/// Encodes `value` in an envelope of another version than
+/// [`PROTOCOL_VERSION`]: a message older readers must refuse rather than
+/// misread (see [`crate::event::encode_log_message`]).
+pub fn encode_as<T: Serialize>(version: u16, value: &T) -> Result<Vec<u8>, Error> {
+    rmp_serde::to_vec_named(&EnvelopeRef { v: version, data: value })
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Decodes an envelope of exactly `version`; any other version is
+/// [`Error::UnsupportedVersion`].
+pub fn decode_as<T: DeserializeOwned>(version: u16, bytes: &[u8]) -> Result<T, Error> {
     match rmp_serde::from_slice::<Envelope<T>>(bytes) {
-        Ok(envelope) if envelope.v == PROTOCOL_VERSION => Ok(envelope.data),
-        Ok(envelope) => Err(Error::UnsupportedVersion { found: envelope.v, supported: PROTOCOL_VERSION }),
+        Ok(envelope) if envelope.v == version => Ok(envelope.data),
+        Ok(envelope) => Err(Error::UnsupportedVersion { found: envelope.v, supported: version }),
         Err(error) => match rmp_serde::from_slice::<VersionProbe>(bytes) {
-            Ok(probe) if probe.v != PROTOCOL_VERSION => {
-                Err(Error::UnsupportedVersion { found: probe.v, supported: PROTOCOL_VERSION })
+            Ok(probe) if probe.v != version => {
+                Err(Error::UnsupportedVersion { found: probe.v, supported: version })
             }
             _ => Err(Error::Decode(error.to_string())),
         },

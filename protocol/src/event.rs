@@ -2,13 +2,22 @@
 //!
 //! Each run's events have `seq` 1..n with no gap. Every append is published
 //! with `Nats-Msg-Id: <run_id>:<seq>` and `Nats-Expected-Last-Subject-Sequence`
-//! set to the stream sequence of the run's previous event, so only the holder
-//! of the run's lease can extend its log.
+//! set to the stream sequence of the run's previous message, so only the
+//! holder of the run's lease can extend its log.
+//!
+//! A message of the log carries one event (envelope version 1, `data` an
+//! [`Event`]) or several consecutive ones (envelope version
+//! [`MULTI_EVENT_VERSION`], `data` an array of events in seq order): a
+//! step's `step.completed` travels with the run's next event, one round trip
+//! for both. Read log messages with [`decode_log_message`]; older readers
+//! refuse a multi-event message as an unsupported version instead of
+//! misreading it.
 
 use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::codec;
 use crate::error::ErrorCode;
 use crate::ids::{AgentName, QueueName, RunId, SignalKey, TenantId, WorkerId};
 use crate::state::RunState;
@@ -39,6 +48,46 @@ pub struct Event {
     pub trace_id: Option<String>,
     #[serde(flatten)]
     pub body: EventBody,
+}
+
+/// The envelope version of a run-log message that carries several events.
+pub const MULTI_EVENT_VERSION: u16 = 2;
+
+/// Encodes the events of one log message: a single event as any other
+/// message (version 1), several as an array (version
+/// [`MULTI_EVENT_VERSION`]).
+pub fn encode_log_message(events: &[&Event]) -> Result<Vec<u8>, codec::Error> {
+    match events {
+        [event] => codec::encode(*event),
+        events => codec::encode_as(MULTI_EVENT_VERSION, &events),
+    }
+}
+
+/// The events of one message of a run's log, in seq order (never empty).
+pub fn decode_log_message(bytes: &[u8]) -> Result<Vec<Event>, codec::Error> {
+    decode_log_message_as(bytes)
+}
+
+/// [`decode_log_message`] into another view of an event (for readers that
+/// need only some of its fields).
+pub fn decode_log_message_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<Vec<T>, codec::Error> {
+    match codec::decode::<T>(bytes) {
+        Ok(event) => Ok(vec![event]),
+        Err(codec::Error::UnsupportedVersion { found: MULTI_EVENT_VERSION, .. }) => {
+            let events: Vec<T> = codec::decode_as(MULTI_EVENT_VERSION, bytes)?;
+            if events.is_empty() {
+                return Err(codec::Error::Decode("a log message with no event".to_owned()));
+            }
+            Ok(events)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The last event of one message of a run's log.
+pub fn decode_last_of_log_message(bytes: &[u8]) -> Result<Event, codec::Error> {
+    let mut events = decode_log_message(bytes)?;
+    events.pop().ok_or_else(|| codec::Error::Decode("a log message with no event".to_owned()))
 }
 
 impl Event {
@@ -484,7 +533,57 @@ pub struct RunError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec;
+
+    fn event(seq: u64, body: EventBody) -> Event {
+        Event {
+            run_id: RunId::generate(),
+            tenant: TenantId::new("acme").unwrap_or_else(|e| panic!("{e}")),
+            seq,
+            ts_ms: 1,
+            attempt: 1,
+            worker_id: None,
+            trace_id: None,
+            body,
+        }
+    }
+
+    /// One event is a version-1 message as before; several are a version-2
+    /// array that a version-1 reader refuses by its version.
+    #[test]
+    fn log_messages_carry_one_or_several_events() {
+        let completed = event(
+            4,
+            EventBody::StepCompleted(StepCompleted {
+                index: 0,
+                name: "a".into(),
+                attempt: 1,
+                duration_ms: 2,
+                blob: false,
+            }),
+        );
+        let started =
+            event(5, EventBody::StepStarted(StepStarted { index: 1, name: "b".into(), attempt: 1 }));
+
+        let one = encode_log_message(&[&completed]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(one, codec::encode(&completed).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(decode_log_message(&one).unwrap_or_else(|e| panic!("{e}")), vec![completed.clone()]);
+
+        let two = encode_log_message(&[&completed, &started]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            decode_log_message(&two).unwrap_or_else(|e| panic!("{e}")),
+            vec![completed, started.clone()]
+        );
+        assert_eq!(decode_last_of_log_message(&two).unwrap_or_else(|e| panic!("{e}")), started);
+        assert!(matches!(
+            codec::decode::<Event>(&two),
+            Err(codec::Error::UnsupportedVersion { found: MULTI_EVENT_VERSION, supported: 1 })
+        ));
+
+        let empty =
+            codec::encode_as(MULTI_EVENT_VERSION, &Vec::<Event>::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(decode_log_message(&empty), Err(codec::Error::Decode(_))));
+        assert!(matches!(decode_log_message(b"garbage"), Err(codec::Error::Decode(_))));
+    }
 
     /// A newer peer's event type or error code decodes as `Unknown` instead
     /// of failing, so rolling upgrades do not stall older readers.

@@ -43,7 +43,7 @@ use futures::StreamExt;
 use nix::sys::signal::Signal;
 use runfleet_protocol::api::SubmitRequest;
 use runfleet_protocol::event::{Event, EventBody};
-use runfleet_protocol::{codec, RunId, WorkerId};
+use runfleet_protocol::{RunId, WorkerId};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -397,7 +397,7 @@ async fn read_log(client: &Client, run: RunId) -> anyhow::Result<Vec<Event>> {
             .with_context(|| format!("the log of run {run} ended"))?
             .with_context(|| format!("could not read the log of run {run}"))?;
         let pending = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
-        events.push(codec::decode::<Event>(&message.payload)?);
+        events.extend(runfleet_protocol::event::decode_log_message(&message.payload)?);
         if pending == 0 {
             return Ok(events);
         }

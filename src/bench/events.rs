@@ -613,22 +613,24 @@ async fn receive(
         };
         let Some(message) = message else { return };
         let arrived_ns = now_ns();
-        let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
-        match event.body {
-            EventBody::Agent(AgentEvent { name, data }) if name == EVENT_NAME => {
-                let Ok(stamp) = serde_json::from_value::<Stamp>(data) else { continue };
-                let mut lags = lags.lock().unwrap_or_else(PoisonError::into_inner);
-                let received = if message.subject.as_str() == BASE_SUBJECT {
-                    &mut lags.baseline
-                } else {
-                    &mut lags.runfleet
-                };
-                received.note(&stamp, arrived_ns, message.payload.len());
+        let Ok(events) = runfleet_protocol::event::decode_log_message(&message.payload) else { continue };
+        for event in events {
+            match event.body {
+                EventBody::Agent(AgentEvent { name, data }) if name == EVENT_NAME => {
+                    let Ok(stamp) = serde_json::from_value::<Stamp>(data) else { continue };
+                    let mut lags = lags.lock().unwrap_or_else(PoisonError::into_inner);
+                    let received = if message.subject.as_str() == BASE_SUBJECT {
+                        &mut lags.baseline
+                    } else {
+                        &mut lags.runfleet
+                    };
+                    received.note(&stamp, arrived_ns, message.payload.len());
+                }
+                body if body.is_terminal() => {
+                    let _ = ended.send((event.run_id, body));
+                }
+                _ => {}
             }
-            body if body.is_terminal() => {
-                let _ = ended.send((event.run_id, body));
-            }
-            _ => {}
         }
     }
 }

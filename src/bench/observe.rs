@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use futures::StreamExt;
-use runfleet_protocol::codec;
 use runfleet_protocol::event::Event;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -51,9 +50,11 @@ pub(super) async fn observe(
             };
             let Some(message) = message else { return };
             let at = Instant::now();
-            let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
-            if events_tx.send(Observation::Event(at, Box::new(event))).is_err() {
-                return;
+            let Ok(events) = runfleet_protocol::event::decode_log_message(&message.payload) else { continue };
+            for event in events {
+                if events_tx.send(Observation::Event(at, Box::new(event))).is_err() {
+                    return;
+                }
             }
         }
     });

@@ -102,7 +102,7 @@ use futures::StreamExt;
 use runfleet_coordinator::registry::Registry;
 use runfleet_coordinator::{projector, CoordinatorConfig};
 use runfleet_protocol::api::SubmitRequest;
-use runfleet_protocol::event::{Event, EventBody};
+use runfleet_protocol::event::EventBody;
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::names::KV_SUBJECT_PREFIX;
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
@@ -762,22 +762,26 @@ impl Tracker {
                     message = events.next() => message,
                 };
                 let Some(message) = message else { return };
-                let Ok(event) = codec::decode::<Event>(&message.payload) else { continue };
-                let mut seen = noted.lock().unwrap_or_else(PoisonError::into_inner);
-                match &event.body {
-                    EventBody::Started(_) => {
-                        seen.started.insert(event.run_id);
+                let Ok(events) = runfleet_protocol::event::decode_log_message(&message.payload) else {
+                    continue;
+                };
+                for event in events {
+                    let mut seen = noted.lock().unwrap_or_else(PoisonError::into_inner);
+                    match &event.body {
+                        EventBody::Started(_) => {
+                            seen.started.insert(event.run_id);
+                        }
+                        EventBody::Waiting(_) => {
+                            seen.waiting.insert(event.run_id);
+                        }
+                        EventBody::Completed(_) => {
+                            seen.completed.insert(event.run_id);
+                        }
+                        body if body.is_terminal() => {
+                            seen.ended_otherwise.insert(event.run_id);
+                        }
+                        _ => {}
                     }
-                    EventBody::Waiting(_) => {
-                        seen.waiting.insert(event.run_id);
-                    }
-                    EventBody::Completed(_) => {
-                        seen.completed.insert(event.run_id);
-                    }
-                    body if body.is_terminal() => {
-                        seen.ended_otherwise.insert(event.run_id);
-                    }
-                    _ => {}
                 }
             }
         });

@@ -28,7 +28,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use runfleet_protocol::api::SubmitRequest;
-use runfleet_protocol::{codec, AgentName, RunId, RunState};
+use runfleet_protocol::{AgentName, RunId, RunState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -315,19 +315,25 @@ impl Recorder {
                 };
                 let Some(message) = message else { return };
                 let now = Instant::now();
-                let Ok(event) = codec::decode::<EventKind>(&message.payload) else { continue };
-                let mut seen = recorded.lock().unwrap_or_else(PoisonError::into_inner);
-                match event.kind.as_str() {
-                    "run.started" => {
-                        seen.started.entry(event.run_id).or_insert(now);
-                    }
-                    "run.completed" | "run.failed" => {
-                        let ok = event.kind == "run.completed";
-                        if seen.finished.insert(event.run_id, (now, ok)).is_none() {
-                            let _ = done_tx.send(event.run_id);
+                let Ok(events) =
+                    runfleet_protocol::event::decode_log_message_as::<EventKind>(&message.payload)
+                else {
+                    continue;
+                };
+                for event in events {
+                    let mut seen = recorded.lock().unwrap_or_else(PoisonError::into_inner);
+                    match event.kind.as_str() {
+                        "run.started" => {
+                            seen.started.entry(event.run_id).or_insert(now);
                         }
+                        "run.completed" | "run.failed" => {
+                            let ok = event.kind == "run.completed";
+                            if seen.finished.insert(event.run_id, (now, ok)).is_none() {
+                                let _ = done_tx.send(event.run_id);
+                            }
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         });

@@ -26,7 +26,6 @@ use rand::seq::SliceRandom;
 use runfleet_coordinator::config::CoordinatorConfig;
 use runfleet_coordinator::Coordinator;
 use runfleet_protocol::checkpoint::{Checkpoint, Fence};
-use runfleet_protocol::event::Event;
 use runfleet_protocol::names::parse_run_events_subject;
 use runfleet_protocol::{codec, Names, RunId};
 use tokio::process::{Child, Command};
@@ -393,12 +392,19 @@ impl ChaosFleet {
                 problems.push(format!("event of run {run_id}, which the chaos did not submit"));
                 continue;
             };
-            match codec::decode::<Event>(&message.payload) {
-                Ok(event) if event.run_id == run_id => record.events.push(event),
-                Ok(event) => record.undecodable.push(format!(
-                    "event at stream seq {} names run {} on run {run_id}'s subject",
-                    message.sequence, event.run_id
-                )),
+            match runfleet_protocol::event::decode_log_message(&message.payload) {
+                Ok(events) => {
+                    for event in events {
+                        if event.run_id == run_id {
+                            record.events.push(event);
+                        } else {
+                            record.undecodable.push(format!(
+                                "event at stream seq {} names run {} on run {run_id}'s subject",
+                                message.sequence, event.run_id
+                            ));
+                        }
+                    }
+                }
                 Err(e) => record.undecodable.push(format!("event at stream seq {}: {e}", message.sequence)),
             }
         }

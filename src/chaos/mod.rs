@@ -36,8 +36,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use runfleet_protocol::api::SubmitRequest;
-use runfleet_protocol::event::{Event, EventBody};
-use runfleet_protocol::{codec, Names, RunId, TenantId};
+use runfleet_protocol::event::EventBody;
+use runfleet_protocol::{Names, RunId, TenantId};
 use serde::Serialize;
 use serde_json::json;
 
@@ -429,7 +429,7 @@ impl Progress {
                 let events = &self.events;
                 async move {
                     let last = events.direct_get_last_for_subject(subject).await.ok()?;
-                    let event = codec::decode::<Event>(&last.payload).ok()?;
+                    let event = runfleet_protocol::event::decode_last_of_log_message(&last.payload).ok()?;
                     event.body.is_terminal().then_some(run)
                 }
             })

@@ -38,8 +38,8 @@ pub async fn tenant_events(client: &async_nats::Client, tenant: &TenantId) -> Ve
         let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
         let Ok(Some(Ok(message))) = next else { break };
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        if let Ok(event) = codec::decode::<Event>(&message.payload) {
-            out.push((seq, event));
+        if let Ok(events) = runfleet_protocol::event::decode_log_message(&message.payload) {
+            out.extend(events.into_iter().map(|event| (seq, event)));
         }
         if seq >= last {
             break;

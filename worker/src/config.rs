@@ -130,6 +130,14 @@ pub struct WorkerConfig {
     /// handoff_timeout`. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub handoff_timeout: Duration,
+    /// How long a step's `step.completed` waits for the run's next event to
+    /// travel with it in one message (one round trip fewer per step); after
+    /// this it is sent alone. `0s` sends every event alone, as releases
+    /// before multi-event log messages did: use it while older readers of
+    /// the log (coordinators, clients) are still running, or before rolling
+    /// back to such a release. Default `20ms`.
+    #[serde(with = "humantime_serde")]
+    pub step_completed_hold: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -153,6 +161,7 @@ impl Default for WorkerConfig {
             lease_held_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(10),
+            step_completed_hold: crate::runtime::events::HOLD_FOR,
         }
     }
 }

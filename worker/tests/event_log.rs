@@ -1,7 +1,9 @@
-//! The event log's resend of appends that get no acknowledgement, against a
-//! real nats-server paused with SIGSTOP while an append is on its way: the
-//! append must neither fail nor store the event twice, and a duplicate
-//! answer counts as stored only when the stored event is this attempt's own.
+//! The event log against a real nats-server: held events go out with the
+//! next append in one message (both stored or neither, fenced like a single
+//! append), and appends that get no acknowledgement (the server
+//! paused with SIGSTOP while one is on its way) are sent again: they must
+//! neither fail nor store anything twice, and a refused resend counts as
+//! stored only when the stored event is this attempt's own.
 
 mod common;
 
@@ -11,7 +13,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use common::{assert_gapless, Env};
-use runfleet_protocol::event::{Event, EventBody, RunStarted, StepStarted};
+use runfleet_protocol::event::{AgentEvent, Event, EventBody, RunStarted, StepCompleted, StepStarted};
+use runfleet_protocol::job::Job;
 use runfleet_protocol::{time, WorkerId};
 use runfleet_worker::runtime::events::{Error, EventLog, LastEvent, LogWriter};
 use serde_json::json;
@@ -22,14 +25,51 @@ const ACK_TIMEOUT: Duration = Duration::from_millis(400);
 /// deadline, well inside the resends' budget.
 const PAUSE: Duration = Duration::from_millis(1_000);
 
+/// A held event waits this long for the next append in the tests that
+/// append it: far longer than they take, so it surely goes in its message.
+const HOLD_LONG: Duration = Duration::from_secs(3_600);
+
 fn writer(env: &Env, worker_id: &WorkerId) -> Arc<LogWriter> {
+    writer_with(env, worker_id, HOLD_LONG)
+}
+
+fn writer_with(env: &Env, worker_id: &WorkerId, hold_for: Duration) -> Arc<LogWriter> {
     let js = jetstream::ContextBuilder::new().timeout(ACK_TIMEOUT).build(env.client.clone());
     Arc::new(LogWriter {
         js,
         names: env.names.clone(),
         worker_id: worker_id.clone(),
         redactor: runfleet_ops::redact::Redactor::default(),
+        hold_for,
     })
+}
+
+fn step_started(index: u32) -> EventBody {
+    EventBody::StepStarted(StepStarted { index, name: format!("s{index}"), attempt: 1 })
+}
+
+fn step_completed(index: u32) -> EventBody {
+    EventBody::StepCompleted(StepCompleted {
+        index,
+        name: format!("s{index}"),
+        attempt: 1,
+        duration_ms: 0,
+        blob: false,
+    })
+}
+
+/// A run's log with `run.started` (seq 2) appended by a fresh worker.
+async fn started_log(env: &Env, hold_for: Duration) -> anyhow::Result<(Job, EventLog)> {
+    let job = env.create_run("steps", json!({ "steps": 2 }), 2).await?;
+    let created_seq = job.created_seq.context("a created run has its created_seq")?;
+    let writer = writer_with(env, &WorkerId::generate(), hold_for);
+    let mut log = EventLog::new(&writer, &job, 1, &LastEvent::created(&job, created_seq));
+    assert_eq!(log.append(EventBody::Started(RunStarted { delivery: 1 })).await?, 2);
+    Ok((job, log))
+}
+
+fn types(events: &[(u64, Event)]) -> Vec<&'static str> {
+    events.iter().map(|(_, e)| e.body.type_name()).collect()
 }
 
 /// Appends `body` while the server is paused for [`PAUSE`], so the first
@@ -112,5 +152,152 @@ async fn a_resent_append_that_finds_another_writers_event_is_lost() -> anyhow::R
     let events = env.events(job.run_id).await?;
     assert_eq!(events.len(), 2);
     assert_eq!(events[1].1.worker_id.as_ref(), Some(&other), "the other writer's event stays");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_event_is_stored_with_the_next_append_in_one_message() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, mut log) = started_log(&env, HOLD_LONG).await?;
+    assert_eq!(log.append(step_started(0)).await?, 3);
+    log.hold(step_completed(0)).await?;
+    assert_eq!(log.last_seq(), 3, "a held event is not in the log yet");
+    assert_eq!(env.events(job.run_id).await?.len(), 3, "a held event is not sent on its own");
+
+    assert_eq!(log.append(step_started(1)).await?, 5, "the next append gets the seq after the held one");
+    log.hold(step_completed(1)).await?;
+    log.flush().await?;
+    assert_eq!(log.last_seq(), 6);
+
+    let events = env.events(job.run_id).await?;
+    let bodies: Vec<Event> = events.iter().map(|(_, e)| e.clone()).collect();
+    assert_gapless(&bodies);
+    assert_eq!(
+        types(&events),
+        ["run.created", "run.started", "step.started", "step.completed", "step.started", "step.completed"]
+    );
+    assert_eq!(events[4].0, events[3].0, "the held event and the next one are one message");
+    assert_eq!(events[5].0, events[4].0 + 1, "a flushed event is a message of its own");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_message_fenced_out_by_another_writer_stores_neither_event() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, mut log) = started_log(&env, HOLD_LONG).await?;
+    log.hold(step_completed(0)).await?;
+
+    // A newer attempt on another worker writes seq 3 after our seq 2.
+    let stored = env.events(job.run_id).await?;
+    let other = WorkerId::generate();
+    let theirs = Event {
+        run_id: job.run_id,
+        tenant: job.tenant.clone(),
+        seq: 3,
+        ts_ms: time::now_ms(),
+        attempt: 2,
+        worker_id: Some(other.clone()),
+        trace_id: None,
+        body: EventBody::Resumed(runfleet_protocol::event::RunResumed {
+            delivery: 2,
+            steps_replayed: 0,
+            failures: 1,
+        }),
+    };
+    env.append_event(&theirs, stored[1].0).await?;
+
+    match log.append(step_started(1)).await {
+        Err(e) if e.is_lease_lost() => {}
+        other => panic!("an append behind another writer's event must be refused: {other:?}"),
+    }
+    assert!(log.is_lost());
+    match log.append(step_started(2)).await {
+        Err(e) if e.is_lease_lost() => {}
+        other => panic!("a lost log writes nothing more: {other:?}"),
+    }
+    let events = env.events(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.resumed"], "neither event is stored");
+    assert_eq!(events[2].1.worker_id.as_ref(), Some(&other));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unacknowledged_message_of_two_events_is_sent_again_and_stored_once() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, mut log) = started_log(&env, HOLD_LONG).await?;
+    assert_eq!(log.append(step_started(0)).await?, 3);
+    log.hold(step_completed(0)).await?;
+
+    let (mut log, appended) = append_across_a_pause(&env, log, step_started(1)).await;
+    assert_eq!(appended?, 5, "the message survives a server that did not answer in time");
+    assert!(!log.is_lost() && !log.is_closed());
+    assert_eq!(log.append(step_completed(1)).await?, 6, "the log goes on from the resent message");
+
+    let events = env.events(job.run_id).await?;
+    let bodies: Vec<Event> = events.iter().map(|(_, e)| e.clone()).collect();
+    assert_gapless(&bodies);
+    assert_eq!(
+        types(&events),
+        ["run.created", "run.started", "step.started", "step.completed", "step.started", "step.completed"],
+        "the resent message is stored once"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_no_hold_time_a_held_event_is_appended_at_once() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, mut log) = started_log(&env, Duration::ZERO).await?;
+    log.hold(step_completed(0)).await?;
+    assert_eq!(log.last_seq(), 3);
+    assert_eq!(types(&env.events(job.run_id).await?), ["run.created", "run.started", "step.completed"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_event_with_nothing_after_it_is_sent_on_its_own() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let hold_for = Duration::from_millis(50);
+    let (job, mut log) = started_log(&env, hold_for).await?;
+    log.hold(step_completed(0)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.events(job.run_id).await?.len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the held event was never sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The log learns where its own send left it, and goes on from there.
+    assert_eq!(log.append(step_started(1)).await?, 4);
+    let events = env.events(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "step.completed", "step.started"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_closed_or_dropped_log_does_not_write_its_held_event() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let hold_for = Duration::from_millis(50);
+    let (closed, mut log) = started_log(&env, hold_for).await?;
+    log.hold(step_completed(0)).await?;
+    log.close();
+    let (dropped, mut log) = started_log(&env, hold_for).await?;
+    log.hold(step_completed(0)).await?;
+    drop(log);
+    tokio::time::sleep(hold_for * 10).await;
+    for run_id in [closed.run_id, dropped.run_id] {
+        assert_eq!(types(&env.events(run_id).await?), ["run.created", "run.started"]);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_event_and_a_large_next_one_go_in_messages_of_their_own() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, mut log) = started_log(&env, HOLD_LONG).await?;
+    log.hold(step_completed(0)).await?;
+    let large = EventBody::Agent(AgentEvent { name: "big".into(), data: json!("x".repeat(70 * 1024)) });
+    assert_eq!(log.append(large).await?, 4);
+    let events = env.events(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "step.completed", "agent.event"]);
+    assert_eq!(events[3].0, events[2].0 + 1, "too large together: one message each");
     Ok(())
 }

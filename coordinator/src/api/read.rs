@@ -17,7 +17,7 @@ use runfleet_protocol::{ApiError, ErrorCode, RunId, TenantId};
 
 use super::{runs_error, unavailable, Api};
 use crate::registry::outcome_of;
-use crate::runs::{stored_event, Lookup};
+use crate::runs::{stored_events, Lookup};
 
 pub(super) fn not_found(run: RunId) -> ApiError {
     ApiError::new(ErrorCode::NotFound, format!("run {run} does not exist"))
@@ -102,11 +102,7 @@ impl Api {
             };
             found_any = true;
             next_stream_seq = message.sequence + 1;
-            if let Some(stored) = stored_event(&message) {
-                if stored.event.seq > after_seq {
-                    events.push(stored.event);
-                }
-            }
+            events.extend(stored_events(&message).into_iter().filter(|event| event.seq > after_seq));
         }
         if !found_any {
             return Err(not_found(run));

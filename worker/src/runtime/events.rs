@@ -4,9 +4,22 @@
 //! `Nats-Expected-Last-Subject-Sequence` set to the stream sequence of the
 //! run's previous event, so the server refuses the append if anyone else wrote
 //! to the log since this worker read it: at most one worker commits for a run.
+//!
+//! An event may also be *held* ([`EventLog::hold`]): numbered and encoded
+//! but sent only with the log's next event, both in one message (a
+//! multi-event log message, see [`runfleet_protocol::event`]). One message
+//! is stored whole or not at all under the same fence, and the pair costs
+//! one round trip instead of two. A step's `step.completed` is held this way
+//! and goes out with the next step's `step.started` (or whatever the run
+//! writes next); the step's checkpoint, already stored, is what a replay
+//! relies on. If nothing follows within [`LogWriter::hold_for`]
+//! ([`HOLD_FOR`] in a worker; the agent waits on something else), the held
+//! event is sent on its own, so the log never lags a step by more than
+//! that.
 
 use std::future::{Future, IntoFuture as _};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -18,7 +31,7 @@ use futures::{FutureExt as _, StreamExt};
 use runfleet_ops::metrics;
 use runfleet_ops::redact::Redactor;
 use runfleet_ops::telemetry;
-use runfleet_protocol::event::{Event, EventBody, RunCreated};
+use runfleet_protocol::event::{self as log_message, Event, EventBody, RunCreated};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
@@ -110,11 +123,8 @@ pub async fn read_last(
     let subject = names.run_events(tenant, run_id);
     match events.direct_get_last_for_subject(subject).await {
         Ok(message) => {
-            let event = codec::decode::<Event>(&message.payload).map_err(|source| Error::Decode {
-                run_id,
-                stream_seq: message.sequence,
-                source,
-            })?;
+            let event = log_message::decode_last_of_log_message(&message.payload)
+                .map_err(|source| Error::Decode { run_id, stream_seq: message.sequence, source })?;
             Ok(Some(LastEvent { event, stream_seq: message.sequence }))
         }
         Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
@@ -153,7 +163,7 @@ pub async fn failures_before(events: &stream::Stream, names: &Names, last: &Last
     {
         let message = message.map_err(|e| scan_error(e.to_string()))?;
         let stream_seq = message.info().map_err(|e| scan_error(e.to_string()))?.stream_sequence;
-        if let Ok(event) = codec::decode::<Event>(&message.payload) {
+        for event in log_message::decode_log_message(&message.payload).unwrap_or_default() {
             if event.attempt == attempt {
                 match &event.body {
                     EventBody::Started(_) => failures = 0,
@@ -194,6 +204,8 @@ pub struct EventLog {
     /// The stream sequence of the run's last event.
     last_stream_seq: u64,
     closed: bool,
+    /// The event held back to go out with the next one, if any.
+    held: Option<Held>,
     /// The event sent but not yet acknowledged, if any.
     in_flight: Option<InFlight>,
     /// Set once an append found that someone else wrote to the log; every
@@ -202,19 +214,135 @@ pub struct EventLog {
     lost: bool,
 }
 
-/// An event [`EventLog::begin`] sent, and the wait for its acknowledgement.
-struct InFlight {
+/// An event numbered and encoded for the log.
+struct Encoded {
     event: Event,
+    /// Whether the redactor changed its payload.
     redacted: bool,
-    /// What was sent, to send it again if no answer came back.
     payload: bytes::Bytes,
-    headers: HeaderMap,
+}
+
+/// The longest a worker holds an event back for the log's next append
+/// before it is sent on its own ([`LogWriter::hold_for`]). Between two steps an agent usually computes for
+/// microseconds; this bounds how late a `step.completed` shows when it waits
+/// on something else.
+pub const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The largest message a held event and the next one are sent in together;
+/// larger pairs (an output near the size limit) go one by one.
+const COMBINED_LIMIT: usize = 64 * 1024;
+
+/// An event held back for the log's next append, and its own send, which
+/// starts if that append does not come within [`LogWriter::hold_for`].
+struct Held {
+    encoded: Encoded,
+    /// The event on its own, as the timer sends it.
+    alone: Outgoing,
+    /// Set by whoever sends the event first: the timer, or the next append
+    /// (which sends it in its message).
+    taken: Arc<AtomicBool>,
+    timer: tokio::task::JoinHandle<Answer>,
+}
+
+impl Held {
+    /// Holds `encoded`, to be sent as `alone` after the writer's
+    /// `hold_for` unless taken first.
+    fn start(writer: &Arc<LogWriter>, encoded: Encoded, alone: Outgoing) -> Self {
+        let taken = Arc::new(AtomicBool::new(false));
+        let timer = tokio::spawn({
+            let (writer, taken, alone) = (writer.clone(), taken.clone(), alone.clone());
+            async move {
+                tokio::time::sleep(writer.hold_for).await;
+                if taken.swap(true, Ordering::AcqRel) {
+                    // Taken by an append, which aborts this task.
+                    return Answer::Ack(Err(PublishError::new(PublishErrorKind::Other)));
+                }
+                match alone.publish(&writer.js).await {
+                    Ok(ack) => Answer::Ack(ack.await),
+                    Err(e) => Answer::Ack(Err(e)),
+                }
+            }
+        });
+        Self { encoded, alone, taken, timer }
+    }
+
+    /// The held event for the caller to send, or, if the timer already
+    /// sends it, the wait for that send's acknowledgement.
+    fn take(self) -> Taken {
+        if !self.taken.swap(true, Ordering::AcqRel) {
+            self.timer.abort();
+            return Taken::Event(self.encoded);
+        }
+        let ack = self.timer.map(|joined| {
+            joined.unwrap_or_else(|e| Answer::Ack(Err(PublishError::with_source(PublishErrorKind::Other, e))))
+        });
+        Taken::Sending(Box::new(InFlight {
+            ahead: None,
+            last: self.encoded,
+            sent: self.alone,
+            resent: 0,
+            ack: SyncFuture::new(Box::pin(ack)),
+        }))
+    }
+
+    /// Drops the held event unless its timer already sends it.
+    fn discard(self) {
+        if !self.taken.swap(true, Ordering::AcqRel) {
+            self.timer.abort();
+        }
+    }
+}
+
+/// What taking a held event gives. Moved once, straight from
+/// [`Held::take`] to its match: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Taken {
+    /// The event, for the caller to send.
+    Event(Encoded),
+    /// Its timer already sends it alone: the wait for that send.
+    Sending(Box<InFlight>),
+}
+
+/// An event [`EventLog::begin`] sent (with the held event ahead of it, if
+/// there was one), and the wait for its acknowledgement.
+struct InFlight {
+    /// The held event sent ahead of `last` in the same message.
+    ahead: Option<Encoded>,
+    last: Encoded,
+    /// What was sent, to send it again if no answer came back.
+    sent: Outgoing,
     /// Times it was sent again.
     resent: u32,
     /// `SyncFuture`: only ever polled through `&mut`, so the log (and the
     /// `RunContext` that owns it) stays `Sync` for agents that hold `&ctx`
     /// across an await.
     ack: SyncFuture<AckWait>,
+}
+
+/// One append as it goes on the wire: one message with one event, or with
+/// a held event and the next one.
+#[derive(Clone)]
+struct Outgoing {
+    subject: String,
+    payload: bytes::Bytes,
+    /// `<run_id>:<seq>` of the message's last event.
+    msg_id: String,
+    /// The stream sequence of the run's last stored message.
+    expected_last: u64,
+}
+
+impl Outgoing {
+    /// Sends the append; the returned future is its acknowledgement.
+    async fn publish(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
+        headers.insert(HEADER_MSG_ID, self.msg_id.as_str());
+        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.expected_last.to_string().as_str());
+        js.publish_with_headers(self.subject.clone(), headers, self.payload.clone()).await
+    }
 }
 
 /// How often an event that got no acknowledgement is sent again before the
@@ -245,7 +373,22 @@ enum Answer {
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InFlight").field("seq", &self.event.seq).finish_non_exhaustive()
+        f.debug_struct("InFlight")
+            .field("ahead", &self.ahead.as_ref().map(|e| e.event.seq))
+            .field("seq", &self.last.event.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("seq", &self.encoded.event.seq).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoded").field("seq", &self.event.seq).finish_non_exhaustive()
     }
 }
 
@@ -257,31 +400,30 @@ pub struct LogWriter {
     pub worker_id: WorkerId,
     /// Cleans event payloads before they are published.
     pub redactor: Redactor,
+    /// How long a held event waits for the next append before it is sent
+    /// on its own ([`HOLD_FOR`]); zero holds nothing (every event is
+    /// appended at once).
+    pub hold_for: std::time::Duration,
 }
 
-/// An event sent again after its acknowledgement did not come.
+/// An append sent again after its acknowledgement did not come.
 struct Resend {
     writer: Arc<LogWriter>,
-    subject: String,
-    headers: HeaderMap,
-    payload: bytes::Bytes,
+    sent: Outgoing,
     run_id: RunId,
+    /// The seq of its (last) event.
     seq: u64,
     attempt: u32,
 }
 
 impl Resend {
-    /// Sends the event again after `delay`. If the server refuses it (as a
+    /// Sends the append again after `delay`. If the server refuses it (as a
     /// duplicate of its msg id, or for its expected last sequence, which
     /// nats-server 2.12+ checks first), the first send may have been stored:
     /// the run's last event says whether it is this attempt's own.
     async fn send(self, delay: std::time::Duration) -> Answer {
         tokio::time::sleep(delay).await;
-        let js = &self.writer.js;
-        let acked = match js
-            .publish_with_headers(self.subject.clone(), self.headers.clone(), self.payload.clone())
-            .await
-        {
+        let acked = match self.sent.publish(&self.writer.js).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
@@ -306,10 +448,10 @@ impl Resend {
             .await
             .map_err(|e| Error::Scan { run_id, message: e.to_string() })?;
         let last = stream
-            .direct_get_last_for_subject(self.subject.as_str())
+            .direct_get_last_for_subject(self.sent.subject.as_str())
             .await
             .map_err(|source| Error::Read { run_id, source })?;
-        let ours = codec::decode::<Event>(&last.payload).is_ok_and(|stored| {
+        let ours = log_message::decode_last_of_log_message(&last.payload).is_ok_and(|stored| {
             stored.run_id == run_id
                 && stored.seq == self.seq
                 && stored.attempt == self.attempt
@@ -343,6 +485,7 @@ impl EventLog {
             next_seq: last.event.seq + 1,
             last_stream_seq: last.stream_seq,
             closed: false,
+            held: None,
             in_flight: None,
             lost: false,
         }
@@ -380,39 +523,107 @@ impl EventLog {
         self.lost
     }
 
-    /// Closes the log so nothing more is appended (used when the lease is lost).
+    /// Closes the log so nothing more is appended (used when the lease is
+    /// lost); a held event is dropped unless already on its way.
     pub fn close(&mut self) {
         self.closed = true;
+        if let Some(held) = self.held.take() {
+            held.discard();
+        }
     }
 
     /// Appends one event and waits for JetStream to acknowledge it (and for
-    /// an event [`EventLog::begin`] sent before it). Returns the event's
-    /// seq. Any error closes the log, and so does dropping the returned
-    /// future while the event is being sent (it may have been written);
-    /// dropped while only waiting for the acknowledgement, the wait resumes
-    /// at the next call.
+    /// an event [`EventLog::begin`] sent before it, and the held event, which
+    /// goes out with it). Returns the event's seq. Any error closes the log,
+    /// and so does dropping the returned future while the event is being
+    /// sent (it may have been written); dropped while only waiting for the
+    /// acknowledgement, the wait resumes at the next call.
     pub async fn append(&mut self, body: EventBody) -> Result<u64, Error> {
         self.begin(body).await?;
         self.confirm().await
     }
 
-    /// Sends one event without waiting for its acknowledgement, so the
-    /// caller can work while it travels; [`EventLog::confirm`] (or the next
-    /// `begin` / `append`) waits for it. The wait is kept in the log, so a
-    /// caller that stops waiting (a dropped step future) loses nothing: the
-    /// next append settles it first.
+    /// Numbers and encodes one event but sends it only with the log's next
+    /// event, in one message: one round trip for both (see the module
+    /// docs); sent on its own if no append follows within
+    /// [`LogWriter::hold_for`]. An event held when the attempt ends without
+    /// writing anything more (a crash, a lost lease) may never be written,
+    /// so hold only events a replay does without. With a zero `hold_for`
+    /// this is [`EventLog::append`].
+    pub async fn hold(&mut self, body: EventBody) -> Result<(), Error> {
+        if self.writer.hold_for.is_zero() {
+            return self.append(body).await.map(drop);
+        }
+        self.flush().await?;
+        self.check_open()?;
+        let encoded = self.encode(body, self.next_seq).inspect_err(|_| self.closed = true)?;
+        let alone = self.outgoing(None, &encoded)?;
+        self.held = Some(Held::start(&self.writer, encoded, alone));
+        Ok(())
+    }
+
+    /// Writes the held event, if there is one, on its own and waits for it.
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.confirm().await?;
+        match self.held.take().map(Held::take) {
+            None => Ok(()),
+            Some(Taken::Event(encoded)) => {
+                self.check_open()?;
+                self.send(None, encoded).await?;
+                self.confirm().await.map(drop)
+            }
+            Some(Taken::Sending(sending)) => {
+                self.in_flight = Some(*sending);
+                self.confirm().await.map(drop)
+            }
+        }
+    }
+
+    /// Sends one event (after the held one, if any) without waiting for its
+    /// acknowledgement, so the caller can work while it travels;
+    /// [`EventLog::confirm`] (or the next `begin` / `append`) waits for it.
+    /// The wait is kept in the log, so a caller that stops waiting (a dropped
+    /// step future) loses nothing: the next append settles it first.
     pub async fn begin(&mut self, body: EventBody) -> Result<(), Error> {
         self.confirm().await?;
+        let ahead = match self.held.take().map(Held::take) {
+            None => None,
+            Some(Taken::Event(encoded)) => Some(encoded),
+            // Already on its way alone: this event follows it.
+            Some(Taken::Sending(sending)) => {
+                self.in_flight = Some(*sending);
+                self.confirm().await?;
+                None
+            }
+        };
+        self.check_open()?;
+        let seq = ahead.as_ref().map_or(self.next_seq, |held| held.event.seq + 1);
+        let last = self.encode(body, seq).inspect_err(|_| self.closed = true)?;
+        match ahead {
+            // Too large together (an output near the size limit): the held
+            // event first, on its own.
+            Some(held) if held.payload.len() + last.payload.len() > COMBINED_LIMIT => {
+                self.send(None, held).await?;
+                self.confirm().await?;
+                self.send(None, last).await
+            }
+            ahead => self.send(ahead, last).await,
+        }
+    }
+
+    /// Refuses to write to a lost or closed log.
+    fn check_open(&self) -> Result<(), Error> {
         if self.lost {
             return Err(Error::LeaseLost { run_id: self.run_id, seq: self.next_seq });
         }
         if self.closed {
             return Err(Error::Closed { run_id: self.run_id });
         }
-        // Closed while the event is being sent: if the caller stops there
-        // the log's position is unknown.
-        self.closed = true;
-        let seq = self.next_seq;
+        Ok(())
+    }
+
+    /// The event `body` as the log's `seq`, redacted and encoded.
+    fn encode(&self, body: EventBody, seq: u64) -> Result<Encoded, Error> {
         let run_id = self.run_id;
         let mut event = Event {
             run_id,
@@ -426,27 +637,46 @@ impl EventLog {
         };
         let redacted = event.payload_mut().is_some_and(|payload| self.writer.redactor.redact(payload));
         let payload = codec::encode(&event).map_err(|source| Error::Encode { run_id, source })?;
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.writer.names.event_msg_id(run_id, seq).as_str());
-        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.last_stream_seq.to_string().as_str());
-        let payload = bytes::Bytes::from(payload);
-        let ack = self
-            .writer
-            .js
-            .publish_with_headers(self.subject.clone(), headers.clone(), payload.clone())
+        Ok(Encoded { event, redacted, payload: bytes::Bytes::from(payload) })
+    }
+
+    /// Publishes `last` (after `ahead`, in one message) fenced on the log's
+    /// last stored event, and keeps the wait for its acknowledgement.
+    async fn send(&mut self, ahead: Option<Encoded>, last: Encoded) -> Result<(), Error> {
+        // Closed while the event is being sent: if the caller stops there
+        // the log's position is unknown.
+        self.closed = true;
+        let sent = self.outgoing(ahead.as_ref(), &last)?;
+        let ack = sent
+            .publish(&self.writer.js)
             .await
-            .map_err(|source| Error::Publish { run_id, source })?;
+            .map_err(|source| Error::Publish { run_id: self.run_id, source })?;
         self.in_flight = Some(InFlight {
-            event,
-            redacted,
-            payload,
-            headers,
+            ahead,
+            last,
+            sent,
             resent: 0,
             ack: SyncFuture::new(Box::pin(ack.into_future().map(Answer::Ack))),
         });
         self.closed = false;
         Ok(())
+    }
+
+    /// `last` (after `ahead`, in one message) as it goes on the wire, fenced
+    /// on the log's last stored message.
+    fn outgoing(&self, ahead: Option<&Encoded>, last: &Encoded) -> Result<Outgoing, Error> {
+        let payload = match ahead {
+            None => last.payload.clone(),
+            Some(held) => log_message::encode_log_message(&[&held.event, &last.event])
+                .map(bytes::Bytes::from)
+                .map_err(|source| Error::Encode { run_id: self.run_id, source })?,
+        };
+        Ok(Outgoing {
+            subject: self.subject.clone(),
+            payload,
+            msg_id: self.writer.names.event_msg_id(self.run_id, last.event.seq),
+            expected_last: self.last_stream_seq,
+        })
     }
 
     /// Waits for the acknowledgement of the event [`EventLog::begin`] sent,
@@ -460,35 +690,33 @@ impl EventLog {
             };
             match (&mut in_flight.ack).await {
                 // No answer (a server restarting, a connection re-made): the
-                // event may or may not be stored. Send the same message again
-                // (same msg id, same expected last sequence): stored already,
-                // it is refused and the run's last event shows it ours; else
-                // it is stored now. So an event whose step already started
-                // work is not lost to a restart of the server. The resend
-                // replaces the wait in the log, so a dropped `confirm`
-                // resumes it.
+                // event may or may not be stored. Send the same append again
+                // (same msg id, same expected last sequence): stored
+                // already, it is refused and the run's
+                // last event shows it ours; else it is stored now. So an
+                // event whose step already started work is not lost to a
+                // restart of the server. The resend replaces the wait in the
+                // log, so a dropped `confirm` resumes it.
                 Answer::Ack(Err(e)) if resendable(e.kind()) && in_flight.resent < RESENDS => {
                     in_flight.resent += 1;
                     let delay = RESEND_DELAY * in_flight.resent;
-                    debug!(run_id = %self.run_id, seq = in_flight.event.seq, resent = in_flight.resent, error = %e, "event not acknowledged; sending it again");
+                    debug!(run_id = %self.run_id, seq = in_flight.last.event.seq, resent = in_flight.resent, error = %e, "event not acknowledged; sending it again");
                     let resend = Resend {
                         writer: self.writer.clone(),
-                        subject: self.subject.clone(),
-                        headers: in_flight.headers.clone(),
-                        payload: in_flight.payload.clone(),
+                        sent: in_flight.sent.clone(),
                         run_id: self.run_id,
-                        seq: in_flight.event.seq,
-                        attempt: in_flight.event.attempt,
+                        seq: in_flight.last.event.seq,
+                        attempt: in_flight.last.event.attempt,
                     };
                     in_flight.ack = SyncFuture::new(Box::pin(resend.send(delay)));
                 }
                 answer => break answer,
             }
         };
-        let Some(InFlight { event, redacted, .. }) = self.in_flight.take() else {
+        let Some(InFlight { ahead, last, .. }) = self.in_flight.take() else {
             return Ok(self.last_seq());
         };
-        let (run_id, seq) = (event.run_id, event.seq);
+        let (run_id, seq) = (last.event.run_id, last.event.seq);
         let stored = match answer {
             Answer::Checked(checked) => checked,
             Answer::Ack(Ok(ack)) if !ack.duplicate => Ok(ack.sequence),
@@ -505,9 +733,11 @@ impl EventLog {
         let result = stored.map(|stream_seq| {
             self.next_seq = seq + 1;
             self.last_stream_seq = stream_seq;
-            self.count(&event.body);
-            if redacted {
-                metrics::get().events_redacted.inc();
+            for stored in ahead.iter().chain(std::iter::once(&last)) {
+                self.count(&stored.event.body);
+                if stored.redacted {
+                    metrics::get().events_redacted.inc();
+                }
             }
             seq
         });
@@ -535,6 +765,16 @@ impl EventLog {
             EventBody::Failed(_) => m.runs_failed.with_label_values(&labels).inc(),
             EventBody::Cancelled(_) => m.runs_cancelled.with_label_values(&labels).inc(),
             _ => {}
+        }
+    }
+}
+
+impl Drop for EventLog {
+    /// A log dropped with an event held (the attempt ended without writing
+    /// more) does not write it later.
+    fn drop(&mut self) {
+        if let Some(held) = self.held.take() {
+            held.discard();
         }
     }
 }

@@ -247,8 +247,13 @@ impl Worker {
             wake.push(subscriber);
         }
 
-        let writer =
-            Arc::new(LogWriter { js: js.clone(), names: names.clone(), worker_id: id.clone(), redactor });
+        let writer = Arc::new(LogWriter {
+            js: js.clone(),
+            names: names.clone(),
+            worker_id: id.clone(),
+            redactor,
+            hold_for: config.step_completed_hold,
+        });
         let checkpoint_stores = Arc::new(checkpoints::Stores {
             js: js.clone(),
             names: names.clone(),

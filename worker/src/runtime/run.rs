@@ -873,7 +873,14 @@ async fn settle(
                 debug!(run_id = %run_id, error = %e, "could not publish the hand-off wake-up; idle workers find the job by polling");
             }
         }
-        Outcome::Interrupted(error) => interrupted(shared, held, run_id, attempt, error, release_lease).await,
+        Outcome::Interrupted(error) => {
+            // The lease is still ours: a held `step.completed` goes in the
+            // log rather than vanish with the attempt.
+            if let Err(e) = log.flush().await {
+                debug!(run_id = %run_id, error = %e, "could not write the held event of an interrupted run");
+            }
+            interrupted(shared, held, run_id, attempt, error, release_lease).await;
+        }
     }
 }
 

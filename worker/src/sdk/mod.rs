@@ -356,6 +356,22 @@ impl RunContext {
     /// Sends one event unless the run is being stopped, without waiting for
     /// its acknowledgement (see [`EventLog::begin`]).
     async fn begin_append(&mut self, body: EventBody) -> Result<(), AgentError> {
+        self.writable()?;
+        let sent = self.log.begin(body).await;
+        sent.map_err(|e| self.refused(e))
+    }
+
+    /// Holds one event to go out with the run's next one, unless the run is
+    /// being stopped (see [`EventLog::hold`]).
+    async fn hold_append(&mut self, body: EventBody) -> Result<(), AgentError> {
+        self.writable()?;
+        let held = self.log.hold(body).await;
+        held.map_err(|e| self.refused(e))
+    }
+
+    /// Refuses a write of a parked run or of one being stopped (whose log it
+    /// closes).
+    fn writable(&mut self) -> Result<(), AgentError> {
         if self.parked.is_some() {
             return Err(AgentError::Interrupted(Interruption::Waiting));
         }
@@ -363,8 +379,7 @@ impl RunContext {
             self.log.close();
             return Err(AgentError::Interrupted(Interruption::Stopped));
         }
-        let sent = self.log.begin(body).await;
-        sent.map_err(|e| self.refused(e))
+        Ok(())
     }
 
     /// Waits for the event [`RunContext::begin_append`] sent, if any.

@@ -365,9 +365,15 @@ impl RunContext {
                             return Err(AgentError::Interrupted(e.into()));
                         }
                     };
+                    // Held, not sent: it goes out with the run's next event
+                    // (the next `step.started`, a wait, the terminal event)
+                    // in one message, so a step costs two round trips, not
+                    // three. The checkpoint is stored, so an attempt that
+                    // dies before then loses only the event; its successor
+                    // replays the step from the checkpoint.
                     let completed =
                         StepCompleted { index, name: name.to_owned(), attempt, duration_ms, blob };
-                    self.append(EventBody::StepCompleted(completed)).await?;
+                    self.hold_append(EventBody::StepCompleted(completed)).await?;
                     runfleet_ops::metrics::get()
                         .step_duration
                         .with_label_values(&[self.agent.as_str()])

@@ -234,7 +234,8 @@ impl Env {
         loop {
             match self.events.direct_get_next_for_subject(subject.clone(), Some(from)).await {
                 Ok(message) => {
-                    out.push((message.sequence, codec::decode::<Event>(&message.payload)?));
+                    let events = runfleet_protocol::event::decode_log_message(&message.payload)?;
+                    out.extend(events.into_iter().map(|event| (message.sequence, event)));
                     from = message.sequence + 1;
                 }
                 Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => return Ok(out),
