@@ -193,7 +193,7 @@ impl Runs {
     /// The first event stored on `subject` (normally `run.created`).
     pub async fn first_event_on(&self, subject: &str) -> Result<Option<Event>, Error> {
         let first = self.direct_get(subject, Lookup::NextFrom(0)).await?;
-        Ok(first.as_ref().and_then(stored_event).map(|stored| stored.event))
+        Ok(first.as_ref().and_then(|message| stored_events(message).into_iter().next()))
     }
 
     /// The run's job and last event, or `None` if the run does not exist

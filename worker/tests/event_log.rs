@@ -18,6 +18,7 @@ use runfleet_protocol::job::Job;
 use runfleet_protocol::{time, WorkerId};
 use runfleet_worker::runtime::events::{Error, EventLog, LastEvent, LogWriter};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 /// How long a publish waits for its acknowledgement in these tests.
 const ACK_TIMEOUT: Duration = Duration::from_millis(400);
@@ -160,12 +161,12 @@ async fn a_held_event_is_stored_with_the_next_append_in_one_message() -> anyhow:
     let env = Env::start(Duration::from_secs(5)).await?;
     let (job, mut log) = started_log(&env, HOLD_LONG).await?;
     assert_eq!(log.append(step_started(0)).await?, 3);
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     assert_eq!(log.last_seq(), 3, "a held event is not in the log yet");
     assert_eq!(env.events(job.run_id).await?.len(), 3, "a held event is not sent on its own");
 
     assert_eq!(log.append(step_started(1)).await?, 5, "the next append gets the seq after the held one");
-    log.hold(step_completed(1)).await?;
+    log.hold(step_completed(1), &CancellationToken::new()).await?;
     log.flush().await?;
     assert_eq!(log.last_seq(), 6);
 
@@ -185,7 +186,7 @@ async fn a_held_event_is_stored_with_the_next_append_in_one_message() -> anyhow:
 async fn a_message_fenced_out_by_another_writer_stores_neither_event() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
     let (job, mut log) = started_log(&env, HOLD_LONG).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
 
     // A newer attempt on another worker writes seq 3 after our seq 2.
     let stored = env.events(job.run_id).await?;
@@ -226,7 +227,7 @@ async fn an_unacknowledged_message_of_two_events_is_sent_again_and_stored_once()
     let env = Env::start(Duration::from_secs(5)).await?;
     let (job, mut log) = started_log(&env, HOLD_LONG).await?;
     assert_eq!(log.append(step_started(0)).await?, 3);
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
 
     let (mut log, appended) = append_across_a_pause(&env, log, step_started(1)).await;
     assert_eq!(appended?, 5, "the message survives a server that did not answer in time");
@@ -248,7 +249,7 @@ async fn an_unacknowledged_message_of_two_events_is_sent_again_and_stored_once()
 async fn with_no_hold_time_a_held_event_is_appended_at_once() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
     let (job, mut log) = started_log(&env, Duration::ZERO).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     assert_eq!(log.last_seq(), 3);
     assert_eq!(types(&env.events(job.run_id).await?), ["run.created", "run.started", "step.completed"]);
     Ok(())
@@ -259,7 +260,7 @@ async fn a_held_event_with_nothing_after_it_is_sent_on_its_own() -> anyhow::Resu
     let env = Env::start(Duration::from_secs(5)).await?;
     let hold_for = Duration::from_millis(50);
     let (job, mut log) = started_log(&env, hold_for).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while env.events(job.run_id).await?.len() < 3 {
         assert!(tokio::time::Instant::now() < deadline, "the held event was never sent");
@@ -277,10 +278,10 @@ async fn a_closed_or_dropped_log_does_not_write_its_held_event() -> anyhow::Resu
     let env = Env::start(Duration::from_secs(5)).await?;
     let hold_for = Duration::from_millis(50);
     let (closed, mut log) = started_log(&env, hold_for).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     log.close();
     let (dropped, mut log) = started_log(&env, hold_for).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     drop(log);
     tokio::time::sleep(hold_for * 10).await;
     for run_id in [closed.run_id, dropped.run_id] {
@@ -293,11 +294,30 @@ async fn a_closed_or_dropped_log_does_not_write_its_held_event() -> anyhow::Resu
 async fn a_held_event_and_a_large_next_one_go_in_messages_of_their_own() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
     let (job, mut log) = started_log(&env, HOLD_LONG).await?;
-    log.hold(step_completed(0)).await?;
+    log.hold(step_completed(0), &CancellationToken::new()).await?;
     let large = EventBody::Agent(AgentEvent { name: "big".into(), data: json!("x".repeat(70 * 1024)) });
     assert_eq!(log.append(large).await?, 4);
     let events = env.events(job.run_id).await?;
     assert_eq!(types(&events), ["run.created", "run.started", "step.completed", "agent.event"]);
     assert_eq!(events[3].0, events[2].0 + 1, "too large together: one message each");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_event_of_a_stopped_run_is_not_sent_by_its_timer() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let hold_for = Duration::from_millis(50);
+    let (job, mut log) = started_log(&env, hold_for).await?;
+    let stop = CancellationToken::new();
+    log.hold(step_completed(0), &stop).await?;
+    // The lease is lost (or the run handed off) before the timer fires.
+    stop.cancel();
+    tokio::time::sleep(hold_for * 10).await;
+    assert_eq!(types(&env.events(job.run_id).await?), ["run.created", "run.started"]);
+    // A runtime that still holds the lease takes it into its next append.
+    assert_eq!(log.append(step_started(1)).await?, 4);
+    let events = env.events(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "step.completed", "step.started"]);
+    assert_eq!(events[3].0, events[2].0, "one message");
     Ok(())
 }

@@ -36,6 +36,7 @@ use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
 use sync_wrapper::SyncFuture;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// Why an event could not be appended.
@@ -247,15 +248,23 @@ struct Held {
 impl Held {
     /// Holds `encoded`, to be sent as `alone` after the writer's
     /// `hold_for` unless taken first.
-    fn start(writer: &Arc<LogWriter>, encoded: Encoded, alone: Outgoing) -> Self {
+    /// A run being stopped (`stop`: its lease lost, the worker handing it
+    /// off) is not written by the timer; whoever stops it decides.
+    fn start(writer: &Arc<LogWriter>, encoded: Encoded, alone: Outgoing, stop: CancellationToken) -> Self {
         let taken = Arc::new(AtomicBool::new(false));
         let timer = tokio::spawn({
             let (writer, taken, alone) = (writer.clone(), taken.clone(), alone.clone());
             async move {
-                tokio::time::sleep(writer.hold_for).await;
-                if taken.swap(true, Ordering::AcqRel) {
-                    // Taken by an append, which aborts this task.
-                    return Answer::Ack(Err(PublishError::new(PublishErrorKind::Other)));
+                let not_sent = || Answer::Ack(Err(PublishError::new(PublishErrorKind::Other)));
+                tokio::select! {
+                    () = tokio::time::sleep(writer.hold_for) => {}
+                    // Left to whoever stopped the run: a runtime that still
+                    // holds the lease takes it into its next append.
+                    () = stop.cancelled() => return not_sent(),
+                }
+                if stop.is_cancelled() || taken.swap(true, Ordering::AcqRel) {
+                    // Stopped, or taken by an append (which aborts this task).
+                    return not_sent();
                 }
                 match alone.publish(&writer.js).await {
                     Ok(ack) => Answer::Ack(ack.await),
@@ -550,7 +559,10 @@ impl EventLog {
     /// writing anything more (a crash, a lost lease) may never be written,
     /// so hold only events a replay does without. With a zero `hold_for`
     /// this is [`EventLog::append`].
-    pub async fn hold(&mut self, body: EventBody) -> Result<(), Error> {
+    ///
+    /// `stop` is the run's stop token: once it is cancelled (the lease lost,
+    /// the run handed off) the timer no longer sends the event.
+    pub async fn hold(&mut self, body: EventBody, stop: &CancellationToken) -> Result<(), Error> {
         if self.writer.hold_for.is_zero() {
             return self.append(body).await.map(drop);
         }
@@ -558,7 +570,7 @@ impl EventLog {
         self.check_open()?;
         let encoded = self.encode(body, self.next_seq).inspect_err(|_| self.closed = true)?;
         let alone = self.outgoing(None, &encoded)?;
-        self.held = Some(Held::start(&self.writer, encoded, alone));
+        self.held = Some(Held::start(&self.writer, encoded, alone, stop.clone()));
         Ok(())
     }
 

@@ -365,7 +365,7 @@ impl RunContext {
     /// being stopped (see [`EventLog::hold`]).
     async fn hold_append(&mut self, body: EventBody) -> Result<(), AgentError> {
         self.writable()?;
-        let held = self.log.hold(body).await;
+        let held = self.log.hold(body, &self.stop).await;
         held.map_err(|e| self.refused(e))
     }
 
