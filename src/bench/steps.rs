@@ -7,8 +7,10 @@
 //!
 //! - `ctx.step("noop-i", |_| async move { Ok(i) })`: a new durable step
 //!   whose work is nothing, so its time is the SDK's and JetStream's: append
-//!   `step.started`, run the closure, write the checkpoint (fenced by the run's checkpoint chain),
-//!   append `step.completed`; three round trips to the server;
+//!   `step.started` (in one message with the previous step's held
+//!   `step.completed`), run the closure, write the checkpoint (fenced by the
+//!   run's checkpoint chain), hold `step.completed` for the next append; two
+//!   round trips to the server;
 //! - `noop(i).await`, a plain async function returning `i`: the same work
 //!   without durability, the baseline,
 //!
@@ -21,13 +23,14 @@
 //!
 //! For scale, after each run the bench also times as many acknowledged
 //! JetStream publishes (256 bytes, one at a time, to a scratch file-storage
-//! stream of the same server) as the run had steps: a step costs three such
-//! round trips plus the SDK's own work, so `step p50 / publish p50` near 3
+//! stream of the same server) as the run had steps: a step costs two such
+//! round trips plus the SDK's own work, so `step p50 / publish p50` near 2
 //! means the round trips are the cost.
 //!
 //! It also times as many JetStream atomic batches of two such messages (a
 //! second scratch stream, `allow_atomic`): the price of joining two appends
-//! into one round trip, which is why steps do not (`docs/performance.md`).
+//! in an atomic batch, which is why steps join them in one message instead
+//! (`docs/performance.md`).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
