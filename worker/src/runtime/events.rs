@@ -224,9 +224,9 @@ struct Encoded {
 }
 
 /// The longest a worker holds an event back for the log's next append
-/// before it is sent on its own ([`LogWriter::hold_for`]). Between two steps an agent usually computes for
-/// microseconds; this bounds how late a `step.completed` shows when it waits
-/// on something else.
+/// before it is sent on its own ([`LogWriter::hold_for`]). Between two steps
+/// an agent usually computes for microseconds; this bounds how late a
+/// `step.completed` shows when it waits on something else.
 pub const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The largest message a held event and the next one are sent in together;
@@ -247,9 +247,9 @@ struct Held {
 
 impl Held {
     /// Holds `encoded`, to be sent as `alone` after the writer's
-    /// `hold_for` unless taken first.
-    /// A run being stopped (`stop`: its lease lost, the worker handing it
-    /// off) is not written by the timer; whoever stops it decides.
+    /// `hold_for` unless taken first. A run being stopped (`stop`: its lease
+    /// lost, the worker handing it off) is not written by the timer; whoever
+    /// stops it decides.
     fn start(writer: &Arc<LogWriter>, encoded: Encoded, alone: Outgoing, stop: CancellationToken) -> Self {
         let taken = Arc::new(AtomicBool::new(false));
         let timer = tokio::spawn({
