@@ -133,9 +133,9 @@ pub struct WorkerConfig {
     /// How long a step's `step.completed` waits for the run's next event to
     /// travel with it in one message (one round trip fewer per step); after
     /// this it is sent alone. `0s` sends every event alone, as releases
-    /// before multi-event log messages did: use it while older readers of
-    /// the log (coordinators, clients) are still running, or before rolling
-    /// back to such a release. Default `20ms`.
+    /// before multi-event log messages did: use it while processes of such a
+    /// release (coordinators, workers, clients) are still running, or before
+    /// rolling back to one (`docs/operations.md`). Default `20ms`.
     #[serde(with = "humantime_serde")]
     pub step_completed_hold: Duration,
 }
