@@ -204,6 +204,8 @@ pub struct EventLog {
     next_seq: u64,
     /// The stream sequence of the run's last event.
     last_stream_seq: u64,
+    /// That of the event the log continues after.
+    first_stream_seq: u64,
     closed: bool,
     /// The event held back to go out with the next one, if any.
     held: Option<Held>,
@@ -493,6 +495,7 @@ impl EventLog {
             attempt,
             next_seq: last.event.seq + 1,
             last_stream_seq: last.stream_seq,
+            first_stream_seq: last.stream_seq,
             closed: false,
             held: None,
             in_flight: None,
@@ -519,6 +522,12 @@ impl EventLog {
     /// The seq of the last event appended (or read).
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
+    }
+
+    /// Whether nothing was stored through this log (so far as any
+    /// acknowledgement said).
+    pub fn wrote_nothing(&self) -> bool {
+        self.last_stream_seq == self.first_stream_seq
     }
 
     /// Whether an earlier failure closed the log.

@@ -94,9 +94,9 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: Message, shutdown: Shut
     .await;
 }
 
-/// A claimed run: the lease is held, the attempt's first event
-/// (`run.started` or `run.resumed`) is written and, for a resume, the
-/// checkpoints are loaded and fenced.
+/// A claimed run: the lease is held, the attempt's first event is written
+/// (`run.resumed`) or about to be (`run.started`, in `started`) and, for a
+/// resume, the checkpoints are loaded and fenced.
 struct Claim {
     job: Job,
     acker: Acker,
@@ -107,6 +107,11 @@ struct Claim {
     checkpoints: CheckpointLog,
     /// Failed attempts before this one (see `RunResumed::failures`).
     failures: u32,
+    /// A fresh run's `run.started`, held to share one message with the
+    /// run's next event (see [`EventLog::hold`]): nothing the agent does
+    /// before that append is recorded, so nothing depends on it being
+    /// stored first, and the append is fenced on `run.created` all the same.
+    started: Option<EventBody>,
 }
 
 /// How often a claim starts over when an earlier attempt wrote to the log
@@ -410,22 +415,30 @@ async fn claim(
         let mut log = EventLog::new(&shared.writer, &job, attempt, &last);
         if shared.agents.get(&job.agent).is_none() {
             // Nothing starts: `execute` fails the run naming the agent.
-            return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
-        }
-        let first = if resume {
-            EventBody::Resumed(RunResumed {
-                delivery: delivered,
-                steps_replayed: checkpoints.recorded_count(),
+            return Some(Claim {
+                job,
+                acker,
+                key,
+                lease,
+                revision,
+                log,
+                checkpoints,
                 failures,
-            })
-        } else {
-            EventBody::Started(RunStarted { delivery: delivered })
-        };
+                started: None,
+            });
+        }
+        if !resume {
+            let started = Some(EventBody::Started(RunStarted { delivery: delivered }));
+            return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures, started });
+        }
+        let first = EventBody::Resumed(RunResumed {
+            delivery: delivered,
+            steps_replayed: checkpoints.recorded_count(),
+            failures,
+        });
         match log.append(first).await {
             Ok(_) => {
-                if resume {
-                    info!(run_id = %run_id, attempt, delivered, failures, steps_replayed = checkpoints.recorded_count(), "run resumed");
-                }
+                info!(run_id = %run_id, attempt, delivered, failures, steps_replayed = checkpoints.recorded_count(), "run resumed");
                 // Woken before its deadline (by a signal): its timer would
                 // only deliver a job to drop later.
                 if matches!(&last.event.body, EventBody::Waiting(w) if w.deadline_ms.is_some_and(|d| d > time::now_ms()))
@@ -434,7 +447,17 @@ async fn claim(
                         debug!(run_id = %run_id, error = %e, "could not disarm the woken run's timer");
                     }
                 }
-                return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures });
+                return Some(Claim {
+                    job,
+                    acker,
+                    key,
+                    lease,
+                    revision,
+                    log,
+                    checkpoints,
+                    failures,
+                    started: None,
+                });
             }
             // An earlier attempt wrote after our read: if the lease is still
             // ours it has just not noticed yet; read again.
@@ -556,12 +579,16 @@ enum Ended {
 }
 
 async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: Shutdown) {
-    let Claim { job, acker, key, lease, revision, log, checkpoints, failures } = claim;
+    let Claim { job, acker, key, lease, revision, mut log, checkpoints, failures, started } = claim;
     let run_id = job.run_id;
     let attempt = lease.attempt;
     let stop = shutdown.handoff.child_token();
     let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
+    let started = match started {
+        Some(body) => log.hold(body, &stop).await,
+        None => Ok(()),
+    };
 
     let parts = ContextParts {
         log,
@@ -574,6 +601,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
     let mut ctx = RunContext::new(parts, job.agent.clone(), job.input.clone());
 
     let outcome = match shared.agents.get(&job.agent).cloned() {
+        _ if started.is_err() => Outcome::Interrupted(started.err().map(Into::into)),
         None => {
             let available: Vec<&str> = shared.agents.names().map(|n| n.as_str()).collect();
             let message = format!(
@@ -742,6 +770,18 @@ async fn settle(
     // found the lease lost is settled.
     let revision = held.finish().await;
     let refused = ctx.is_lost() || matches!(&outcome, Outcome::Interrupted(Some(e)) if e.is_lease_lost());
+    if refused && !held.is_lost() && ctx.log_mut().wrote_nothing() {
+        // The first append of the attempt (with its held `run.started`) was
+        // refused: the log moved after the `run.created` the claim assumed
+        // (a cancel raced the claim). The lease is ours: let go of it and
+        // of the job, so that a claim reads the log at once.
+        info!(run_id = %run_id, attempt, "the run's log moved before the attempt's first event; lease released, job nak'd to be claimed again");
+        if let Some(revision) = revision {
+            release(shared, &held.key, run_id, revision).await;
+        }
+        nak(&held.acker, run_id, None).await;
+        return;
+    }
     if refused || held.is_lost() {
         // Someone else owns the run now: write nothing, leave the job and
         // the lease to their new owner (or to redelivery). The logs remember
