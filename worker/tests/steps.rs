@@ -51,6 +51,22 @@ async fn steps_are_checkpointed_and_logged_in_order() -> anyhow::Result<()> {
     }
     expected.push("run.completed");
     assert_eq!(types(&events), expected);
+    // `run.started` and each `step.completed` are held for the run's next
+    // event, so each goes out in one message with it.
+    let mut messages: Vec<(u64, Vec<&str>)> = Vec::new();
+    let stored = env.events(run).await?;
+    for (stream_seq, event) in &stored {
+        match messages.last_mut() {
+            Some((seq, types)) if seq == stream_seq => types.push(event.body.type_name()),
+            _ => messages.push((*stream_seq, vec![event.body.type_name()])),
+        }
+    }
+    let mut expected = vec![vec!["run.created"], vec!["run.started", "step.started"]];
+    for _ in 0..3 {
+        expected.push(vec!["step.completed", "step.started"]);
+    }
+    expected.push(vec!["step.completed", "run.completed"]);
+    assert_eq!(messages.into_iter().map(|(_, types)| types).collect::<Vec<_>>(), expected);
     for (i, pair) in events[2..10].chunks(2).enumerate() {
         let index = u32::try_from(i)?;
         assert!(matches!(&pair[0].body, EventBody::StepStarted(s) if s.index == index && s.attempt == 1));

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
 use runfleet_protocol::control::CancelRecord;
-use runfleet_protocol::event::{Event, EventBody, RunCompleted};
+use runfleet_protocol::event::{Event, EventBody, RunCancelled, RunCompleted};
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::worker::WorkerInfo;
 use runfleet_protocol::{codec, time, AgentName, ErrorCode, QueueName, RunId, WorkerId};
@@ -44,6 +44,10 @@ async fn echo_completes_with_gapless_events() -> anyhow::Result<()> {
         assert_eq!(event.worker_id.as_ref(), Some(&worker.id));
     }
     assert!(matches!(&events[1].body, EventBody::Started(s) if s.delivery == 1));
+    // `run.started` is held for the run's next event: one message for both.
+    let stored = env.events(run).await?;
+    assert_eq!(stored[1].0, stored[2].0, "run.started and run.completed are one message");
+    assert_eq!(stored[1].0, stored[0].0 + 1);
 
     // The job is acked (gone from the work queue) and the lease released.
     wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
@@ -279,6 +283,46 @@ async fn fast_claim_of_a_run_that_moved_on_resumes_it() -> anyhow::Result<()> {
     assert!(matches!(&events[2].body, EventBody::Resumed(r) if r.failures == 1), "{:?}", events[2]);
     assert_eq!((events[2].attempt, events[2].worker_id.as_ref()), (2, Some(&worker.id)));
     wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
+    worker.stop().await
+}
+
+/// A cancel the fast claim does not see (here `run.cancelled` is written
+/// after `run.created` with no cancel request to read, as when a coordinator
+/// cancels the queued run just before the claim) refuses the attempt's first
+/// append, which carries its held `run.started`: nothing of the attempt is
+/// stored, and the worker lets go of the lease and the job at once rather
+/// than leave them to expire, so a claim reading the log acks the job.
+#[tokio::test]
+async fn fast_claim_refused_by_a_racing_cancel_starts_nothing() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let job = env.create_run("echo", json!("never"), 2).await?;
+    let run = job.run_id;
+    let created_seq = job.created_seq.context("a submitted job names its run.created")?;
+    let cancelled = Event {
+        run_id: run,
+        tenant: env.tenant.clone(),
+        seq: 2,
+        ts_ms: time::now_ms(),
+        attempt: 0,
+        worker_id: None,
+        trace_id: None,
+        body: EventBody::Cancelled(RunCancelled { reason: Some("raced".to_owned()) }),
+    };
+    env.append_event(&cancelled, created_seq).await?;
+    env.publish_job(&job).await?;
+
+    // Let go of, not left to expire: well within the lease TTL (which is
+    // also the jobs' ack wait).
+    wait_until(LEASE_TTL / 2, || async {
+        let lease_gone = env.leases.get(env.names.lease_key(run)).await?.is_none();
+        Ok((lease_gone && env.jobs_in_stream().await? == 0).then_some(()))
+    })
+    .await
+    .context("the refused attempt left its lease or its job behind")?;
+    let events = env.events(run).await?;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[1].1, cancelled);
     worker.stop().await
 }
 
