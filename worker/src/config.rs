@@ -130,9 +130,9 @@ pub struct WorkerConfig {
     /// handoff_timeout`. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub handoff_timeout: Duration,
-    /// How long a step's `step.completed` waits for the run's next event to
-    /// travel with it in one message (one round trip fewer per step); after
-    /// this it is sent alone. `0s` sends every event alone, as releases
+    /// How long a step's `step.completed`, and a fresh run's `run.started`,
+    /// wait for the run's next event to travel with it in one message (one
+    /// round trip fewer per step and per run); after this it is sent alone. `0s` sends every event alone, as releases
     /// before multi-event log messages did: use it while processes of such a
     /// release (coordinators, workers, clients) are still running, or before
     /// rolling back to one (`docs/operations.md`). Default `20ms`.

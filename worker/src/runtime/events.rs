@@ -12,7 +12,9 @@
 //! one round trip instead of two. A step's `step.completed` is held this way
 //! and goes out with the next step's `step.started` (or whatever the run
 //! writes next); the step's checkpoint, already stored, is what a replay
-//! relies on. If nothing follows within [`LogWriter::hold_for`]
+//! relies on. A fresh run's `run.started` is held too and goes out with the
+//! agent's first event: what the agent does before that is not recorded.
+//! If nothing follows within [`LogWriter::hold_for`]
 //! ([`HOLD_FOR`] in a worker; the agent waits on something else), the held
 //! event is sent on its own, so the log never lags a step by more than
 //! that.
@@ -228,7 +230,8 @@ struct Encoded {
 /// The longest a worker holds an event back for the log's next append
 /// before it is sent on its own ([`LogWriter::hold_for`]). Between two steps
 /// an agent usually computes for microseconds; this bounds how late a
-/// `step.completed` shows when it waits on something else.
+/// `step.completed` (or `run.started`) shows when it waits on something
+/// else.
 pub const HOLD_FOR: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The largest message a held event and the next one are sent in together;
