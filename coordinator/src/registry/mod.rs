@@ -561,16 +561,25 @@ impl BatchRuns {
 /// by looking each one's name up, a scan of every parameter for `$N`, which
 /// costs more than the statement itself at thousands of parameters.
 fn placeholders(backend: Backend, rows: usize, columns: usize) -> String {
-    let row = |r: usize| {
-        let params: Vec<String> = (1..=columns)
-            .map(|c| match backend {
-                Backend::Sqlite => "?".to_owned(),
-                Backend::Postgres => format!("${}", r * columns + c),
-            })
-            .collect();
-        format!("({})", params.join(", "))
-    };
-    (0..rows).map(row).collect::<Vec<_>>().join(", ")
+    use std::fmt::Write as _;
+    // Written into one buffer: a batch has thousands of them.
+    let mut sql = String::with_capacity(rows * (columns * 6 + 4));
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 1..=columns {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${}", r * columns + c);
+                }
+            }
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 async fn insert_events(
@@ -813,6 +822,14 @@ fn run_view(row: &AnyRow) -> Result<RunView, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_number_every_parameter_of_every_row() {
+        assert_eq!(placeholders(Backend::Postgres, 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(placeholders(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+        assert_eq!(placeholders(Backend::Postgres, 1, 1), "($1)");
+        assert_eq!(placeholders(Backend::Sqlite, 0, 4), "");
+    }
 
     #[test]
     fn statements_come_in_a_few_sizes_and_cover_every_row() {
