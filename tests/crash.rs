@@ -300,6 +300,42 @@ async fn a_run_that_crashes_its_worker_every_time_fails_after_max_attempts() {
     assert!(events.iter().any(|e| matches!(&e.body, EventBody::Resumed(r) if r.steps_replayed == 1)));
 }
 
+/// An agent that crashes its worker before it writes anything. The first
+/// delivery holds `run.started` for the agent's first event, so that attempt
+/// leaves no trace; every later delivery writes `run.started` (or
+/// `run.resumed`) before the agent runs, so the crashes still use up the
+/// attempts: one uncounted crash, then `max_attempts`, then `run.failed`.
+#[tokio::test]
+async fn a_run_that_crashes_its_worker_before_its_first_event_still_fails_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let journal = dir.path().join("journal");
+    let mut fleet = fleet(1, 1, &journal).await;
+    let run = submit(&fleet, "crash", json!({"before_first_step": true}), Some(2)).await;
+
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut crashes = 0;
+    let events = loop {
+        let events = events(&fleet, run).await;
+        if terminal(&events) {
+            break events;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "run never failed ({crashes} crashes): {events:#?}");
+        if fleet.workers.last_mut().is_some_and(|w| w.has_exited()) {
+            crashes += 1;
+            fleet.add_worker(&["default"], 1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    check_run_log(run, &events).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(crashes, 3, "the held first attempt, then two counted ones");
+    let types: Vec<&str> = events.iter().map(|e| e.body.type_name()).collect();
+    assert_eq!(types, ["run.created", "run.started", "run.resumed", "run.failed"]);
+    assert!(matches!(&events[1].body, EventBody::Started(s) if s.delivery >= 2), "{:?}", events[1]);
+    let EventBody::Failed(failed) = &events[3].body else { panic!("expected run.failed") };
+    assert_eq!(failed.error.code, ErrorCode::MaxAttemptsExceeded);
+    assert_eq!(first_events(&events).iter().map(|(a, _)| *a).collect::<Vec<_>>(), [1, 2]);
+}
+
 #[tokio::test]
 async fn multi_megabyte_step_outputs_survive_a_resume() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

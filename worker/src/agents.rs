@@ -331,14 +331,20 @@ fn record(path: &PathBuf, step: &StepContext) -> std::io::Result<()> {
 }
 
 /// `crash` (test agent): completes one step, then aborts its worker process,
-/// every attempt. Shows that a poison run stops after `max_attempts`.
+/// every attempt. Shows that a poison run stops after `max_attempts`. With
+/// `{"before_first_step": true}` it aborts before anything else, before the
+/// attempt has stored a single event.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Crash;
 
 #[async_trait]
 impl Agent for Crash {
-    async fn run(&self, ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+    async fn run(&self, ctx: &mut RunContext, input: Value) -> Result<Value, AgentError> {
         let attempt = ctx.attempt();
+        if input["before_first_step"] == Value::Bool(true) {
+            tracing::error!(run_id = %ctx.run_id(), attempt, "crash agent aborting the worker process before its first step");
+            std::process::abort();
+        }
         ctx.step("before-crash", |_| async { Ok(true) }).await?;
         tracing::error!(run_id = %ctx.run_id(), attempt, "crash agent aborting the worker process");
         std::process::abort();

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -286,17 +287,36 @@ async fn fast_claim_of_a_run_that_moved_on_resumes_it() -> anyhow::Result<()> {
     worker.stop().await
 }
 
+/// Counts the executions of its one step.
+struct CountedStep(Arc<AtomicU32>);
+
+#[async_trait]
+impl Agent for CountedStep {
+    async fn run(&self, ctx: &mut RunContext, _input: Value) -> Result<Value, AgentError> {
+        ctx.step("counted", |_| {
+            let executions = self.0.clone();
+            async move { Ok(executions.fetch_add(1, Ordering::SeqCst)) }
+        })
+        .await?;
+        Ok(json!("done"))
+    }
+}
+
 /// A cancel the fast claim does not see (here `run.cancelled` is written
 /// after `run.created` with no cancel request to read, as when a coordinator
 /// cancels the queued run just before the claim) refuses the attempt's first
-/// append, which carries its held `run.started`: nothing of the attempt is
-/// stored, and the worker lets go of the lease and the job at once rather
-/// than leave them to expire, so a claim reading the log acks the job.
+/// append, the step's `step.started` carrying the held `run.started`: the
+/// step never runs, nothing of the attempt is stored, and the worker lets go
+/// of the lease and the job at once rather than leave them to expire, so a
+/// claim reading the log acks the job.
 #[tokio::test]
-async fn fast_claim_refused_by_a_racing_cancel_starts_nothing() -> anyhow::Result<()> {
+async fn fast_claim_refused_by_a_racing_cancel_runs_and_stores_nothing() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
-    let worker = env.worker(env.config(2), agents::builtin()).await?;
-    let job = env.create_run("echo", json!("never"), 2).await?;
+    let executions = Arc::new(AtomicU32::new(0));
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("counted")?, CountedStep(executions.clone()));
+    let worker = env.worker(env.config(2), agents).await?;
+    let job = env.create_run("counted", json!({}), 2).await?;
     let run = job.run_id;
     let created_seq = job.created_seq.context("a submitted job names its run.created")?;
     let cancelled = Event {
@@ -323,6 +343,8 @@ async fn fast_claim_refused_by_a_racing_cancel_starts_nothing() -> anyhow::Resul
     let events = env.events(run).await?;
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[1].1, cancelled);
+    assert_eq!(executions.load(Ordering::SeqCst), 0, "the step ran");
+    assert!(env.checkpoints(run).await?.is_empty());
     worker.stop().await
 }
 

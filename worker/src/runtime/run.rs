@@ -107,10 +107,11 @@ struct Claim {
     checkpoints: CheckpointLog,
     /// Failed attempts before this one (see `RunResumed::failures`).
     failures: u32,
-    /// A fresh run's `run.started`, held to share one message with the
-    /// run's next event (see [`EventLog::hold`]): nothing the agent does
-    /// before that append is recorded, so nothing depends on it being
-    /// stored first, and the append is fenced on `run.created` all the same.
+    /// A fresh run's `run.started` on the job's first delivery, held to
+    /// share one message with the run's next event (see
+    /// [`EventLog::hold`]): nothing the agent does before that append is
+    /// recorded, so nothing depends on it being stored first, and the append
+    /// is fenced on `run.created` all the same.
     started: Option<EventBody>,
 }
 
@@ -427,18 +428,29 @@ async fn claim(
                 started: None,
             });
         }
-        if !resume {
+        // A fresh run's first delivery holds `run.started` for the agent's
+        // first event. Only the first: an attempt that dies before that
+        // append leaves no trace and counts as no failure, so a later
+        // delivery writes `run.started` before the agent runs (an agent that
+        // crashes its worker every time still uses up its attempts).
+        if !resume && delivered == 1 {
             let started = Some(EventBody::Started(RunStarted { delivery: delivered }));
             return Some(Claim { job, acker, key, lease, revision, log, checkpoints, failures, started });
         }
-        let first = EventBody::Resumed(RunResumed {
-            delivery: delivered,
-            steps_replayed: checkpoints.recorded_count(),
-            failures,
-        });
+        let first = if resume {
+            EventBody::Resumed(RunResumed {
+                delivery: delivered,
+                steps_replayed: checkpoints.recorded_count(),
+                failures,
+            })
+        } else {
+            EventBody::Started(RunStarted { delivery: delivered })
+        };
         match log.append(first).await {
             Ok(_) => {
-                info!(run_id = %run_id, attempt, delivered, failures, steps_replayed = checkpoints.recorded_count(), "run resumed");
+                if resume {
+                    info!(run_id = %run_id, attempt, delivered, failures, steps_replayed = checkpoints.recorded_count(), "run resumed");
+                }
                 // Woken before its deadline (by a signal): its timer would
                 // only deliver a job to drop later.
                 if matches!(&last.event.body, EventBody::Waiting(w) if w.deadline_ms.is_some_and(|d| d > time::now_ms()))
@@ -585,6 +597,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
     let stop = shutdown.handoff.child_token();
     let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
+    let fresh = started.is_some();
     let started = match started {
         Some(body) => log.hold(body, &stop).await,
         None => Ok(()),
@@ -633,7 +646,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
             outcome_of(shared, &job, attempt, failures, &mut ctx, &stop, cancel, ended).await
         }
     };
-    settle(shared, &job, &held, &mut ctx, failures, outcome, cancel, &shutdown).await;
+    settle(shared, &job, &held, &mut ctx, fresh, failures, outcome, cancel, &shutdown).await;
 }
 
 /// Turns how the agent ended into an outcome, writing the terminal event
@@ -743,12 +756,15 @@ async fn outcome_of(
 
 /// Settles the job and the lease after an attempt: ack or NAK, release,
 /// and for parked and retried runs the event and timer that wake them.
+/// `fresh`: the attempt held its `run.started` (a fresh run's first
+/// delivery).
 #[allow(clippy::too_many_arguments)]
 async fn settle(
     shared: &Shared,
     job: &Job,
     held: &Arc<Held>,
     ctx: &mut RunContext,
+    fresh: bool,
     failures: u32,
     outcome: Outcome,
     cancel: &CancelSlot,
@@ -770,17 +786,22 @@ async fn settle(
     // found the lease lost is settled.
     let revision = held.finish().await;
     let refused = ctx.is_lost() || matches!(&outcome, Outcome::Interrupted(Some(e)) if e.is_lease_lost());
-    if refused && !held.is_lost() && ctx.log_mut().wrote_nothing() {
-        // The first append of the attempt (with its held `run.started`) was
-        // refused: the log moved after the `run.created` the claim assumed
-        // (a cancel raced the claim). The lease is ours: let go of it and
-        // of the job, so that a claim reads the log at once.
-        info!(run_id = %run_id, attempt, "the run's log moved before the attempt's first event; lease released, job nak'd to be claimed again");
-        if let Some(revision) = revision {
-            release(shared, &held.key, run_id, revision).await;
+    let first_append_refused = fresh && refused && ctx.log_mut().wrote_nothing();
+    if let Some(revision) = revision.filter(|_| first_append_refused && !held.is_lost()) {
+        // The append carrying the held `run.started` was refused: someone
+        // wrote after the `run.created` the claim assumed (a coordinator's
+        // cancel racing the claim). If the lease is still ours, nobody else
+        // owns the run: let go of the lease and the job at once, so that a
+        // claim reads the log, rather than leave both to expire. (A refusal
+        // after the attempt stored something leaves both to the new owner,
+        // as below.)
+        let lease = held.state.lock().await.lease.clone();
+        if let Some(renewed) = still_ours(shared, &held.key, &lease, revision).await {
+            info!(run_id = %run_id, attempt, "the run's log moved after the run.created the claim assumed; lease released, job nak'd to be claimed again");
+            release(shared, &held.key, run_id, renewed).await;
+            nak(&held.acker, run_id, None).await;
+            return;
         }
-        nak(&held.acker, run_id, None).await;
-        return;
     }
     if refused || held.is_lost() {
         // Someone else owns the run now: write nothing, leave the job and

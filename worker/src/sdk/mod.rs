@@ -34,8 +34,12 @@ pub use wait::{Approval, ApprovalRequest};
 
 /// Agent code: one invocation per run attempt.
 ///
-/// The runtime calls [`Agent::run`] after it has claimed the run (holds its
-/// lease and has written `run.started`). `Ok(output)` becomes `run.completed`,
+/// The runtime calls [`Agent::run`] after it has claimed the run: it holds
+/// the run's lease and has written `run.started` or `run.resumed`, except
+/// on a fresh run's first delivery, where `run.started` goes out with the
+/// agent's first event (a step's `step.started`, whose acknowledgement the
+/// step's work waits for, so no step runs before `run.started` is stored).
+/// `Ok(output)` becomes `run.completed`,
 /// `Err(e)` becomes `run.failed` with [`AgentError::code`]. A panic is caught
 /// and becomes `run.failed` with [`ErrorCode::AgentPanicked`]; it never takes
 /// the worker down.
