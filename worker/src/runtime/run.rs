@@ -613,9 +613,9 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
     };
     let mut ctx = RunContext::new(parts, job.agent.clone(), job.input.clone());
 
-    let outcome = match shared.agents.get(&job.agent).cloned() {
-        _ if started.is_err() => Outcome::Interrupted(started.err().map(Into::into)),
-        None => {
+    let outcome = match (started, shared.agents.get(&job.agent).cloned()) {
+        (Err(e), _) => Outcome::Interrupted(Some(e.into())),
+        (Ok(()), None) => {
             let available: Vec<&str> = shared.agents.names().map(|n| n.as_str()).collect();
             let message = format!(
                 "agent {} is not registered in worker {} (it has: {}); run it on a worker that registers the agent",
@@ -629,8 +629,8 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
             append_terminal(ctx.log_mut(), &stop, body).await
         }
         // Handed off before it began: write nothing more.
-        Some(_) if stop.is_cancelled() => Outcome::Interrupted(None),
-        Some(agent) => {
+        (Ok(()), Some(_)) if stop.is_cancelled() => Outcome::Interrupted(None),
+        (Ok(()), Some(agent)) => {
             info!(run_id = %run_id, attempt, agent = %job.agent, steps_recorded = ctx.steps_recorded(), "run claimed");
             let ended = if cancel.is_requested() {
                 Ended::Cancelled
