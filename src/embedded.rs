@@ -37,6 +37,31 @@ pub struct EmbeddedNats {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// The HTTP monitoring port, if started with one ([`Self::start_monitored`]).
+    monitor: Option<u16>,
+}
+
+/// nats-server's message and byte counters (`/varz`), since it started:
+/// `in` is what clients published to it, `out` what it delivered to them
+/// (acks, replies and deliveries included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Traffic {
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+}
+
+impl Traffic {
+    /// The traffic between `earlier` and `self`.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            in_msgs: self.in_msgs.saturating_sub(earlier.in_msgs),
+            out_msgs: self.out_msgs.saturating_sub(earlier.out_msgs),
+            in_bytes: self.in_bytes.saturating_sub(earlier.in_bytes),
+            out_bytes: self.out_bytes.saturating_sub(earlier.out_bytes),
+        }
+    }
 }
 
 impl EmbeddedNats {
@@ -44,6 +69,16 @@ impl EmbeddedNats {
     /// `data_dir/nats` and logging to `data_dir/nats-server.log`, and waits
     /// until it accepts connections.
     pub async fn start(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, port, None).await
+    }
+
+    /// [`Self::start`], with the HTTP monitoring endpoint on a free loopback
+    /// port, so that [`Self::traffic`] can read the server's counters.
+    pub async fn start_monitored(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, port, Some(free_port()?)).await
+    }
+
+    async fn start_with(data_dir: &Path, port: u16, monitor: Option<u16>) -> anyhow::Result<Self> {
         let binary = find_nats_server()?;
         std::fs::create_dir_all(data_dir.join("nats"))
             .with_context(|| format!("could not create {}", data_dir.display()))?;
@@ -53,6 +88,7 @@ impl EmbeddedNats {
         let mut child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(data_dir.join("nats"))
+            .args(monitor.map(|m| ["-m".to_owned(), m.to_string()]).into_iter().flatten())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -66,7 +102,7 @@ impl EmbeddedNats {
                 bail!("nats-server exited at start ({status}); its log:\n{tail}");
             }
             if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Ok(Self { child, port, log });
+                return Ok(Self { child, port, log, monitor });
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
@@ -80,6 +116,30 @@ impl EmbeddedNats {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's message and byte counters, read from its monitoring
+    /// endpoint (`GET /varz`); only for a server started monitored.
+    pub async fn traffic(&self) -> anyhow::Result<Traffic> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let port = self.monitor.context("nats-server was started without a monitoring port")?;
+        let read = async {
+            let mut http = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            http.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await?;
+            let mut response = Vec::new();
+            http.read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .context("nats-server's /varz did not answer within 10s")?
+            .context("could not read nats-server's /varz")?;
+        let body = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|end| &response[end + 4..])
+            .context("nats-server's /varz answer has no body")?;
+        serde_json::from_slice(body).context("nats-server's /varz is not the JSON expected")
     }
 
     /// The server's process id, while it runs.

@@ -69,8 +69,33 @@ fn every_scenario_runs_and_reports() {
     let ratio = number(&written, "/throughput/terminal_ratio/median");
     let floor = number(&written, "/throughput/floor_runs_per_sec/median");
     assert!((ratio - terminal / floor).abs() < 1e-9, "ratio is terminal / floor");
+    // nats-server's counters: the floor's lifecycle publishes at least 8
+    // messages per run (job, lease, 3 events, checkpoint, lease delete, ack)
+    // and is sent at least the job and an answer to each of the other 7; a
+    // fleet run at least publishes its submit, reply, run.created, job and
+    // ack, and is sent their deliveries and acks.
+    assert!(number(&written, "/floor/0/server/messages_in_per_run") >= 8.0, "{written:#}");
+    assert!(number(&written, "/floor/0/server/messages_out_per_run") >= 8.0, "{written:#}");
+    assert!(number(&written, "/throughput/trials/0/server/messages_in_per_run") >= 5.0, "{written:#}");
+    assert!(number(&written, "/throughput/trials/0/server/messages_out_per_run") >= 5.0, "{written:#}");
+    assert!(number(&written, "/throughput/trials/0/server/bytes_out_per_run") > 0.0, "{written:#}");
+    assert!(
+        (number(&written, "/throughput/fleet_messages_per_run/median")
+            - number(&written, "/throughput/trials/0/server/messages_in_per_run")
+            - number(&written, "/throughput/trials/0/server/messages_out_per_run"))
+        .abs()
+            < 1e-9,
+        "messages per run is in + out"
+    );
     assert_eq!(number(&written, "/latency/rates/0/percent"), 50.0);
     assert!(number(&written, "/latency/rates/0/trials/0/runs") >= 1.0);
+    // The split of a submit: leaving late, then the reply, both from the
+    // intended send time.
+    assert!(
+        number(&written, "/latency/rates/0/trials/0/send_lag/p50_ms")
+            <= number(&written, "/latency/rates/0/trials/0/submit_to_reply/p50_ms"),
+        "the reply comes after the submit left"
+    );
     assert!(
         number(&written, "/latency/rates/0/start_p99_ms/median")
             <= number(&written, "/latency/rates/0/complete_p99_ms/median")

@@ -59,7 +59,7 @@ impl Fleet {
     /// creates the streams and buckets). No workers yet.
     pub async fn start(lease_ttl: Duration) -> anyhow::Result<Self> {
         let data = tempfile::tempdir().context("could not create a temp dir for the bench fleet")?;
-        let nats = EmbeddedNats::start(data.path(), embedded::free_port()?).await?;
+        let nats = EmbeddedNats::start_monitored(data.path(), embedded::free_port()?).await?;
         let config = CoordinatorConfig {
             nats_url: nats.url(),
             database_url: format!("sqlite:{}", data.path().join("runfleet.db").display()),
@@ -76,6 +76,11 @@ impl Fleet {
     /// The coordinator's registry (its connection pool).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// nats-server's message and byte counters since it started.
+    pub async fn traffic(&self) -> anyhow::Result<embedded::Traffic> {
+        self.nats.traffic().await
     }
 
     /// nats-server's process id, while it runs.

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::{progress, BenchArgs};
+use super::{progress, BenchArgs, ServerTraffic};
 use crate::embedded::{self, EmbeddedNats};
 
 const JOBS_STREAM: &str = "FLOOR_JOBS";
@@ -46,14 +46,16 @@ pub struct FloorTrial {
     pub runs: u32,
     pub seconds: f64,
     pub runs_per_sec: f64,
+    /// nats-server's traffic per run, first job publish → last ack.
+    pub server: ServerTraffic,
 }
 
 /// Measures one trial on a fresh server (so every trial starts from empty
 /// streams, like a fresh fleet).
 pub(super) async fn trial(args: &BenchArgs, runs: u32) -> anyhow::Result<FloorTrial> {
     let data = tempfile::tempdir().context("could not create a temp dir for the floor")?;
-    let nats = EmbeddedNats::start(data.path(), embedded::free_port()?).await?;
-    let result = measure_on(&nats.url(), runs, args.workers.saturating_mul(args.slots)).await;
+    let nats = EmbeddedNats::start_monitored(data.path(), embedded::free_port()?).await?;
+    let result = measure_on(&nats, runs, args.workers.saturating_mul(args.slots)).await;
     nats.stop().await;
     let trial = result?;
     progress(
@@ -63,8 +65,8 @@ pub(super) async fn trial(args: &BenchArgs, runs: u32) -> anyhow::Result<FloorTr
     Ok(trial)
 }
 
-async fn measure_on(url: &str, runs: u32, concurrency: u32) -> anyhow::Result<FloorTrial> {
-    let nats = async_nats::connect(url).await.context("floor: could not connect")?;
+async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyhow::Result<FloorTrial> {
+    let nats = async_nats::connect(server.url()).await.context("floor: could not connect")?;
     let js = jetstream::new(nats);
     let jobs = js
         .create_stream(stream::Config {
@@ -108,6 +110,7 @@ async fn measure_on(url: &str, runs: u32, concurrency: u32) -> anyhow::Result<Fl
         .context("floor: consumer")?;
 
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
+    let traffic_before = server.traffic().await?;
     let begin = Instant::now();
     // Publish every job, pipelined, then take them as fast as handlers free up.
     let publisher = {
@@ -144,11 +147,13 @@ async fn measure_on(url: &str, runs: u32, concurrency: u32) -> anyhow::Result<Fl
         done += 1;
     }
     let elapsed = begin.elapsed();
+    let traffic = server.traffic().await?.since(&traffic_before);
     publisher.await.context("floor: publisher panicked")?.context("floor: a job publish failed")?;
     Ok(FloorTrial {
         runs,
         seconds: elapsed.as_secs_f64(),
         runs_per_sec: f64::from(runs) / elapsed.as_secs_f64(),
+        server: ServerTraffic::per_run(traffic, runs),
     })
 }
 
@@ -184,13 +189,16 @@ impl Lifecycle {
 
 pub(super) fn print(trials: &[FloorTrial]) {
     let rates: Vec<f64> = trials.iter().map(|t| t.runs_per_sec).collect();
-    if let Some(spread) = super::Spread::of(&rates) {
+    let messages: Vec<f64> = trials.iter().map(|t| t.server.messages_per_run()).collect();
+    if let (Some(rate), Some(messages)) = (super::Spread::of(&rates), super::Spread::of(&messages)) {
         println!(
-            "floor (bare JetStream lifecycle)  {:.0} runs/s  (min {:.0}, max {:.0}; {} trials)",
-            spread.median,
-            spread.min,
-            spread.max,
-            trials.len()
+            "floor (bare JetStream lifecycle)  {:.0} runs/s  (min {:.0}, max {:.0}; {} trials), \
+             {:.1} nats-server messages per run",
+            rate.median,
+            rate.min,
+            rate.max,
+            trials.len(),
+            messages.median
         );
     }
 }

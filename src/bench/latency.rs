@@ -61,6 +61,11 @@ pub struct LatencyTrial {
     pub runs: u32,
     pub submit_to_start: Tail,
     pub submit_to_complete: Tail,
+    /// Where the time goes: intended send time → the submit actually left
+    /// (the bench's own scheduling, counted against runfleet all the same),
+    /// and → the coordinator's reply (the run is stored and queued).
+    pub send_lag: Tail,
+    pub submit_to_reply: Tail,
     pub failed: u32,
 }
 
@@ -75,6 +80,11 @@ pub struct RateResult {
     pub complete_p50_ms: Spread,
     pub complete_p99_ms: Spread,
     pub complete_p999_ms: Spread,
+    pub reply_p50_ms: Spread,
+    pub reply_p99_ms: Spread,
+    pub reply_p999_ms: Spread,
+    pub send_lag_p50_ms: Spread,
+    pub send_lag_p99_ms: Spread,
     pub trials: Vec<LatencyTrial>,
 }
 
@@ -106,8 +116,12 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
             progress(
                 args,
                 format!(
-                    "latency: submit→start p99 {:.2} ms, submit→complete p99 {:.2} ms",
-                    result.submit_to_start.p99_ms, result.submit_to_complete.p99_ms
+                    "latency: submit→start p99 {:.2} ms, submit→complete p99 {:.2} ms \
+                     (of which send lag p99 {:.2} ms, submit→reply p99 {:.2} ms)",
+                    result.submit_to_start.p99_ms,
+                    result.submit_to_complete.p99_ms,
+                    result.send_lag.p99_ms,
+                    result.submit_to_reply.p99_ms
                 ),
             );
             trials.push(result);
@@ -125,6 +139,11 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
             complete_p50_ms: spread(|t| t.submit_to_complete.p50_ms)?,
             complete_p99_ms: spread(|t| t.submit_to_complete.p99_ms)?,
             complete_p999_ms: spread(|t| t.submit_to_complete.p999_ms)?,
+            reply_p50_ms: spread(|t| t.submit_to_reply.p50_ms)?,
+            reply_p99_ms: spread(|t| t.submit_to_reply.p99_ms)?,
+            reply_p999_ms: spread(|t| t.submit_to_reply.p999_ms)?,
+            send_lag_p50_ms: spread(|t| t.send_lag.p50_ms)?,
+            send_lag_p99_ms: spread(|t| t.send_lag.p99_ms)?,
             trials,
         });
     }
@@ -161,6 +180,16 @@ pub(super) fn print(result: &LatencyResult) {
             cell(&rate.complete_p50_ms),
             cell(&rate.complete_p99_ms),
             cell(&rate.complete_p999_ms)
+        );
+        println!(
+            "  {:>5} {:>9}  reply    {:>17}  {:>26}  {:>26}   (send lag p50 {}, p99 {})",
+            "",
+            "",
+            cell(&rate.reply_p50_ms),
+            cell(&rate.reply_p99_ms),
+            cell(&rate.reply_p999_ms),
+            cell(&rate.send_lag_p50_ms),
+            cell(&rate.send_lag_p99_ms)
         );
     }
     if let Some(rate) = result.rates.iter().find(|r| r.percent == result.target_rate_percent) {
@@ -199,24 +228,43 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
     recorder.wait_finished(&warm).await?;
 
     // Open loop: submit i leaves at `begin + i / rate`, whatever earlier
-    // submits are doing.
+    // submits are doing. A blocking thread paces them on the OS timer and
+    // spawns each on the runtime: tokio's timer rounds a deadline up to the
+    // next millisecond, which made every submit up to a millisecond late
+    // (counted against runfleet, as every lag of the sender is).
     let runs = (offered * args.latency_duration.as_secs_f64()).round().max(1.0) as u32;
     let interval = Duration::from_secs_f64(1.0 / offered);
-    let begin = tokio::time::Instant::now();
-    let mut submits = tokio::task::JoinSet::new();
-    for i in 0..runs {
-        let intended = begin + interval.mul_f64(f64::from(i));
-        tokio::time::sleep_until(intended).await;
-        let client = client.clone();
-        submits.spawn(async move {
-            let reply = client.submit(throughput::noop_request(i)?).await?;
-            Ok::<(RunId, Instant), anyhow::Error>((reply.run_id, intended.into_std()))
-        });
-    }
-    let sent = begin.elapsed();
+    let runtime = tokio::runtime::Handle::current();
+    let pacer_client = client.clone();
+    let (submits, sent) = tokio::task::spawn_blocking(move || {
+        let begin = Instant::now();
+        let mut submits = Vec::with_capacity(runs as usize);
+        for i in 0..runs {
+            let intended = begin + interval.mul_f64(f64::from(i));
+            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let client = pacer_client.clone();
+            submits.push(runtime.spawn(async move {
+                let request = throughput::noop_request(i)?;
+                let sent = Instant::now();
+                let reply = client.submit(request).await?;
+                let sent = Sent { intended, sent, replied: Instant::now() };
+                Ok::<(RunId, Sent), anyhow::Error>((reply.run_id, sent))
+            }));
+        }
+        (submits, begin.elapsed())
+    })
+    .await
+    .context("the submit pacer panicked")?;
     let mut submitted = Vec::with_capacity(runs as usize);
-    while let Some(joined) = submits.join_next().await {
-        submitted.push(joined.context("a submit task panicked")??);
+    let mut send_lag = Histogram::<u64>::new(3)?;
+    let mut submit_to_reply = Histogram::<u64>::new(3)?;
+    for submit in submits {
+        let (run, times) = submit.await.context("a submit task panicked")??;
+        send_lag.record(micros(times.sent, times.intended))?;
+        submit_to_reply.record(micros(times.replied, times.intended))?;
+        submitted.push((run, times.intended));
     }
     recorder.wait_finished(&submitted).await?;
     stop.cancel();
@@ -227,9 +275,9 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
     let mut failed = 0;
     for (run, intended) in &submitted {
         let started = seen.started.get(run).context("a run finished without run.started")?;
-        start_hist.record(started.saturating_duration_since(*intended).as_micros() as u64)?;
+        start_hist.record(micros(*started, *intended))?;
         let (done, ok) = seen.finished.get(run).context("a run did not finish")?;
-        complete_hist.record(done.saturating_duration_since(*intended).as_micros() as u64)?;
+        complete_hist.record(micros(*done, *intended))?;
         failed += u32::from(!ok);
     }
     Ok(LatencyTrial {
@@ -238,6 +286,20 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         runs,
         submit_to_start: Tail::of(&start_hist),
         submit_to_complete: Tail::of(&complete_hist),
+        send_lag: Tail::of(&send_lag),
+        submit_to_reply: Tail::of(&submit_to_reply),
         failed,
     })
+}
+
+/// When one open-loop submit was meant to leave, left, and was answered.
+struct Sent {
+    intended: Instant,
+    sent: Instant,
+    replied: Instant,
+}
+
+/// `later - earlier` in whole microseconds (zero if `later` is earlier).
+fn micros(later: Instant, earlier: Instant) -> u64 {
+    u64::try_from(later.saturating_duration_since(earlier).as_micros()).unwrap_or(u64::MAX)
 }

@@ -1,54 +1,5 @@
 //! `runfleet bench [SCENARIO…]`: measurements on fleets the bench starts for
 //! the purpose (a child nats-server in a temp dir, a coordinator on SQLite,
-//! workers), torn down afterwards. With no scenario named, all five run, in
-//! this order (none takes long: `signal` a few seconds, `drain` about 6 s a
-//! trial, both less than `failover`, so the default run stays a check of
-//! everything at once):
-//!
-//! - **`runs`** ([`runs`]): throughput and latency of short runs. N `echo`
-//!   runs go through two in-process workers, closed-loop (at most
-//!   `--concurrency` submits in flight); latencies are submit → `run.started`
-//!   and submit → terminal event on the bench's clock, throughput is first
-//!   submit → last terminal event.
-//! - **`steps`** ([`steps`]): what one durable step costs. An agent of the
-//!   bench's own, registered in an in-process worker beside the built-ins,
-//!   times each `ctx.step("noop-i", …)` of a step that does nothing (three
-//!   JetStream round trips: `step.started`, the fenced checkpoint write,
-//!   `step.completed`) and, as the baseline measured in the same run, a plain
-//!   async call doing the same nothing. The overhead is step minus baseline.
-//!   For scale, one acknowledged JetStream publish is timed between the runs.
-//! - **`signal`** ([`signal`]): how long a parked run takes to resume. One
-//!   in-process worker; per trial an `await` run is signalled once it is
-//!   parked (`run.waiting` seen and its lease released), and signal →
-//!   `run.resumed` / `run.completed` and the signal API's reply are timed;
-//!   the baseline, measured in the same trial, is an `echo` run's submit →
-//!   `run.started`. Reports p50 / p90 / p99 / max and signal→resumed p50 over
-//!   the baseline's p50.
-//! - **`failover`** ([`failover`]): how long a crashed worker's runs wait. Per
-//!   lease TTL, on a fresh fleet with two worker *processes*, the worker
-//!   holding most of K running `steps` runs gets SIGKILL, and the time from
-//!   the kill to each of its runs' `run.resumed` on the other worker is
-//!   measured, with a breakdown (lease age at the kill, kill → lease expiry
-//!   seen in the leases bucket).
-//! - **`drain`** ([`drain`]): how long a gracefully stopped worker's runs
-//!   wait. Per trial, on a fresh fleet with a 15 s lease TTL, a worker
-//!   *process* with `--shutdown-grace 500ms` runs `--drain-runs` `steps`
-//!   runs; a second worker process starts, the first gets SIGTERM, and
-//!   SIGTERM → `run.handoff` and SIGTERM → `run.resumed` on the second are
-//!   timed per run; each run's log is then checked (one terminal event,
-//!   `run.completed`, steps once, hand-off from the first worker to the
-//!   second). Reported against the lease TTL a crash would cost.
-//!
-//! The machine a bench runs on is usually shared and noisy: each scenario
-//! reports medians and ranges, and compares only figures measured in the same
-//! run. Targets are reported, never asserted.
-//!
-//! `--json` prints, and `--output FILE` writes, one JSON object with a key per
-//! scenario that ran (`runs`, `steps`, `signal`, `failover`, `drain`); the
-//! `runs` object keeps the fields the bench had before scenarios existed.
-
-//! `runfleet bench [SCENARIO…]`: measurements on fleets the bench starts for
-//! the purpose (a child nats-server in a temp dir, a coordinator on SQLite,
 //! workers), torn down afterwards. `docs/performance.md` describes each
 //! scenario, the targets and the latest results. With no scenario named,
 //! all run, in this order:
@@ -396,6 +347,35 @@ impl Quantiles {
             p99_ms: ms(hist.value_at_quantile(0.99)),
             max_ms: ms(hist.max()),
         }
+    }
+}
+
+/// nats-server's traffic per run over a measured window: what each run
+/// costs the server in messages (in: published to it, out: delivered by it,
+/// acks and replies included) and bytes. Deterministic where the runs/s are
+/// noisy, so it compares designs across machines and hours.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ServerTraffic {
+    pub messages_in_per_run: f64,
+    pub messages_out_per_run: f64,
+    pub bytes_in_per_run: f64,
+    pub bytes_out_per_run: f64,
+}
+
+impl ServerTraffic {
+    fn per_run(traffic: crate::embedded::Traffic, runs: u32) -> Self {
+        let per_run = |count: u64| count as f64 / f64::from(runs.max(1));
+        Self {
+            messages_in_per_run: per_run(traffic.in_msgs),
+            messages_out_per_run: per_run(traffic.out_msgs),
+            bytes_in_per_run: per_run(traffic.in_bytes),
+            bytes_out_per_run: per_run(traffic.out_bytes),
+        }
+    }
+
+    /// Messages in and out per run.
+    pub fn messages_per_run(&self) -> f64 {
+        self.messages_in_per_run + self.messages_out_per_run
     }
 }
 

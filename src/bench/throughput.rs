@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet::{self, Fleet};
-use super::{floor, progress, BenchArgs, FloorTrial, Latency, Spread};
+use super::{floor, progress, BenchArgs, FloorTrial, Latency, ServerTraffic, Spread};
 use crate::client::Client;
 
 /// Target from the issue tracker: both figures at least half the floor's.
@@ -58,6 +58,8 @@ pub struct ThroughputTrial {
     pub submit_to_start: Latency,
     pub submit_to_complete: Latency,
     pub failed: u32,
+    /// nats-server's traffic per run, first submit → the registry caught up.
+    pub server: ServerTraffic,
 }
 
 /// What the `throughput` scenario measured over its trials.
@@ -72,6 +74,9 @@ pub struct ThroughputResult {
     pub registry_runs_per_sec: Spread,
     pub terminal_ratio: Spread,
     pub registry_ratio: Spread,
+    /// nats-server messages (in + out) per run: the floor's and the fleet's.
+    pub floor_messages_per_run: Spread,
+    pub fleet_messages_per_run: Spread,
     pub target_ratio: f64,
     /// The floor trials, one before each fleet trial.
     pub floor: Vec<FloorTrial>,
@@ -119,6 +124,11 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<ThroughputResult
         registry_runs_per_sec: spread(|t| t.registry_runs_per_sec)?,
         terminal_ratio: spread(|t| t.terminal_ratio)?,
         registry_ratio: spread(|t| t.registry_ratio)?,
+        floor_messages_per_run: Spread::of(
+            &floors.iter().map(|f| f.server.messages_per_run()).collect::<Vec<_>>(),
+        )
+        .context("no floor trial ran")?,
+        fleet_messages_per_run: spread(|t| t.server.messages_per_run())?,
         target_ratio: TARGET_RATIO,
         floor: floors,
         trials,
@@ -149,6 +159,8 @@ pub(super) fn print(result: &ThroughputResult) {
     row("to registry row", &result.registry_runs_per_sec, "runs/s");
     row("terminal / floor", &result.terminal_ratio, "");
     row("registry / floor", &result.registry_ratio, "");
+    row("floor msgs/run", &result.floor_messages_per_run, "in+out");
+    row("fleet msgs/run", &result.fleet_messages_per_run, "in+out");
     let verdict = |ratio: f64| if ratio >= result.target_ratio { "met" } else { "MISSED" };
     println!(
         "  target ≥ {:.2} of floor: terminal {}, registry {} (medians)",
@@ -187,6 +199,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
     let warm = submit_all(&client, WARM_UP, args.concurrency).await?;
     recorder.wait_finished(&warm).await?;
 
+    let traffic_before = fleet.traffic().await?;
     let begin = Instant::now();
     let submitted = submit_all(&client, runs, args.concurrency).await?;
     recorder.wait_finished(&submitted).await?;
@@ -194,6 +207,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
     let expected = u64::from(WARM_UP + runs);
     wait_registry(fleet, expected).await?;
     let registry = begin.elapsed();
+    let traffic = fleet.traffic().await?.since(&traffic_before);
     stop.cancel();
 
     let seen = recorder.seen.lock().unwrap_or_else(PoisonError::into_inner);
@@ -219,6 +233,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
         submit_to_start: Latency::from_micros(&start_hist),
         submit_to_complete: Latency::from_micros(&complete_hist),
         failed,
+        server: ServerTraffic::per_run(traffic, runs),
     })
 }
 
