@@ -96,6 +96,7 @@ fn every_scenario_runs_and_reports() {
             <= number(&written, "/latency/rates/0/trials/0/submit_to_reply/p50_ms"),
         "the reply comes after the submit left"
     );
+    assert!(number(&written, "/latency/rates/0/trials/0/server/messages_in_per_run") >= 5.0, "{written:#}");
     assert!(
         number(&written, "/latency/rates/0/start_p99_ms/median")
             <= number(&written, "/latency/rates/0/complete_p99_ms/median")

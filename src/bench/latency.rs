@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::fleet::{self, Fleet};
 use super::throughput::{self, Recorder};
-use super::{progress, BenchArgs, Spread};
+use super::{progress, BenchArgs, ServerTraffic, Spread};
 
 /// Targets from the issue tracker, at 50% of throughput offered.
 pub const TARGET_RATE_PERCENT: u32 = 50;
@@ -67,6 +67,9 @@ pub struct LatencyTrial {
     pub send_lag: Tail,
     pub submit_to_reply: Tail,
     pub failed: u32,
+    /// nats-server's traffic per run over the trial (first submit → the
+    /// last run finished), at this offered rate.
+    pub server: ServerTraffic,
 }
 
 /// Medians and ranges at one offered rate.
@@ -85,6 +88,8 @@ pub struct RateResult {
     pub reply_p999_ms: Spread,
     pub send_lag_p50_ms: Spread,
     pub send_lag_p99_ms: Spread,
+    /// nats-server messages (in + out) per run at this rate.
+    pub messages_per_run: Spread,
     pub trials: Vec<LatencyTrial>,
 }
 
@@ -144,6 +149,7 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
             reply_p999_ms: spread(|t| t.submit_to_reply.p999_ms)?,
             send_lag_p50_ms: spread(|t| t.send_lag.p50_ms)?,
             send_lag_p99_ms: spread(|t| t.send_lag.p99_ms)?,
+            messages_per_run: spread(|t| t.server.messages_per_run())?,
             trials,
         });
     }
@@ -182,14 +188,15 @@ pub(super) fn print(result: &LatencyResult) {
             cell(&rate.complete_p999_ms)
         );
         println!(
-            "  {:>5} {:>9}  reply    {:>17}  {:>26}  {:>26}   (send lag p50 {}, p99 {})",
+            "  {:>5} {:>9}  reply    {:>17}  {:>26}  {:>26}   (send lag p50 {}, p99 {}; {:.1} nats-server messages per run)",
             "",
             "",
             cell(&rate.reply_p50_ms),
             cell(&rate.reply_p99_ms),
             cell(&rate.reply_p999_ms),
             cell(&rate.send_lag_p50_ms),
-            cell(&rate.send_lag_p99_ms)
+            cell(&rate.send_lag_p99_ms),
+            rate.messages_per_run.median
         );
     }
     if let Some(rate) = result.rates.iter().find(|r| r.percent == result.target_rate_percent) {
@@ -234,6 +241,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
     // (counted against runfleet, as every lag of the sender is).
     let runs = (offered * args.latency_duration.as_secs_f64()).round().max(1.0) as u32;
     let interval = Duration::from_secs_f64(1.0 / offered);
+    let traffic_before = fleet.traffic().await?;
     let runtime = tokio::runtime::Handle::current();
     let pacer_client = client.clone();
     let (submits, sent) = tokio::task::spawn_blocking(move || {
@@ -267,6 +275,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         submitted.push((run, times.intended));
     }
     recorder.wait_finished(&submitted).await?;
+    let traffic = fleet.traffic().await?.since(&traffic_before);
     stop.cancel();
 
     let seen = recorder.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -289,6 +298,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         send_lag: Tail::of(&send_lag),
         submit_to_reply: Tail::of(&submit_to_reply),
         failed,
+        server: ServerTraffic::per_run(traffic, runs),
     })
 }
 
