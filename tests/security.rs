@@ -688,9 +688,9 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
     acme.flush().await.unwrap_or_else(|e| panic!("{e}"));
     expect_violation(&mut acme_errors, "Publish", "$JS.API.STREAM.INFO.RUNFLEET_EVENTS").await;
 
-    // The server answers a violation before it logs it, and the harness
-    // reads its log on a thread of its own: wait for acme's three refusals
-    // to be in the log before reading it for anyone else's.
+    // acme has seen each refusal, but the server's log line for it can come
+    // later (and the harness reads the log on a thread of its own): wait
+    // for the three to be in the log before reading it for anyone else's.
     let server = &server;
     harness::stream::eventually(NO_HANG, "the server to log acme's three refusals", || async move {
         let logged = server.log().iter().filter(|line| line.contains("Violation")).count();
