@@ -87,6 +87,21 @@ fn every_scenario_runs_and_reports() {
             < 1e-9,
         "messages per run is in + out"
     );
+    // CPU per run, from /proc: both the bench's process and nats-server
+    // work for every run (a debug build's fleet costs milliseconds per run,
+    // far above a clock tick over 200 runs), and the summary is the sum.
+    for trial in ["/floor/0/cpu", "/throughput/trials/0/cpu", "/latency/rates/0/trials/0/cpu"] {
+        assert!(number(&written, &format!("{trial}/process_ms")) > 0.0, "{written:#}");
+        assert!(number(&written, &format!("{trial}/nats_server_ms")) > 0.0, "{written:#}");
+    }
+    assert!(
+        (number(&written, "/throughput/fleet_cpu_ms_per_run/median")
+            - number(&written, "/throughput/trials/0/cpu/process_ms")
+            - number(&written, "/throughput/trials/0/cpu/nats_server_ms"))
+        .abs()
+            < 1e-9,
+        "CPU per run is the process's + nats-server's"
+    );
     assert_eq!(number(&written, "/latency/rates/0/percent"), 50.0);
     assert!(number(&written, "/latency/rates/0/trials/0/runs") >= 1.0);
     // The split of a submit: leaving late, then the reply, both from the

@@ -85,7 +85,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::fleet::{self, Fleet};
-use super::procs;
+use super::procs::{CpuClock, CpuMeter, CpuUse};
 use super::{progress, BenchArgs, Spread};
 use crate::client::Client;
 
@@ -186,15 +186,6 @@ pub struct PhaseTrial {
     pub payload_bytes: f64,
     /// CPU used while the phase ran, in cores.
     pub cpu: CpuUse,
-}
-
-/// CPU used over a stretch of time, in cores (1.0 = one core busy).
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct CpuUse {
-    /// The bench's process: the in-process worker and coordinator (with the
-    /// projector and SQLite), the bench's producers and its subscriber.
-    pub process_cores: f64,
-    pub nats_server_cores: f64,
 }
 
 /// One phase over the trials: median and range of each figure.
@@ -869,50 +860,6 @@ async fn runfleet(
     subscriber.until_received(|lags| &lags.runfleet, emitted.warm_up + emitted.measured, DRAIN_TIMEOUT).await;
     let acks = runs.acks.lock().unwrap_or_else(PoisonError::into_inner).clone();
     subscriber.with_lags(|lags| lags.runfleet.phase(emitted, &acks, cpu, &schedule))
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat`.
-struct CpuClock {
-    ticks_per_sec: u64,
-}
-
-impl CpuClock {
-    fn read() -> Self {
-        Self { ticks_per_sec: procs::clock_ticks().0 }
-    }
-}
-
-/// Measures the CPU this process and nats-server use.
-struct CpuMeter<'a> {
-    clock: &'a CpuClock,
-    nats_pid: u32,
-}
-
-/// CPU times at a moment, clock ticks.
-struct CpuMark {
-    at: Instant,
-    process: u64,
-    nats_server: u64,
-}
-
-impl CpuMeter<'_> {
-    fn mark(&self) -> anyhow::Result<CpuMark> {
-        Ok(CpuMark {
-            at: Instant::now(),
-            process: procs::cpu_ticks(std::process::id())?,
-            nats_server: procs::cpu_ticks(self.nats_pid)?,
-        })
-    }
-
-    fn since(&self, began: &CpuMark) -> anyhow::Result<CpuUse> {
-        let now = self.mark()?;
-        let ticks = now.at.duration_since(began.at).as_secs_f64() * self.clock.ticks_per_sec as f64;
-        let cores = |from: u64, to: u64| to.saturating_sub(from) as f64 / ticks;
-        Ok(CpuUse {
-            process_cores: cores(began.process, now.process),
-            nats_server_cores: cores(began.nats_server, now.nats_server),
-        })
-    }
 }
 
 fn nanos(duration: Duration) -> u64 {

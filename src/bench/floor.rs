@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::procs::{CpuClock, CpuMeter, CpuPerRun};
 use super::{progress, BenchArgs, ServerTraffic};
 use crate::embedded::{self, EmbeddedNats};
 
@@ -48,6 +49,9 @@ pub struct FloorTrial {
     pub runs_per_sec: f64,
     /// nats-server's traffic per run, first job publish → last ack.
     pub server: ServerTraffic,
+    /// CPU per run over the same window: the bench's process (the floor's
+    /// client) and nats-server.
+    pub cpu: CpuPerRun,
 }
 
 /// Measures one trial on a fresh server (so every trial starts from empty
@@ -110,6 +114,10 @@ async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyho
         .context("floor: consumer")?;
 
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
+    let clock = CpuClock::read();
+    let cpu =
+        CpuMeter { clock: &clock, nats_pid: server.pid().context("floor: nats-server is not running")? };
+    let cpu_before = cpu.mark()?;
     let traffic_before = server.traffic().await?;
     let begin = Instant::now();
     // Publish every job, pipelined, then take them as fast as handlers free up.
@@ -147,6 +155,7 @@ async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyho
         done += 1;
     }
     let elapsed = begin.elapsed();
+    let cpu = cpu.per_run(&cpu_before, runs)?;
     let traffic = server.traffic().await?.since(&traffic_before);
     publisher.await.context("floor: publisher panicked")?.context("floor: a job publish failed")?;
     Ok(FloorTrial {
@@ -154,6 +163,7 @@ async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyho
         seconds: elapsed.as_secs_f64(),
         runs_per_sec: f64::from(runs) / elapsed.as_secs_f64(),
         server: ServerTraffic::per_run(traffic, runs),
+        cpu,
     })
 }
 
@@ -190,15 +200,19 @@ impl Lifecycle {
 pub(super) fn print(trials: &[FloorTrial]) {
     let rates: Vec<f64> = trials.iter().map(|t| t.runs_per_sec).collect();
     let messages: Vec<f64> = trials.iter().map(|t| t.server.messages_per_run()).collect();
-    if let (Some(rate), Some(messages)) = (super::Spread::of(&rates), super::Spread::of(&messages)) {
+    let cpu: Vec<f64> = trials.iter().map(|t| t.cpu.total_ms()).collect();
+    if let (Some(rate), Some(messages), Some(cpu)) =
+        (super::Spread::of(&rates), super::Spread::of(&messages), super::Spread::of(&cpu))
+    {
         println!(
             "floor (bare JetStream lifecycle)  {:.0} runs/s  (min {:.0}, max {:.0}; {} trials), \
-             {:.1} nats-server messages per run",
+             {:.1} nats-server messages and {:.3} ms of CPU per run",
             rate.median,
             rate.min,
             rate.max,
             trials.len(),
-            messages.median
+            messages.median,
+            cpu.median
         );
     }
 }

@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet::{self, Fleet};
+use super::procs::{CpuClock, CpuMeter, CpuPerRun};
 use super::throughput::{self, Recorder};
 use super::{progress, BenchArgs, ServerTraffic, Spread};
 
@@ -70,6 +71,10 @@ pub struct LatencyTrial {
     /// nats-server's traffic per run over the trial (first submit → the
     /// last run finished), at this offered rate.
     pub server: ServerTraffic,
+    /// CPU per run over the same window: the bench's process (the fleet,
+    /// the pacer, the subscriber) and nats-server. Higher at low rates than
+    /// at saturation: fewer messages share each wake-up, write and commit.
+    pub cpu: CpuPerRun,
 }
 
 /// Medians and ranges at one offered rate.
@@ -90,6 +95,8 @@ pub struct RateResult {
     pub send_lag_p99_ms: Spread,
     /// nats-server messages (in + out) per run at this rate.
     pub messages_per_run: Spread,
+    /// CPU milliseconds per run at this rate (bench process + nats-server).
+    pub cpu_ms_per_run: Spread,
     pub trials: Vec<LatencyTrial>,
 }
 
@@ -150,6 +157,7 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
             send_lag_p50_ms: spread(|t| t.send_lag.p50_ms)?,
             send_lag_p99_ms: spread(|t| t.send_lag.p99_ms)?,
             messages_per_run: spread(|t| t.server.messages_per_run())?,
+            cpu_ms_per_run: spread(|t| t.cpu.total_ms())?,
             trials,
         });
     }
@@ -188,7 +196,7 @@ pub(super) fn print(result: &LatencyResult) {
             cell(&rate.complete_p999_ms)
         );
         println!(
-            "  {:>5} {:>9}  reply    {:>17}  {:>26}  {:>26}   (send lag p50 {}, p99 {}; {:.1} nats-server messages per run)",
+            "  {:>5} {:>9}  reply    {:>17}  {:>26}  {:>26}   (send lag p50 {}, p99 {}; {:.1} nats-server messages and {:.2} ms of CPU per run)",
             "",
             "",
             cell(&rate.reply_p50_ms),
@@ -196,7 +204,8 @@ pub(super) fn print(result: &LatencyResult) {
             cell(&rate.reply_p999_ms),
             cell(&rate.send_lag_p50_ms),
             cell(&rate.send_lag_p99_ms),
-            rate.messages_per_run.median
+            rate.messages_per_run.median,
+            rate.cpu_ms_per_run.median
         );
     }
     if let Some(rate) = result.rates.iter().find(|r| r.percent == result.target_rate_percent) {
@@ -241,6 +250,9 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
     // (counted against runfleet, as every lag of the sender is).
     let runs = (offered * args.latency_duration.as_secs_f64()).round().max(1.0) as u32;
     let interval = Duration::from_secs_f64(1.0 / offered);
+    let clock = CpuClock::read();
+    let cpu = CpuMeter { clock: &clock, nats_pid: fleet.nats_pid().context("nats-server is not running")? };
+    let cpu_before = cpu.mark()?;
     let traffic_before = fleet.traffic().await?;
     let runtime = tokio::runtime::Handle::current();
     let pacer_client = client.clone();
@@ -275,6 +287,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         submitted.push((run, times.intended));
     }
     recorder.wait_finished(&submitted).await?;
+    let cpu = cpu.per_run(&cpu_before, runs)?;
     let traffic = fleet.traffic().await?.since(&traffic_before);
     stop.cancel();
 
@@ -299,6 +312,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         submit_to_reply: Tail::of(&submit_to_reply),
         failed,
         server: ServerTraffic::per_run(traffic, runs),
+        cpu,
     })
 }
 

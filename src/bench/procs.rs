@@ -4,7 +4,7 @@
 //! of the fleet's directory, SIGKILLed when dropped. They
 //! run without the bench's `RUNFLEET_*` environment, so, like the
 //! in-process parts of the fleet, they are configured by the bench's flags
-//! alone.
+//! alone. Also: the CPU time processes used ([`CpuMeter`]), from `/proc`.
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use runfleet_protocol::WorkerId;
+use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::client::Client;
@@ -244,5 +245,87 @@ pub(super) fn clock_ticks() -> (u64, String) {
     match measured {
         Some(ticks) => (ticks, "getconf CLK_TCK".to_owned()),
         None => (100, "assumed".to_owned()),
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`.
+pub(super) struct CpuClock {
+    ticks_per_sec: u64,
+}
+
+impl CpuClock {
+    pub fn read() -> Self {
+        Self { ticks_per_sec: clock_ticks().0 }
+    }
+}
+
+/// Measures the CPU this process and nats-server use.
+pub(super) struct CpuMeter<'a> {
+    pub clock: &'a CpuClock,
+    pub nats_pid: u32,
+}
+
+/// CPU times at a moment, clock ticks.
+pub(super) struct CpuMark {
+    at: Instant,
+    process: u64,
+    nats_server: u64,
+}
+
+/// CPU used over a stretch of time, in cores (1.0 = one core busy).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuUse {
+    /// The bench's process: the in-process worker and coordinator (with the
+    /// projector and SQLite), the bench's producers and its subscriber.
+    pub process_cores: f64,
+    pub nats_server_cores: f64,
+}
+
+/// CPU time per run over a measured window, milliseconds: what a run costs
+/// the machine, which (unlike runs/s or a latency) does not depend on how
+/// busy the machine was with other work, only on how the runs were batched.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CpuPerRun {
+    /// The bench's process: the in-process fleet (or the floor's client)
+    /// and the bench's own submitter and subscriber.
+    pub process_ms: f64,
+    pub nats_server_ms: f64,
+}
+
+impl CpuPerRun {
+    pub fn total_ms(&self) -> f64 {
+        self.process_ms + self.nats_server_ms
+    }
+}
+
+impl CpuMeter<'_> {
+    pub fn mark(&self) -> anyhow::Result<CpuMark> {
+        Ok(CpuMark {
+            at: Instant::now(),
+            process: cpu_ticks(std::process::id())?,
+            nats_server: cpu_ticks(self.nats_pid)?,
+        })
+    }
+
+    pub fn since(&self, began: &CpuMark) -> anyhow::Result<CpuUse> {
+        let now = self.mark()?;
+        let ticks = now.at.duration_since(began.at).as_secs_f64() * self.clock.ticks_per_sec as f64;
+        let cores = |from: u64, to: u64| to.saturating_sub(from) as f64 / ticks;
+        Ok(CpuUse {
+            process_cores: cores(began.process, now.process),
+            nats_server_cores: cores(began.nats_server, now.nats_server),
+        })
+    }
+
+    /// CPU per run since `began`, for `runs` runs.
+    pub fn per_run(&self, began: &CpuMark, runs: u32) -> anyhow::Result<CpuPerRun> {
+        let now = self.mark()?;
+        let ms = |from: u64, to: u64| {
+            to.saturating_sub(from) as f64 * 1000.0 / self.clock.ticks_per_sec as f64 / f64::from(runs.max(1))
+        };
+        Ok(CpuPerRun {
+            process_ms: ms(began.process, now.process),
+            nats_server_ms: ms(began.nats_server, now.nats_server),
+        })
     }
 }

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet::{self, Fleet};
+use super::procs::{CpuClock, CpuMeter, CpuPerRun};
 use super::{floor, progress, BenchArgs, FloorTrial, Latency, ServerTraffic, Spread};
 use crate::client::Client;
 
@@ -60,6 +61,9 @@ pub struct ThroughputTrial {
     pub failed: u32,
     /// nats-server's traffic per run, first submit → the registry caught up.
     pub server: ServerTraffic,
+    /// CPU per run over the same window: the bench's process (the fleet,
+    /// the submitter, the subscriber) and nats-server.
+    pub cpu: CpuPerRun,
 }
 
 /// What the `throughput` scenario measured over its trials.
@@ -77,6 +81,10 @@ pub struct ThroughputResult {
     /// nats-server messages (in + out) per run: the floor's and the fleet's.
     pub floor_messages_per_run: Spread,
     pub fleet_messages_per_run: Spread,
+    /// CPU milliseconds per run, the bench's process and nats-server
+    /// together: the floor's and the fleet's.
+    pub floor_cpu_ms_per_run: Spread,
+    pub fleet_cpu_ms_per_run: Spread,
     pub target_ratio: f64,
     /// The floor trials, one before each fleet trial.
     pub floor: Vec<FloorTrial>,
@@ -129,6 +137,9 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<ThroughputResult
         )
         .context("no floor trial ran")?,
         fleet_messages_per_run: spread(|t| t.server.messages_per_run())?,
+        floor_cpu_ms_per_run: Spread::of(&floors.iter().map(|f| f.cpu.total_ms()).collect::<Vec<_>>())
+            .context("no floor trial ran")?,
+        fleet_cpu_ms_per_run: spread(|t| t.cpu.total_ms())?,
         target_ratio: TARGET_RATIO,
         floor: floors,
         trials,
@@ -161,6 +172,8 @@ pub(super) fn print(result: &ThroughputResult) {
     row("registry / floor", &result.registry_ratio, "");
     row("floor msgs/run", &result.floor_messages_per_run, "in+out");
     row("fleet msgs/run", &result.fleet_messages_per_run, "in+out");
+    row("floor CPU/run", &result.floor_cpu_ms_per_run, "ms");
+    row("fleet CPU/run", &result.fleet_cpu_ms_per_run, "ms");
     let verdict = |ratio: f64| if ratio >= result.target_ratio { "met" } else { "MISSED" };
     println!(
         "  target ≥ {:.2} of floor: terminal {}, registry {} (medians)",
@@ -199,6 +212,9 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
     let warm = submit_all(&client, WARM_UP, args.concurrency).await?;
     recorder.wait_finished(&warm).await?;
 
+    let clock = CpuClock::read();
+    let cpu = CpuMeter { clock: &clock, nats_pid: fleet.nats_pid().context("nats-server is not running")? };
+    let cpu_before = cpu.mark()?;
     let traffic_before = fleet.traffic().await?;
     let begin = Instant::now();
     let submitted = submit_all(&client, runs, args.concurrency).await?;
@@ -207,6 +223,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
     let expected = u64::from(WARM_UP + runs);
     wait_registry(fleet, expected).await?;
     let registry = begin.elapsed();
+    let cpu = cpu.per_run(&cpu_before, runs)?;
     let traffic = fleet.traffic().await?.since(&traffic_before);
     stop.cancel();
 
@@ -234,6 +251,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, runs: u32) -> anyhow::Result<
         submit_to_complete: Latency::from_micros(&complete_hist),
         failed,
         server: ServerTraffic::per_run(traffic, runs),
+        cpu,
     })
 }
 
