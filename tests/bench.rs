@@ -103,6 +103,16 @@ fn every_scenario_runs_and_reports() {
         "CPU per run is the process's + nats-server's"
     );
     assert_eq!(number(&written, "/latency/rates/0/percent"), 50.0);
+    // The floor at the same offered rate ran every job it was offered,
+    // each finishing after it started.
+    let floor_runs = number(&written, "/latency/rates/0/trials/0/floor/runs");
+    assert!(floor_runs >= 1.0, "{written:#}");
+    assert!(
+        number(&written, "/latency/rates/0/trials/0/floor/job_to_start/p50_ms")
+            <= number(&written, "/latency/rates/0/trials/0/floor/job_to_complete/p50_ms"),
+        "a floor job completes after it starts"
+    );
+    assert!(number(&written, "/latency/rates/0/trials/0/floor/cpu/nats_server_ms") > 0.0, "{written:#}");
     assert!(number(&written, "/latency/rates/0/trials/0/runs") >= 1.0);
     // The split of a submit: leaving late, then the reply, both from the
     // intended send time.

@@ -24,8 +24,10 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use futures::StreamExt;
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::latency::{micros, Tail};
 use super::procs::{CpuClock, CpuMeter, CpuPerRun};
 use super::{progress, BenchArgs, ServerTraffic};
 use crate::embedded::{self, EmbeddedNats};
@@ -69,7 +71,116 @@ pub(super) async fn trial(args: &BenchArgs, runs: u32) -> anyhow::Result<FloorTr
     Ok(trial)
 }
 
-async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyhow::Result<FloorTrial> {
+/// The floor under an open-loop load (for `latency`): one trial.
+#[derive(Debug, Clone, Serialize)]
+pub struct FloorLatencyTrial {
+    pub offered_per_sec: f64,
+    pub runs: u32,
+    /// Intended job publish → the job's first event stored: the floor's
+    /// "started".
+    pub job_to_start: Tail,
+    /// Intended job publish → the job's ack confirmed: its completion.
+    pub job_to_complete: Tail,
+    /// CPU per run over the trial (the floor's client and nats-server).
+    pub cpu: CpuPerRun,
+}
+
+/// The floor's lifecycle at `offered` jobs/s for `duration`, open loop, on
+/// a fresh server: a pacing thread publishes job `i` at `begin + i / rate`
+/// on the OS timer (as `latency` sends its submits), and latencies count
+/// from that intended time. What the machine itself takes for the durable
+/// part of a run at the rate `latency` offers the fleet.
+pub(super) async fn open_loop(
+    args: &BenchArgs,
+    offered: f64,
+    duration: Duration,
+) -> anyhow::Result<FloorLatencyTrial> {
+    let data = tempfile::tempdir().context("could not create a temp dir for the floor")?;
+    let nats = EmbeddedNats::start_monitored(data.path(), embedded::free_port()?).await?;
+    let result = open_loop_on(&nats, args.workers.saturating_mul(args.slots), offered, duration).await;
+    nats.stop().await;
+    result
+}
+
+async fn open_loop_on(
+    server: &EmbeddedNats,
+    concurrency: u32,
+    offered: f64,
+    duration: Duration,
+) -> anyhow::Result<FloorLatencyTrial> {
+    anyhow::ensure!(offered > 0.0, "floor: nothing offered");
+    let (js, consumer, lifecycle) = prepare(server, concurrency).await?;
+    let runs = (offered * duration.as_secs_f64()).round().max(1.0) as u32;
+    let interval = Duration::from_secs_f64(1.0 / offered);
+    let clock = CpuClock::read();
+    let cpu =
+        CpuMeter { clock: &clock, nats_pid: server.pid().context("floor: nats-server is not running")? };
+    let messages = consumer.messages().await.context("floor: pull")?;
+    let cpu_before = cpu.mark()?;
+    let begin = Instant::now();
+    let pacer = {
+        let (js, payload) = (js.clone(), lifecycle.payload.clone());
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut acks = Vec::with_capacity(runs as usize);
+            for i in 0..runs {
+                let intended = begin + interval.mul_f64(f64::from(i));
+                if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let (js, payload) = (js.clone(), payload.clone());
+                acks.push(
+                    runtime.spawn(async move { js.publish(format!("floor.jobs.{i}"), payload).await?.await }),
+                );
+            }
+            acks
+        })
+    };
+    let mut handled = messages
+        .take(runs as usize)
+        .map(|message| {
+            let lifecycle = lifecycle.clone();
+            async move {
+                let message = message?;
+                let index = message.subject.rsplit('.').next().and_then(|i| i.parse::<u32>().ok());
+                let index = index.context("floor: a job subject without its index")?;
+                let started = lifecycle.run(message).await?;
+                anyhow::Ok((index, started, Instant::now()))
+            }
+        })
+        .buffer_unordered(concurrency.max(1) as usize);
+    let mut start = Histogram::<u64>::new(3)?;
+    let mut complete = Histogram::<u64>::new(3)?;
+    for done in 0..runs {
+        let next = tokio::time::timeout(STALL, handled.next())
+            .await
+            .with_context(|| format!("floor: no run finished for {}s ({done}/{runs})", STALL.as_secs()))?;
+        let Some(result) = next else {
+            anyhow::bail!("floor: the pull stream ended after {done}/{runs} runs")
+        };
+        let (index, started, completed) = result?;
+        let intended = begin + interval.mul_f64(f64::from(index));
+        start.record(micros(started, intended))?;
+        complete.record(micros(completed, intended))?;
+    }
+    let cpu = cpu.per_run(&cpu_before, runs)?;
+    for ack in pacer.await.context("floor: the pacer panicked")? {
+        ack.await.context("floor: a job publish panicked")?.context("floor: a job publish failed")?;
+    }
+    Ok(FloorLatencyTrial {
+        offered_per_sec: offered,
+        runs,
+        job_to_start: Tail::of(&start),
+        job_to_complete: Tail::of(&complete),
+        cpu,
+    })
+}
+
+/// Creates the floor's streams, buckets and consumer on `server`.
+async fn prepare(
+    server: &EmbeddedNats,
+    concurrency: u32,
+) -> anyhow::Result<(jetstream::Context, consumer::PullConsumer, Arc<Lifecycle>)> {
     let nats = async_nats::connect(server.url()).await.context("floor: could not connect")?;
     let js = jetstream::new(nats);
     let jobs = js
@@ -114,6 +225,13 @@ async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyho
         .context("floor: consumer")?;
 
     let payload = Bytes::from(vec![b'x'; PAYLOAD_BYTES]);
+    let lifecycle = Arc::new(Lifecycle { js: js.clone(), leases, checkpoints, payload });
+    Ok((js, consumer, lifecycle))
+}
+
+async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyhow::Result<FloorTrial> {
+    let (js, consumer, lifecycle) = prepare(server, concurrency).await?;
+    let payload = lifecycle.payload.clone();
     let clock = CpuClock::read();
     let cpu =
         CpuMeter { clock: &clock, nats_pid: server.pid().context("floor: nats-server is not running")? };
@@ -135,13 +253,12 @@ async fn measure_on(server: &EmbeddedNats, runs: u32, concurrency: u32) -> anyho
     };
 
     let messages = consumer.messages().await.context("floor: pull")?;
-    let lifecycle = Arc::new(Lifecycle { js: js.clone(), leases, checkpoints, payload });
     let mut done = 0u32;
     let mut handled = messages
         .take(runs as usize)
         .map(|message| {
             let lifecycle = lifecycle.clone();
-            async move { lifecycle.run(message?).await }
+            async move { lifecycle.run(message?).await.map(drop) }
         })
         .buffer_unordered(concurrency.max(1) as usize);
     while done < runs {
@@ -175,10 +292,13 @@ struct Lifecycle {
 }
 
 impl Lifecycle {
-    async fn run(&self, message: jetstream::Message) -> anyhow::Result<()> {
+    /// Runs one job's lifecycle; the instant its first event was stored
+    /// (the floor's "started").
+    async fn run(&self, message: jetstream::Message) -> anyhow::Result<Instant> {
         let id = message.subject.rsplit('.').next().unwrap_or_default().to_owned();
         let revision = self.leases.create(&id, self.payload.clone()).await.context("floor: lease create")?;
         let subject = format!("floor.runs.{id}.events");
+        let mut started = None;
         for _ in 0..3 {
             self.js
                 .publish(subject.clone(), self.payload.clone())
@@ -186,6 +306,7 @@ impl Lifecycle {
                 .context("floor: event publish")?
                 .await
                 .context("floor: event ack")?;
+            started.get_or_insert_with(Instant::now);
         }
         self.checkpoints
             .create(format!("{id}.0"), self.payload.clone())
@@ -193,7 +314,7 @@ impl Lifecycle {
             .context("floor: checkpoint")?;
         self.leases.delete_expect_revision(&id, Some(revision)).await.context("floor: lease delete")?;
         message.double_ack().await.map_err(|e| anyhow::anyhow!("floor: ack: {e}"))?;
-        Ok(())
+        Ok(started.unwrap_or_else(Instant::now))
     }
 }
 

@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::fleet::{self, Fleet};
+use super::floor::{self, FloorLatencyTrial};
 use super::procs::{CpuClock, CpuMeter, CpuPerRun};
 use super::throughput::{self, Recorder};
 use super::{progress, BenchArgs, ServerTraffic, Spread};
@@ -42,7 +43,7 @@ pub struct Tail {
 }
 
 impl Tail {
-    fn of(hist: &Histogram<u64>) -> Self {
+    pub(super) fn of(hist: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1e3;
         Self {
             p50_ms: ms(hist.value_at_quantile(0.50)),
@@ -75,6 +76,10 @@ pub struct LatencyTrial {
     /// the pacer, the subscriber) and nats-server. Higher at low rates than
     /// at saturation: fewer messages share each wake-up, write and commit.
     pub cpu: CpuPerRun,
+    /// The bare JetStream floor at the same offered rate, run just before
+    /// on a server of its own: what the machine takes for the durable part
+    /// of a run at this rate.
+    pub floor: FloorLatencyTrial,
 }
 
 /// Medians and ranges at one offered rate.
@@ -97,6 +102,12 @@ pub struct RateResult {
     pub messages_per_run: Spread,
     /// CPU milliseconds per run at this rate (bench process + nats-server).
     pub cpu_ms_per_run: Spread,
+    /// The floor at the same rate: job published → first event stored, →
+    /// job acked; and its CPU per run.
+    pub floor_start_p50_ms: Spread,
+    pub floor_start_p99_ms: Spread,
+    pub floor_complete_p99_ms: Spread,
+    pub floor_cpu_ms_per_run: Spread,
     pub trials: Vec<LatencyTrial>,
 }
 
@@ -124,7 +135,15 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
                 args,
                 format!("latency: {percent}% ({offered:.0} runs/s) trial {trial}/{}", args.repeat),
             );
-            let result = fleet_trial(args, offered).await?;
+            let floor = floor::open_loop(args, offered, args.latency_duration).await?;
+            progress(
+                args,
+                format!(
+                    "latency: floor: job→start p99 {:.2} ms, job→complete p99 {:.2} ms",
+                    floor.job_to_start.p99_ms, floor.job_to_complete.p99_ms
+                ),
+            );
+            let result = fleet_trial(args, offered, floor).await?;
             progress(
                 args,
                 format!(
@@ -158,6 +177,10 @@ pub(super) async fn measure(args: &BenchArgs, base: f64) -> anyhow::Result<Laten
             send_lag_p99_ms: spread(|t| t.send_lag.p99_ms)?,
             messages_per_run: spread(|t| t.server.messages_per_run())?,
             cpu_ms_per_run: spread(|t| t.cpu.total_ms())?,
+            floor_start_p50_ms: spread(|t| t.floor.job_to_start.p50_ms)?,
+            floor_start_p99_ms: spread(|t| t.floor.job_to_start.p99_ms)?,
+            floor_complete_p99_ms: spread(|t| t.floor.job_to_complete.p99_ms)?,
+            floor_cpu_ms_per_run: spread(|t| t.floor.cpu.total_ms())?,
             trials,
         });
     }
@@ -207,6 +230,15 @@ pub(super) fn print(result: &LatencyResult) {
             rate.messages_per_run.median,
             rate.cpu_ms_per_run.median
         );
+        println!(
+            "  {:>5} {:>9}  floor    {:>17}  {:>26}  {:>26}   (start p50, start p99, complete p99; {:.2} ms of CPU per run)",
+            "",
+            "",
+            cell(&rate.floor_start_p50_ms),
+            cell(&rate.floor_start_p99_ms),
+            cell(&rate.floor_complete_p99_ms),
+            rate.floor_cpu_ms_per_run.median
+        );
     }
     if let Some(rate) = result.rates.iter().find(|r| r.percent == result.target_rate_percent) {
         let verdict = |value: f64, target: f64| if value <= target { "met" } else { "MISSED" };
@@ -221,17 +253,26 @@ pub(super) fn print(result: &LatencyResult) {
     }
 }
 
-async fn fleet_trial(args: &BenchArgs, offered: f64) -> anyhow::Result<LatencyTrial> {
+async fn fleet_trial(
+    args: &BenchArgs,
+    offered: f64,
+    floor: FloorLatencyTrial,
+) -> anyhow::Result<LatencyTrial> {
     let mut fleet = Fleet::start(fleet::DEFAULT_LEASE_TTL).await?;
     for _ in 0..args.workers {
         fleet.add_worker(args.slots, fleet::noop_agents()).await?;
     }
-    let result = trial_on(args, &fleet, offered).await;
+    let result = trial_on(args, &fleet, offered, floor).await;
     fleet.stop().await?;
     result
 }
 
-async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Result<LatencyTrial> {
+async fn trial_on(
+    args: &BenchArgs,
+    fleet: &Fleet,
+    offered: f64,
+    floor: FloorLatencyTrial,
+) -> anyhow::Result<LatencyTrial> {
     let client = fleet.client().await?;
     let stop = CancellationToken::new();
     let recorder = Recorder::start(&client, stop.clone()).await?;
@@ -313,6 +354,7 @@ async fn trial_on(args: &BenchArgs, fleet: &Fleet, offered: f64) -> anyhow::Resu
         failed,
         server: ServerTraffic::per_run(traffic, runs),
         cpu,
+        floor,
     })
 }
 
@@ -324,6 +366,6 @@ struct Sent {
 }
 
 /// `later - earlier` in whole microseconds (zero if `later` is earlier).
-fn micros(later: Instant, earlier: Instant) -> u64 {
+pub(super) fn micros(later: Instant, earlier: Instant) -> u64 {
     u64::try_from(later.saturating_duration_since(earlier).as_micros()).unwrap_or(u64::MAX)
 }
