@@ -16,6 +16,10 @@
 //!
 //! Runs/s at saturation is N over first job publish → last ack. The same N,
 //! slots and workers as `throughput`, so the two are comparable.
+//!
+//! [`open_loop`] runs the same lifecycle under `latency`'s open-loop load
+//! instead (jobs published at fixed intended times), as that scenario's
+//! baseline at each offered rate.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
