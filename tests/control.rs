@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use harness::stream::{by_run, check_run_log, eventually, tenant_events};
 use harness::{Fleet, FleetOptions, TestDb};
+use runfleet_coordinator::runs::{Cancelled, Runs};
+use runfleet_coordinator::setup::Topology;
 use runfleet_protocol::api::SubmitRequest;
+use runfleet_protocol::control::CancelRecord;
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::{time, Names, RunId, RunState, TenantId};
 use serde_json::{json, Value};
@@ -488,4 +491,69 @@ async fn cancel_racing_parking_is_never_dropped() {
         };
         assert_ended(run, &events, RunState::Cancelled);
     }
+}
+
+/// A cancel record stored before a worker takes a fresh run (as a
+/// coordinator does first thing) does not stop the run by itself: a
+/// submission's first claim reads no control record. When the coordinator
+/// then finds the lease held, it writes the record again, and the holder's
+/// control watch, registered before the lease was created, delivers it:
+/// the worker ends the run with `run.cancelled` long before the run would
+/// have completed on its own (60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_finding_a_fresh_claim_reaches_its_worker() {
+    let mut fleet = fleet(FleetOptions { workers: 0, slots: 4, ..Default::default() }).await;
+    let names = Names::default();
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let run = submit(&fleet, "sleep", json!({ "steps": 600, "ms": 100 })).await;
+
+    // The coordinator's first move: the record, before any worker runs.
+    let request = CancelRecord { reason: Some("stored first".to_owned()), requested_ms: time::now_ms() };
+    let control =
+        js.get_key_value(names.control_bucket()).await.unwrap_or_else(|e| panic!("control bucket: {e}"));
+    let record = runfleet_protocol::codec::encode(&request).unwrap_or_else(|e| panic!("{e}"));
+    control
+        .put(names.control_key(run), record.into())
+        .await
+        .unwrap_or_else(|e| panic!("store the record: {e}"));
+
+    fleet.add_worker(&["default"], 4);
+    wait_for(&fleet, run, "the worker to run the run", |e| count(e, "agent.event") > 0).await;
+
+    // Its second: the lease, which the worker holds.
+    let stream = |name: String| {
+        let js = js.clone();
+        async move { js.get_stream(name).await.unwrap_or_else(|e| panic!("stream: {e}")) }
+    };
+    let bucket = |name: String| {
+        let js = js.clone();
+        async move { js.get_key_value(name).await.unwrap_or_else(|e| panic!("bucket: {e}")) }
+    };
+    let topology = Topology {
+        events: stream(names.events_stream()).await,
+        jobs: stream(names.jobs_stream()).await,
+        idempotency: bucket(names.idempotency_bucket()).await,
+        leases: bucket(names.leases_bucket()).await,
+        signals: bucket(names.signals_bucket()).await,
+        control,
+        inputs: bucket(names.inputs_bucket()).await,
+    };
+    let runs = Runs::new(js.clone(), names.clone(), &topology);
+    let facts = runs
+        .facts(&TenantId::default_tenant(), run)
+        .await
+        .unwrap_or_else(|e| panic!("facts: {e}"))
+        .unwrap_or_else(|| panic!("run {run} has no facts"));
+    let outcome = runs
+        .cancel_unowned(&TenantId::default_tenant(), &facts.job, facts.last.event.attempt, &request)
+        .await
+        .unwrap_or_else(|e| panic!("cancel: {e}"));
+    assert!(
+        matches!(outcome, Cancelled::LeaseHeld { holder: Some(_) }),
+        "the worker holds the run: {outcome:?}"
+    );
+
+    let log = wait_for(&fleet, run, "the worker to cancel the run", is_terminal).await;
+    assert_ended(run, &log, RunState::Cancelled);
+    assert!(log.last().is_some_and(|e| e.worker_id.is_some()), "the worker wrote run.cancelled: {log:#?}");
 }

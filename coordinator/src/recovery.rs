@@ -224,7 +224,7 @@ impl Recovery {
             // Cancelled while a worker held it, and that worker let go
             // without ending the run (it parked it, or died): finish the
             // cancel rather than wait for a claimant that may never come.
-            let outcome = runs.cancel_unowned(&run.tenant, &facts.job, last.attempt, request.reason).await?;
+            let outcome = runs.cancel_unowned(&run.tenant, &facts.job, last.attempt, &request).await?;
             return Ok(match outcome {
                 Cancelled::Written => {
                     warn!(run_id = %run.run_id, tenant = %run.tenant, seq = last.seq, "run recovered: its cancel was requested but no worker finished it; cancelled");

@@ -473,13 +473,20 @@ impl Runs {
     /// subject sequence, so never a second terminal event, even against a
     /// zombie), removes its queued job and its timer so no worker is
     /// bothered with it, and releases the lease. `job` and `attempt` come
-    /// from the run's facts.
+    /// from the run's facts; `request` is the cancel record already stored
+    /// (see [`Runs::request_cancel`]).
+    ///
+    /// If the lease is held, the record is written again. A worker
+    /// registers a run with its control watch before it creates the lease,
+    /// and a fresh run's first claim does not read the control bucket, so a
+    /// record stored before that registration may have passed it by; this
+    /// write, made after the lease was found held, reaches it.
     pub async fn cancel_unowned(
         &self,
         tenant: &TenantId,
         job: &Job,
         attempt: u32,
-        reason: Option<String>,
+        request: &CancelRecord,
     ) -> Result<Cancelled, Error> {
         let run_id = job.run_id;
         let key = self.names.lease_key(run_id);
@@ -495,11 +502,12 @@ impl Runs {
         let revision = match self.leases.create(&key, value.into()).await {
             Ok(revision) => revision,
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                self.request_cancel(run_id, request).await?;
                 return Ok(Cancelled::LeaseHeld { holder: self.lease_holder(&key).await });
             }
             Err(error) => return Err(jetstream_error("take the run's lease", key)(error.to_string())),
         };
-        let written = self.append_cancelled(tenant, run_id, reason).await;
+        let written = self.append_cancelled(tenant, run_id, request.reason.clone()).await;
         if matches!(written, Ok(Cancelled::Written)) {
             runfleet_ops::metrics::get()
                 .runs_cancelled

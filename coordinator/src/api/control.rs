@@ -97,10 +97,10 @@ impl Api {
         if state.is_terminal() {
             return Ok(CancelResponse { run_id: run, state, cancelled: false });
         }
-        let record = CancelRecord { reason: reason.clone(), requested_ms: time::now_ms() };
+        let record = CancelRecord { reason, requested_ms: time::now_ms() };
         runs.request_cancel(run, &record).await.map_err(runs_error)?;
         let outcome = runs
-            .cancel_unowned(&tenant, &facts.job, facts.last.event.attempt, reason)
+            .cancel_unowned(&tenant, &facts.job, facts.last.event.attempt, &record)
             .await
             .map_err(runs_error)?;
         let reply = match outcome {

@@ -2,11 +2,17 @@
 //!
 //! The coordinator writes a [`CancelRecord`] under `<run_id>` before it acts
 //! on a cancel. A worker claiming a run reads the key once (cancelled while
-//! queued), and one watch per worker delivers every later request to the
-//! runs it is claiming or running, so a running run stops within moments of
-//! the request, not at its next step. A run registers its interest
-//! ([`Cancels::register`]) *before* it reads the key, so a request is either
-//! seen by that read or delivered by the watch.
+//! waiting, or while its last worker held it), and one watch per worker
+//! delivers every later request to the runs it is claiming or running, so a
+//! running run stops within moments of the request, not at its next step. A
+//! run registers its interest ([`Cancels::register`]) *before* it reads the
+//! key, so a request is either seen by that read or delivered by the watch.
+//!
+//! A submission's first claim reads no key: it registers, then creates the
+//! lease. A cancel that came earlier took the lease first or wrote
+//! `run.cancelled` (the claim's first append is refused); one that finds the
+//! lease held writes its record again, after the registration, and the
+//! watch delivers that one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

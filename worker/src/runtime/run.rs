@@ -184,10 +184,15 @@ async fn claim(
     };
     // A submission's own job on its first delivery names the stream sequence
     // of its run's `run.created` (the fast claim): the run is almost surely
-    // fresh, so the log is not read at all and the lease is created (for
-    // attempt 1) while the cancel request is read. Otherwise the run's last
-    // event and cancel request are read before the lease is created, both
-    // at once, and the lease is created with the attempt it will hold.
+    // fresh, so neither the log nor the control bucket is read and the lease
+    // is created for attempt 1. A cancel made while the run was queued has
+    // either taken the lease first (the create fails) or written
+    // `run.cancelled` (the first append, fenced on `run.created`, fails), or
+    // it found our lease held and wrote its record again *after* that, which
+    // the control watch delivers to the slot registered before the create.
+    // Otherwise the run's last event and cancel request are read before the
+    // lease is created, both at once, and the lease is created with the
+    // attempt it will hold.
     //
     // Either way, what was assumed or read before the lease is trusted only
     // to start a fresh run or to ack a finished one, and every append is
@@ -198,10 +203,8 @@ async fn claim(
     let (mut reads, mut lease, acquired) = match job.created_seq.filter(|_| delivered == 1) {
         Some(created_seq) => {
             let lease = lease_for(1);
-            let (acquired, request) = tokio::join!(
-                lease::acquire(&shared.leases, &key, &lease),
-                read_cancel(shared, run_id, cancel)
-            );
+            let acquired = lease::acquire(&shared.leases, &key, &lease).await;
+            let request = cancel.request();
             (Some(Ok(Some((LastEvent::created(&job, created_seq), request)))), lease, acquired)
         }
         None => {
