@@ -348,28 +348,38 @@ async fn fast_claim_refused_by_a_racing_cancel_runs_and_stores_nothing() -> anyh
     worker.stop().await
 }
 
-/// A cancel request stored before a submission's job is claimed is seen by
-/// the fast claim (it reads the control bucket while it creates the lease):
-/// the run is cancelled, never started.
+/// A submission's first claim reads no control record. A cancel stored
+/// before the claimant registered the run reaches it the way the
+/// coordinator makes sure of: on finding the lease held, it writes the
+/// record again, and the claimant's control watch (registered before the
+/// lease was created) delivers that write. The run ends cancelled by the
+/// worker, well before it would have completed (60 s).
 #[tokio::test]
-async fn fast_claim_honours_a_cancel_stored_before_it() -> anyhow::Result<()> {
+async fn fast_claim_is_cancelled_by_a_record_written_after_its_lease() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
-    let worker = env.worker(env.config(2), agents::builtin()).await?;
-    let job = env.create_run("echo", json!("never"), 2).await?;
+    let job = env.create_run("sleep", json!({ "steps": 600, "ms": 100 }), 2).await?;
     let run = job.run_id;
     assert!(job.created_seq.is_some());
     let control = env.js.get_key_value(env.names.control_bucket()).await?;
     let record = CancelRecord { reason: Some("changed my mind".to_owned()), requested_ms: time::now_ms() };
     control.put(env.names.control_key(run), codec::encode(&record)?.into()).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
     env.publish_job(&job).await?;
 
+    // The claim took the run despite the record stored before it.
+    wait_until(DEADLINE, || async { Ok(env.leases.get(env.names.lease_key(run)).await?.map(|_| ())) })
+        .await?;
+    // The coordinator's second write, after finding the lease held.
+    control.put(env.names.control_key(run), codec::encode(&record)?.into()).await?;
+
     let events = env.wait_terminal(run).await?;
-    assert_eq!(types(&events), ["run.created", "run.cancelled"]);
+    let last = events.last().map(|e| &e.body);
     assert!(
-        matches!(&events[1].body, EventBody::Cancelled(c) if c.reason.as_deref() == Some("changed my mind")),
+        matches!(last, Some(EventBody::Cancelled(c)) if c.reason.as_deref() == Some("changed my mind")),
         "{:?}",
-        events[1]
+        types(&events)
     );
+    assert!(events.last().is_some_and(|e| e.worker_id.is_some()), "the worker wrote run.cancelled");
     wait_until(DEADLINE, || async { Ok((env.jobs_in_stream().await? == 0).then_some(())) }).await?;
     worker.stop().await
 }
