@@ -222,6 +222,31 @@ async fn durable_sleep_survives_coordinator_and_server_restarts() {
     assert_eq!(count(&events, "run.waiting"), 1, "{events:#?}");
 }
 
+/// The timer a worker arms when it parks a run is a later dispatch: its job
+/// names no `run.created` sequence, so the claimant that gets it when it
+/// fires reads the run's log (and its cancel request) rather than take the
+/// run for fresh. A timer that copied the submission's job would have its
+/// claimant run the agent against a log that moved on long ago, and miss a
+/// cancel stored while the run slept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_runs_timer_is_a_later_dispatch() {
+    let fleet = fleet(FleetOptions { workers: 1, slots: 2, ..Default::default() }).await;
+    let run = submit(&fleet, "timer", json!({ "sleep_ms": 600_000 })).await;
+    wait_for(&fleet, run, "the run to sleep", is_waiting).await;
+
+    let names = Names::default();
+    let js = async_nats::jetstream::new(fleet.nats.client().await);
+    let jobs = js.get_stream(names.jobs_stream()).await.unwrap_or_else(|e| panic!("jobs stream: {e}"));
+    let timer = jobs
+        .get_last_raw_message_by_subject(&names.run_timer(run))
+        .await
+        .unwrap_or_else(|e| panic!("the run's timer: {e}"));
+    let job: runfleet_protocol::job::Job =
+        runfleet_protocol::codec::decode(&timer.payload).unwrap_or_else(|e| panic!("the timer's job: {e}"));
+    assert_eq!(job.run_id, run);
+    assert_eq!(job.created_seq, None, "the timer carries the submission's fast-claim hint: {job:?}");
+}
+
 /// `await_signal` with a deadline takes the timeout path when no signal
 /// comes, and returns the payload when one does, whether it arrived
 /// before or after the run got to the wait.

@@ -390,7 +390,7 @@ impl Recovery {
                     "job reached its consumer's max deliveries; re-dispatching it"
                 );
                 let msg_id = self.names().recovery_msg_id(job.run_id, last.event.seq);
-                self.runs.publish_job(&job, &msg_id).await?;
+                self.runs.publish_job(&job.redispatch(), &msg_id).await?;
             }
             Some(last) => {
                 info!(

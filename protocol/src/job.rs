@@ -32,3 +32,12 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_seq: Option<u64>,
 }
+
+impl Job {
+    /// The job as any dispatch after the submission's own publishes it
+    /// (a wake, a timer, a retry): without [`Job::created_seq`], so its
+    /// claimant reads the run's log rather than assume the run is fresh.
+    pub fn redispatch(&self) -> Job {
+        Job { created_seq: None, ..self.clone() }
+    }
+}

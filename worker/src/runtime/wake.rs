@@ -26,11 +26,12 @@ pub enum Error {
     Signal { run_id: RunId, key: SignalKey, message: String },
 }
 
-/// Arms the run's timer: at `due_ms` the server publishes `job` on the
-/// run's job subject. Replaces any earlier timer of the run.
+/// Arms the run's timer: at `due_ms` the server publishes `job` (as a later
+/// dispatch, see [`Job::redispatch`]) on the run's job subject. Replaces any
+/// earlier timer of the run.
 pub(crate) async fn arm(shared: &Shared, job: &Job, due_ms: i64) -> Result<(), Error> {
     let run_id = job.run_id;
-    let payload = codec::encode(job).map_err(|source| Error::Encode { run_id, source })?;
+    let payload = codec::encode(&job.redispatch()).map_err(|source| Error::Encode { run_id, source })?;
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
     headers.insert(HEADER_SCHEDULE, format!("@at {}", time::rfc3339_ms(due_ms)).as_str());
@@ -52,7 +53,7 @@ pub(crate) async fn disarm(shared: &Shared, run_id: RunId) -> Result<(), Error> 
 /// signal arrives, so the wake is stored once.
 pub(crate) async fn dispatch(shared: &Shared, job: &Job, waiting_seq: u64) -> Result<(), Error> {
     let run_id = job.run_id;
-    let payload = codec::encode(job).map_err(|source| Error::Encode { run_id, source })?;
+    let payload = codec::encode(&job.redispatch()).map_err(|source| Error::Encode { run_id, source })?;
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
     headers.insert(HEADER_MSG_ID, shared.names.wake_msg_id(run_id, waiting_seq).as_str());
