@@ -59,6 +59,41 @@ async fn echo_completes_with_gapless_events() -> anyhow::Result<()> {
     worker.stop().await
 }
 
+/// A terminal run's lease is deleted without waiting for the server's
+/// answer; the delete still carries the revision it expects, so it never
+/// removes a lease someone renewed or re-created since.
+#[tokio::test]
+async fn unconfirmed_release_deletes_only_the_expected_revision() -> anyhow::Result<()> {
+    use runfleet_worker::runtime::lease;
+
+    let env = Env::start(LEASE_TTL).await?;
+    let run = RunId::generate();
+    let key = env.names.lease_key(run);
+    let held = Lease {
+        run_id: run,
+        worker_id: WorkerId::new("w-release")?,
+        attempt: 1,
+        acquired_ms: time::now_ms(),
+        renewed_ms: time::now_ms(),
+    };
+    let first = lease::acquire(&env.leases, &key, &held).await?;
+    let renewed = lease::update(&env.leases, &key, &held, first).await?;
+
+    // A stale revision: refused by the server, silently; the lease stays.
+    lease::release_unconfirmed(&env.leases, &env.client, &key, run, first).await?;
+    env.client.flush().await?;
+    // The confirmed path, on the same connection after the stale delete:
+    // once it is answered, the stale delete has been processed too.
+    let stale = lease::update(&env.leases, &key, &held, renewed).await?;
+    let entry = env.leases.get(&key).await?.context("a stale unconfirmed delete removed the lease")?;
+    assert_eq!(codec::decode::<Lease>(&entry)?.run_id, run);
+
+    // The current revision: deleted.
+    lease::release_unconfirmed(&env.leases, &env.client, &key, run, stale).await?;
+    wait_until(DEADLINE, || async { Ok(env.leases.get(&key).await?.is_none().then_some(())) }).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn sleep_emits_progress_events() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;

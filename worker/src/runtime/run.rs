@@ -278,8 +278,7 @@ async fn claim(
                 seq = last.event.seq,
                 "job of a terminal run acked"
             );
-            ack(&acker, run_id).await;
-            release(shared, &key, run_id, revision).await;
+            finish(shared, &acker, &key, run_id, revision).await;
             return None;
         }
 
@@ -838,10 +837,13 @@ async fn settle(
     };
     match outcome {
         Outcome::Terminal => {
-            // Terminal event first, then the job and the lease, both at
-            // once: a crash before either is settled leaves a terminal run
-            // whose next claimant only acks (and releases).
-            tokio::join!(ack(&held.acker, run_id), release_lease());
+            // Terminal event first, then the job and the lease, neither
+            // waiting for the server: a crash, or an ack or delete lost
+            // before it is stored, leaves a terminal run whose next
+            // claimant only acks (and releases).
+            if let Some(revision) = revision {
+                finish(shared, &held.acker, &held.key, run_id, revision).await;
+            }
         }
         Outcome::Park(park) => {
             let waiting = RunWaiting { key: park.key.clone(), deadline_ms: park.deadline_ms, failures };
@@ -1008,6 +1010,23 @@ async fn ack(acker: &Acker, run_id: RunId) {
     debug!(run_id = %run_id, "job acked");
     if let Err(e) = acker.double_ack().await {
         warn!(run_id = %run_id, error = %e, "could not ack job; the next delivery will only ack it");
+    }
+}
+
+/// Settles the job and the lease of a run whose terminal event is stored:
+/// an ack and a delete, neither confirmed. Nothing depends on either any
+/// more: a lost ack redelivers the job after its ack wait, and its claimant
+/// finds the run terminal and only acks; a lost delete leaves a lease that
+/// ages out.
+async fn finish(shared: &Shared, acker: &Acker, key: &str, run_id: RunId, revision: u64) {
+    debug!(run_id = %run_id, "job acked, lease released (unconfirmed)");
+    if let Err(e) = acker.ack().await {
+        warn!(run_id = %run_id, error = %e, "could not ack job; the next delivery will only ack it");
+    }
+    if let Err(e) =
+        lease::release_unconfirmed(&shared.leases, &shared.js.client(), key, run_id, revision).await
+    {
+        warn!(run_id = %run_id, error = %e, "could not release lease; it will age out");
     }
 }
 
