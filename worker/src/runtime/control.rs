@@ -127,11 +127,15 @@ pub(crate) async fn read(
 /// Watches the control bucket until `shutdown`, delivering each cancel
 /// request to the registered runs. When the watch ends (a server restart),
 /// it subscribes again and re-reads the key of every registered run, so a
-/// request made while it was not watching is not missed.
+/// request made while it was not watching is not missed. `watching` is
+/// cancelled once the first subscription is in place and checked: the
+/// worker claims nothing before (a claim's cancel then always comes from
+/// its own read or from this watch, never from the start-up re-read).
 pub(crate) async fn watch(
     control: kv::Store,
     names: Names,
     cancels: Arc<Cancels>,
+    watching: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let mut first = true;
@@ -154,6 +158,7 @@ pub(crate) async fn watch(
         // neither the watch nor (if it read before the write) a claim that
         // registered meanwhile: re-read every registered run's key.
         recheck(&control, &names, &cancels).await;
+        watching.cancel();
         if !first {
             debug!("watching the control bucket again");
         }

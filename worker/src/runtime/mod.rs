@@ -323,12 +323,19 @@ impl Worker {
         let stopping = run::Shutdown { drain: CancellationToken::new(), handoff: CancellationToken::new() };
         let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), background.clone()));
         let registry = tokio::spawn(registry::run(shared.clone(), background.clone()));
+        let watching = CancellationToken::new();
         let watch = tokio::spawn(control::watch(
             shared.control.clone(),
             shared.names.clone(),
             shared.cancels.clone(),
+            watching.clone(),
             background.clone(),
         ));
+        // No claim before the control watch is in place.
+        tokio::select! {
+            () = watching.cancelled() => {}
+            () = shutdown.cancelled() => {}
+        }
 
         let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
         let mut wake: Option<SelectAll<Subscriber>> = Some(futures::stream::select_all(wake));
