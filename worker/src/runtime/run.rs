@@ -278,7 +278,7 @@ async fn claim(
                 seq = last.event.seq,
                 "job of a terminal run acked"
             );
-            finish(shared, &acker, &key, run_id, revision).await;
+            finish(shared, &acker, &key, run_id, Some(revision)).await;
             return None;
         }
 
@@ -841,9 +841,7 @@ async fn settle(
             // waiting for the server: a crash, or an ack or delete lost
             // before it is stored, leaves a terminal run whose next
             // claimant only acks (and releases).
-            if let Some(revision) = revision {
-                finish(shared, &held.acker, &held.key, run_id, revision).await;
-            }
+            finish(shared, &held.acker, &held.key, run_id, revision).await;
         }
         Outcome::Park(park) => {
             let waiting = RunWaiting { key: park.key.clone(), deadline_ms: park.deadline_ms, failures };
@@ -1014,15 +1012,17 @@ async fn ack(acker: &Acker, run_id: RunId) {
 }
 
 /// Settles the job and the lease of a run whose terminal event is stored:
-/// an ack and a delete, neither confirmed. Nothing depends on either any
-/// more: a lost ack redelivers the job after its ack wait, and its claimant
-/// finds the run terminal and only acks; a lost delete leaves a lease that
-/// ages out.
-async fn finish(shared: &Shared, acker: &Acker, key: &str, run_id: RunId, revision: u64) {
+/// an ack and (if the lease is still ours, at `revision`) a delete, neither
+/// confirmed. Nothing depends on either any more: a lost ack redelivers the
+/// job after its ack wait, and its claimant finds the run terminal and only
+/// acks; a lost delete leaves a lease that ages out.
+async fn finish(shared: &Shared, acker: &Acker, key: &str, run_id: RunId, revision: Option<u64>) {
     debug!(run_id = %run_id, "job acked, lease released (unconfirmed)");
     if let Err(e) = acker.ack().await {
         warn!(run_id = %run_id, error = %e, "could not ack job; the next delivery will only ack it");
     }
+    // No revision: the heartbeat already gave the lease up.
+    let Some(revision) = revision else { return };
     if let Err(e) =
         lease::release_unconfirmed(&shared.leases, &shared.js.client(), key, run_id, revision).await
     {
