@@ -190,6 +190,13 @@ impl Names {
         format!("{}.wake.{queue}.>", self.prefix)
     }
 
+    /// `<prefix>.workers.<queue>`: the queue group in which workers with a
+    /// free slot subscribe to [`Names::job_wakeup_filter`], so each wake-up
+    /// reaches one of them instead of every worker of the queue.
+    pub fn job_wakeup_group(&self, queue: &QueueName) -> String {
+        format!("{}.workers.{queue}", self.prefix)
+    }
+
     /// The durable pull consumer of one (queue, band).
     pub fn job_consumer(&self, queue: &QueueName, band: u8) -> String {
         format!("jobs-{queue}-p{band}")
@@ -422,6 +429,7 @@ mod tests {
         assert_eq!(n.job(&queue, 2, run), format!("runfleet.jobs.gpu.p2.{run}"));
         assert_eq!(n.jobs_stream(), "RUNFLEET_JOBS");
         assert_eq!(n.job_wakeup_filter(&queue), "runfleet.wake.gpu.>");
+        assert_eq!(n.job_wakeup_group(&queue), "runfleet.workers.gpu");
         assert_eq!(n.job_wakeup(&queue, 2, run), format!("runfleet.wake.gpu.p2.{run}"));
         assert_eq!(n.events_stream(), "RUNFLEET_EVENTS");
         assert_eq!(n.leases_bucket(), "runfleet-leases");

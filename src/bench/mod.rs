@@ -113,6 +113,11 @@ pub struct BenchArgs {
     /// same bench (measured first if `throughput` is not selected).
     #[arg(long, value_delimiter = ',', default_value = "25,50")]
     pub rates: Vec<u32>,
+    /// latency: the throughput (runs/s) the rates are percentages of,
+    /// instead of measuring it first: to compare builds at the same
+    /// offered load.
+    #[arg(long)]
+    pub latency_base: Option<f64>,
     /// latency: how long each offered rate is held.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub latency_duration: Duration,
@@ -201,6 +206,10 @@ impl BenchArgs {
                     anyhow::ensure!(
                         self.latency_duration >= Duration::from_secs(1),
                         "--latency-duration must be at least 1s"
+                    );
+                    anyhow::ensure!(
+                        self.latency_base.is_none_or(|base| base.is_finite() && base > 0.0),
+                        "--latency-base must be a positive number of runs/s"
                     );
                 }
                 Scenario::Steps => anyhow::ensure!(
@@ -458,9 +467,10 @@ async fn run_scenarios(args: &BenchArgs, selected: &[Scenario]) -> anyhow::Resul
                 report.throughput = Some(result);
             }
             Scenario::Latency => {
-                let base = match &report.throughput {
-                    Some(throughput) => throughput.terminal_runs_per_sec.median,
-                    None => {
+                let base = match (args.latency_base, &report.throughput) {
+                    (Some(base), _) => base,
+                    (None, Some(throughput)) => throughput.terminal_runs_per_sec.median,
+                    (None, None) => {
                         throughput::base_rate(args).await.context("bench latency: measuring throughput")?
                     }
                 };
@@ -599,6 +609,10 @@ mod tests {
         assert!(args.validate(&args.selected()).is_err());
         let args = parse(&["latency", "--rates", "150"]);
         assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["latency", "--latency-base", "0"]);
+        assert!(args.validate(&args.selected()).is_err());
+        let args = parse(&["latency", "--latency-base", "2000"]);
+        assert!(args.validate(&args.selected()).is_ok());
         let args = parse(&["throughput", "--runs", "0"]);
         assert!(args.validate(&args.selected()).is_err());
         let args = parse(&["events", "--event-duration", "10ms"]);

@@ -721,3 +721,104 @@ async fn idle_worker_is_woken_by_new_jobs_not_by_polling() -> anyhow::Result<()>
     );
     worker.stop().await
 }
+
+/// A worker with every slot busy leaves the queue's wake-up group to idle
+/// workers: with both idle polls at two minutes, every job published while
+/// one worker is busy is woken on the idle one. If the busy worker stayed
+/// in the group it would take about half of the wake-ups, and those jobs
+/// would wait for a slot there or for the idle poll.
+#[tokio::test]
+async fn a_busy_worker_leaves_wake_ups_to_idle_workers() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let gate = Arc::new(Notify::new());
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("gate")?, Gate(gate.clone()));
+    let mut config = env.config(1);
+    config.idle_poll = Duration::from_secs(120);
+    let busy = env.worker(config.clone(), agents).await?;
+    let blocker = env.submit("gate", json!({}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(blocker).await?.len() >= 2).then_some(())) }).await?;
+
+    config.slots = 4;
+    let idle = env.worker(config, agents::builtin()).await?;
+    // Let the idle worker finish its first (empty) fetch round.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..8 {
+        let run = env.submit("echo", json!(i), 2).await?;
+        let events = env.wait_terminal(run).await.with_context(|| format!("echo run {i}"))?;
+        assert_eq!(events[1].worker_id.as_ref(), Some(&idle.id), "run {i} ran on the busy worker");
+    }
+    gate.notify_one();
+    env.wait_terminal(blocker).await?;
+    idle.stop().await?;
+    busy.stop().await
+}
+
+/// An idle worker subscribes to its queue's wake-ups in the queue's group,
+/// so each wake-up reaches one member: here the worker and the test share
+/// the group, and the test receives only some of the jobs' wake-ups (a
+/// plain subscription in the worker would leave the test all of them).
+/// The jobs whose wake-up went to the test still run, at the idle poll.
+#[tokio::test]
+async fn idle_workers_share_each_wake_up() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let queue = QueueName::default_queue();
+    let mut member = env
+        .client
+        .queue_subscribe(env.names.job_wakeup_filter(&queue), env.names.job_wakeup_group(&queue))
+        .await?;
+    env.client.flush().await?;
+    let worker = env.worker(env.config(32), agents::builtin()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const JOBS: usize = 24;
+    let mut runs = Vec::new();
+    for i in 0..JOBS {
+        runs.push(env.submit("echo", json!(i), 2).await?);
+    }
+    for run in &runs {
+        env.wait_terminal(*run).await?;
+    }
+    let mut received = 0;
+    while tokio::time::timeout(Duration::from_millis(200), futures::StreamExt::next(&mut member))
+        .await
+        .is_ok_and(|message| message.is_some())
+    {
+        received += 1;
+    }
+    assert!(
+        received < JOBS,
+        "the test's member of the group got all {JOBS} wake-ups: the worker is not in the group"
+    );
+    worker.stop().await
+}
+
+/// A worker that was busy when jobs arrived fetches them when a slot frees,
+/// and, once the queue is empty, is woken again by the next job (it
+/// rejoined the wake-up group): both with the idle poll at two minutes.
+#[tokio::test]
+async fn a_worker_back_from_busy_takes_what_queued_and_is_woken_again() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let gate = Arc::new(Notify::new());
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("gate")?, Gate(gate.clone()));
+    let mut config = env.config(1);
+    config.idle_poll = Duration::from_secs(120);
+    let worker = env.worker(config, agents).await?;
+    let blocker = env.submit("gate", json!({}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(blocker).await?.len() >= 2).then_some(())) }).await?;
+
+    let queued =
+        [env.submit("echo", json!("queued"), 0).await?, env.submit("echo", json!("queued"), 2).await?];
+    gate.notify_one();
+    env.wait_terminal(blocker).await?;
+    for run in queued {
+        env.wait_terminal(run).await?;
+    }
+    // Back to idle: the next jobs are woken, not polled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let run = env.submit("echo", json!(i), 2).await?;
+        env.wait_terminal(run).await.with_context(|| format!("echo run {i} after the busy spell"))?;
+    }
+    worker.stop().await
+}

@@ -16,6 +16,7 @@ pub mod lease;
 mod registry;
 mod run;
 mod wake;
+mod wakeups;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +25,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, kv, object_store, stream};
-use async_nats::Subscriber;
 use futures::future::BoxFuture;
-use futures::stream::SelectAll;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use runfleet_ops::http::Probe;
 use runfleet_ops::redact::Redactor;
 use runfleet_protocol::limits::PRIORITY_BANDS;
@@ -40,6 +39,7 @@ use crate::config::{self, WorkerConfig};
 use crate::runtime::events::LogWriter;
 use crate::sdk::Agents;
 use lease::Held;
+use wakeups::{Mode, Wakeups};
 
 /// The lease TTL assumed when the leases bucket has no `max_age`.
 const FALLBACK_LEASE_TTL: Duration = Duration::from_secs(15);
@@ -149,9 +149,8 @@ pub struct Worker {
     shared: Arc<Shared>,
     /// Job consumers by band (index = band), each with its queue.
     bands: Vec<Vec<(QueueName, PullConsumer)>>,
-    /// Core-NATS subscriptions to every served queue's headers-only job wake-ups
-    /// for an idle pull loop.
-    wake: Vec<Subscriber>,
+    /// The served queues' headers-only job wake-ups, for the pull loop.
+    wakeups: Wakeups,
 }
 
 impl std::fmt::Debug for Worker {
@@ -237,15 +236,7 @@ impl Worker {
             bands.push(consumers);
         }
 
-        let mut wake = Vec::with_capacity(config.queues.len());
-        for queue in &config.queues {
-            let subject = names.job_wakeup_filter(queue);
-            let subscriber = client
-                .subscribe(subject.clone())
-                .await
-                .map_err(|source| Error::Subscribe { subject, source })?;
-            wake.push(subscriber);
-        }
+        let wakeups = Wakeups::subscribe(client.clone(), &names, &config.queues).await?;
 
         let writer = Arc::new(LogWriter {
             js: js.clone(),
@@ -293,7 +284,7 @@ impl Worker {
             heartbeat_ms = shared.heartbeat_interval.as_millis() as u64,
             "worker started"
         );
-        Ok(Self { shared, bands, wake })
+        Ok(Self { shared, bands, wakeups })
     }
 
     /// This worker's identity (in leases, events and the registry).
@@ -318,7 +309,7 @@ impl Worker {
     /// Transient NATS failures are logged and retried; they do not end the
     /// loop.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Self { shared, bands, wake } = self;
+        let Self { shared, bands, mut wakeups } = self;
         let background = CancellationToken::new();
         let stopping = run::Shutdown { drain: CancellationToken::new(), handoff: CancellationToken::new() };
         let heartbeat = tokio::spawn(heartbeat::run(shared.clone(), background.clone()));
@@ -338,7 +329,6 @@ impl Worker {
         }
 
         let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
-        let mut wake: Option<SelectAll<Subscriber>> = Some(futures::stream::select_all(wake));
         let mut ready = Ready::new(&bands);
         let mut runs: JoinSet<()> = JoinSet::new();
 
@@ -354,18 +344,21 @@ impl Worker {
             metrics.worker_running.set(i64::try_from(runs.len()).unwrap_or(i64::MAX));
             metrics.worker_free_slots.set(i64::try_from(free).unwrap_or(i64::MAX));
             if free == 0 {
-                // Keep consuming wake-ups while busy: a subscription left
-                // unread buffers up to the client's subscription capacity.
+                // Busy: leave the wake-up groups to idle workers, but keep
+                // reading every wake-up (which bands got jobs), also because
+                // a subscription left unread buffers up to the client's
+                // subscription capacity.
+                wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands)).await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
-                    subject = next_wake(&mut wake) => ready.woken(&subject, &bands),
+                    subject = wakeups.next() => ready.woken(&subject, &bands),
                 }
                 continue;
             }
 
             // Wake-ups seen so far are covered by the fetch below.
-            while let Some(subject) = next_wake(&mut wake).now_or_never() {
+            while let Some(subject) = wakeups.try_next() {
                 ready.woken(&subject, &bands);
             }
             ready.sweep(shared.config.idle_poll);
@@ -378,18 +371,25 @@ impl Worker {
                 }
                 continue;
             }
+            if wakeups.mode() == Mode::Every {
+                // Nothing left to fetch: take a share of the wake-ups again.
+                // What the plain subscription read until the server had the
+                // shared one marks its consumers for one more round.
+                wakeups.switch(Mode::Shared, |subject| ready.woken(subject, &bands)).await;
+                continue;
+            }
 
             // Nothing to do: sleep until a job is published, a run ends, the
             // idle poll is due (redeliveries publish nothing) or shutdown.
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                subject = next_wake(&mut wake) => ready.woken(&subject, &bands),
+                subject = wakeups.next() => ready.woken(&subject, &bands),
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
                 () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
             }
         }
 
-        drop(wake);
+        drop(wakeups);
         let grace = shared.config.shutdown_grace;
         let handoff_timeout = shared.config.handoff_timeout;
         info!(worker_id = %shared.id, running = runs.len(), grace_ms = grace.as_millis() as u64, "worker stopping; draining runs");
@@ -438,21 +438,6 @@ impl Probe for WorkerProbe {
     fn ready(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(runfleet_ops::ready::nats(&self.client, &self.names, runfleet_ops::ready::Needs::Worker))
     }
-}
-
-/// Completes with the subject of the next job wake-up. When the
-/// subscriptions end it logs once, drops them and never completes again (the
-/// idle poll takes over), so an ended subscription cannot spin the pull loop.
-async fn next_wake(wake: &mut Option<SelectAll<Subscriber>>) -> async_nats::Subject {
-    let Some(subscriptions) = wake.as_mut() else {
-        return std::future::pending().await;
-    };
-    if let Some(message) = subscriptions.next().await {
-        return message.subject;
-    }
-    warn!("job wake-up subscriptions closed; polling every idle_poll");
-    *wake = None;
-    std::future::pending().await
 }
 
 /// Which consumers (band × queue) may hold jobs, so a fetch round asks only

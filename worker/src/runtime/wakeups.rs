@@ -1,0 +1,139 @@
+//! Job wake-ups: how the pull loop learns that a job was stored.
+//!
+//! The jobs stream republishes the headers of every job it stores to
+//! `<prefix>.wake.<queue>.p<band>.<run_id>`; the pull loop reads them to know
+//! which consumers to fetch. How a worker subscribes depends on whether it
+//! can take a job:
+//!
+//! - **Shared** (a slot is free and the last fetch found nothing more): in
+//!   the queue's group ([`Names::job_wakeup_group`]), so a wake-up reaches
+//!   *one* idle worker of the queue, which fetches. A plain subscription
+//!   cost every worker of the queue a delivery per job and every idle worker
+//!   a fetch (a pull request and its empty answer) that only one of them
+//!   could win.
+//! - **Every** (all slots busy, or a backlog: the last fetch came back with
+//!   jobs): a plain subscription. A busy worker must not take a shared
+//!   wake-up, which would wait for its next free slot while another worker
+//!   idles; it still reads every wake-up to learn which bands got jobs, so
+//!   a higher band is fetched first when a slot frees. At saturation every
+//!   worker stays here and fetches whenever a slot frees, as before.
+//!
+//! The loop switches to *every* when its slots fill up and back to *shared*
+//! when a fetch finds nothing, so at saturation the subscription does not
+//! change with every run. A switch subscribes the new way before it
+//! unsubscribes the old one and waits for the server to have both (a
+//! flush) before it reads what the old subscription received: no wake-up
+//! falls between the two.
+
+use async_nats::{Client, Subject, Subscriber};
+use futures::stream::SelectAll;
+use futures::{FutureExt, StreamExt};
+use runfleet_protocol::{Names, QueueName};
+use tracing::{debug, warn};
+
+/// How the worker receives its queues' wake-ups (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// In each queue's group: one idle worker gets each wake-up.
+    Shared,
+    /// A plain subscription: every wake-up, taken by no one.
+    Every,
+}
+
+pub(crate) struct Wakeups {
+    client: Client,
+    /// Each served queue's wake-up subject and group.
+    queues: Vec<(String, String)>,
+    mode: Mode,
+    /// `None` once the subscriptions ended (the client closed): the loop's
+    /// idle poll takes over.
+    subscriptions: Option<SelectAll<Subscriber>>,
+}
+
+impl Wakeups {
+    /// Subscribes to every queue's wake-ups, shared.
+    pub async fn subscribe(
+        client: Client,
+        names: &Names,
+        queues: &[QueueName],
+    ) -> Result<Self, super::Error> {
+        let queues: Vec<_> = queues
+            .iter()
+            .map(|queue| (names.job_wakeup_filter(queue), names.job_wakeup_group(queue)))
+            .collect();
+        let subscriptions = subscribe_all(&client, &queues, Mode::Shared)
+            .await
+            .map_err(|(subject, source)| super::Error::Subscribe { subject, source })?;
+        Ok(Self { client, queues, mode: Mode::Shared, subscriptions: Some(subscriptions) })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Subscribes the `to` way, then drops the old subscriptions, handing
+    /// what they had received to `woken`. On failure the old ones stay (and
+    /// the next switch tries again).
+    pub async fn switch(&mut self, to: Mode, mut woken: impl FnMut(&str)) {
+        if self.mode == to {
+            return;
+        }
+        let new = match subscribe_all(&self.client, &self.queues, to).await {
+            Ok(new) => new,
+            Err((subject, error)) => {
+                warn!(subject, error = %error, mode = ?to, "could not change the job wake-up subscription; keeping the old one");
+                return;
+            }
+        };
+        // Once the server answers the flush it has the new subscriptions, and
+        // every wake-up it sent the old ones before that has been read.
+        if let Err(error) = self.client.flush().await {
+            warn!(error = %error, "could not flush after changing the job wake-up subscription");
+        }
+        if let Some(mut old) = self.subscriptions.replace(new) {
+            while let Some(Some(message)) = old.next().now_or_never() {
+                woken(message.subject.as_str());
+            }
+        }
+        debug!(mode = ?to, "job wake-up subscription changed");
+        self.mode = to;
+    }
+
+    /// A wake-up already received, if any.
+    pub fn try_next(&mut self) -> Option<Subject> {
+        self.next().now_or_never()
+    }
+
+    /// Completes with the subject of the next job wake-up. When the
+    /// subscriptions end it logs once, drops them and never completes again
+    /// (the idle poll takes over), so an ended subscription cannot spin the
+    /// pull loop.
+    pub async fn next(&mut self) -> Subject {
+        let Some(subscriptions) = self.subscriptions.as_mut() else {
+            return std::future::pending().await;
+        };
+        if let Some(message) = subscriptions.next().await {
+            return message.subject;
+        }
+        warn!("job wake-up subscriptions closed; polling every idle_poll");
+        self.subscriptions = None;
+        std::future::pending().await
+    }
+}
+
+/// One subscription per queue, the `mode` way; the subject that failed.
+async fn subscribe_all(
+    client: &Client,
+    queues: &[(String, String)],
+    mode: Mode,
+) -> Result<SelectAll<Subscriber>, (String, async_nats::SubscribeError)> {
+    let mut subscriptions = Vec::with_capacity(queues.len());
+    for (subject, group) in queues {
+        let subscribed = match mode {
+            Mode::Shared => client.queue_subscribe(subject.clone(), group.clone()).await,
+            Mode::Every => client.subscribe(subject.clone()).await,
+        };
+        subscriptions.push(subscribed.map_err(|error| (subject.clone(), error))?);
+    }
+    Ok(futures::stream::select_all(subscriptions))
+}
