@@ -348,6 +348,8 @@ impl Worker {
                 // reading every wake-up (which bands got jobs), also because
                 // a subscription left unread buffers up to the client's
                 // subscription capacity.
+                // (On failure it stays shared; the idle poll covers a
+                // wake-up it then takes from an idle worker.)
                 wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands)).await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -371,11 +373,14 @@ impl Worker {
                 }
                 continue;
             }
-            if wakeups.mode() == Mode::Every {
-                // Nothing left to fetch: take a share of the wake-ups again.
-                // What the plain subscription read until the server had the
-                // shared one marks its consumers for one more round.
-                wakeups.switch(Mode::Shared, |subject| ready.woken(subject, &bands)).await;
+            // Nothing left to fetch: take a share of the wake-ups again. What
+            // the plain subscription read until the server had the shared one
+            // marks its consumers for one more round. If the switch fails the
+            // loop sleeps below and tries again after the next wake-up or
+            // idle poll, rather than spin.
+            if wakeups.mode() == Mode::Every
+                && wakeups.switch(Mode::Shared, |subject| ready.woken(subject, &bands)).await
+            {
                 continue;
             }
 

@@ -31,6 +31,9 @@ use futures::{FutureExt, StreamExt};
 use runfleet_protocol::{Names, QueueName};
 use tracing::{debug, warn};
 
+/// How long a switch waits for the server to confirm the new subscription.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How the worker receives its queues' wake-ups (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -72,23 +75,30 @@ impl Wakeups {
     }
 
     /// Subscribes the `to` way, then drops the old subscriptions, handing
-    /// what they had received to `woken`. On failure the old ones stay (and
-    /// the next switch tries again).
-    pub async fn switch(&mut self, to: Mode, mut woken: impl FnMut(&str)) {
+    /// what they had received to `woken`. Returns whether the worker now
+    /// receives wake-ups the `to` way: on failure the old subscriptions stay
+    /// (and a later switch tries again).
+    pub async fn switch(&mut self, to: Mode, mut woken: impl FnMut(&str)) -> bool {
         if self.mode == to {
-            return;
+            return true;
         }
         let new = match subscribe_all(&self.client, &self.queues, to).await {
             Ok(new) => new,
             Err((subject, error)) => {
                 warn!(subject, error = %error, mode = ?to, "could not change the job wake-up subscription; keeping the old one");
-                return;
+                return false;
             }
         };
         // Once the server answers the flush it has the new subscriptions, and
         // every wake-up it sent the old ones before that has been read.
-        if let Err(error) = self.client.flush().await {
-            warn!(error = %error, "could not flush after changing the job wake-up subscription");
+        // Bounded: with the connection down the pull loop must still reach
+        // its shutdown check; what a lost flush misses, the idle poll finds.
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                warn!(error = %error, "could not flush after changing the job wake-up subscription")
+            }
+            Err(_) => warn!("no answer to the flush after changing the job wake-up subscription"),
         }
         if let Some(mut old) = self.subscriptions.replace(new) {
             while let Some(Some(message)) = old.next().now_or_never() {
@@ -97,6 +107,7 @@ impl Wakeups {
         }
         debug!(mode = ?to, "job wake-up subscription changed");
         self.mode = to;
+        true
     }
 
     /// A wake-up already received, if any.
