@@ -42,7 +42,7 @@ use runfleet_protocol::Names;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::api::{Api, ApiLimits};
+use crate::api::{Api, ApiLimits, Listening};
 use crate::projector::Projector;
 use crate::recovery::{Recovery, RecoveryConfig};
 use crate::registry::Registry;
@@ -73,7 +73,7 @@ pub enum Error {
 }
 
 /// A started coordinator replica: connected, topology ensured, registry
-/// migrated. Call [`Coordinator::run`] to serve.
+/// migrated, API subscribed. Call [`Coordinator::run`] to serve.
 #[derive(Debug)]
 pub struct Coordinator {
     client: async_nats::Client,
@@ -81,13 +81,16 @@ pub struct Coordinator {
     topology: setup::Topology,
     registry: Registry,
     api: Api,
+    listening: Listening,
     projector: Projector,
     recovery: Recovery,
 }
 
 impl Coordinator {
     /// Validates `config`, connects to NATS, creates or updates the streams
-    /// and buckets, connects to the registry and applies its migrations.
+    /// and buckets, connects to the registry and applies its migrations,
+    /// and subscribes the API: a request sent once this returns is answered
+    /// as soon as [`Coordinator::run`] starts.
     ///
     /// While NATS is unreachable it keeps trying (logging each attempt);
     /// refused credentials or a failed TLS handshake fail at once. Cancel by
@@ -121,8 +124,9 @@ impl Coordinator {
             RecoveryConfig { interval: config.recovery_interval, min_age: config.recovery_min_age },
         );
         let api = Api::new(client.clone(), names.clone(), &topology, registry.clone(), limits, redactor);
+        let listening = api.listen().await?;
         info!(prefix = %config.prefix, "coordinator started");
-        Ok(Self { client, names, topology, registry, api, projector, recovery })
+        Ok(Self { client, names, topology, registry, api, listening, projector, recovery })
     }
 
     /// What `/readyz` and `/metrics` ask this coordinator: ready when
@@ -163,7 +167,7 @@ impl Coordinator {
     /// fails, the others are stopped too and the failure returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let stop = shutdown.child_token();
-        let api = tokio::spawn(self.api.run(stop.clone()));
+        let api = tokio::spawn(self.api.run(self.listening, stop.clone()));
         let projector = tokio::spawn(self.projector.run(stop.clone()));
         let recovery = tokio::spawn(self.recovery.run(stop.clone()));
         let (api, projector, recovery) = tokio::join!(

@@ -389,6 +389,48 @@ async fn two_coordinators_start_together() {
     b.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Once `start` returns, nats-server routes API requests to the replica: a
+/// request sent before `run` begins waits for it instead of failing with "no
+/// responders" (a caller that starts a coordinator and submits at once).
+#[tokio::test]
+async fn a_request_sent_right_after_start_is_answered() {
+    if std::env::var_os("RUNFLEET_NATS_SERVER").is_none() {
+        let local = concat!(env!("CARGO_MANIFEST_DIR"), "/../.tools/venv/bin/nats-server");
+        std::env::set_var("RUNFLEET_NATS_SERVER", local);
+    }
+    let server = NatsServer::start();
+    let db = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let config = CoordinatorConfig {
+        nats_url: server.url(),
+        database_url: format!("sqlite:{}", db.path().join("registry.db").display()),
+        ..Default::default()
+    };
+    let coordinator = Coordinator::start(config).await.unwrap_or_else(|e| panic!("start: {e}"));
+    let client = server.client().await;
+    let names = Names::default();
+    let payload = codec::encode(&submit_request(json!({"early": true}))).unwrap_or_else(|e| panic!("{e}"));
+    let request = client.request(names.api(&tenant("acme"), VERB_SUBMIT), payload.into());
+    let shutdown = CancellationToken::new();
+    let run = async {
+        // The request is at nats-server (queued for the replica) before the
+        // replica reads anything.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        coordinator.run(shutdown.clone()).await
+    };
+    let answered = async {
+        let reply = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .unwrap_or_else(|_| panic!("submit timed out"))
+            .unwrap_or_else(|e| panic!("submit: {e}"));
+        shutdown.cancel();
+        reply
+    };
+    let (stopped, reply) = tokio::join!(run, answered);
+    stopped.unwrap_or_else(|e| panic!("{e}"));
+    let submitted: SubmitResponse = decode_reply(&reply).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(submitted.state, RunState::Queued);
+}
+
 /// An event that decodes and matches its subject but that the registry
 /// refuses (here: seq 1 that is not `run.created`) must not stall the
 /// projector, nor hold back the good events fetched in the same batch.

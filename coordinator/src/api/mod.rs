@@ -53,6 +53,22 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("could not flush the API subscriptions to nats-server: {0}")]
+    Flush(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The API's subscriptions, in place at nats-server: what [`Api::listen`]
+/// returns and [`Api::run`] serves.
+pub struct Listening {
+    service: async_nats::service::Service,
+    endpoints: Vec<(&'static str, async_nats::service::endpoint::Endpoint)>,
+}
+
+impl std::fmt::Debug for Listening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verbs: Vec<_> = self.endpoints.iter().map(|(verb, _)| *verb).collect();
+        f.debug_struct("Listening").field("verbs", &verbs).finish_non_exhaustive()
+    }
 }
 
 /// Limits and defaults the API applies to requests.
@@ -68,7 +84,8 @@ pub struct ApiLimits {
     pub concurrency: usize,
 }
 
-/// The API service. Cheap to clone; [`Api::run`] serves until cancelled.
+/// The API service. Cheap to clone; [`Api::listen`] subscribes and
+/// [`Api::run`] serves until cancelled.
 #[derive(Clone, Debug)]
 pub struct Api {
     inner: Arc<Inner>,
@@ -115,10 +132,12 @@ impl Api {
         Self { inner: Arc::new(inner) }
     }
 
-    /// Serves every verb until `shutdown` is cancelled, then unsubscribes
-    /// (queued requests go to other replicas), stops the service and waits
-    /// for the requests in flight to be answered.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+    /// Registers the service and subscribes to every verb, then flushes, so
+    /// when this returns nats-server routes requests to this replica (they
+    /// queue until [`Api::run`] reads them). A caller that starts a
+    /// coordinator and sends a request at once gets an answer, never "no
+    /// responders".
+    pub async fn listen(&self) -> Result<Listening, Error> {
         let service = self
             .inner
             .client
@@ -137,8 +156,19 @@ impl Api {
                 .add(subject.clone())
                 .await
                 .map_err(|source| Error::Endpoint { subject, source })?;
-            endpoints.push(endpoint.map(move |request| (verb, request)));
+            endpoints.push((verb, endpoint));
         }
+        self.inner.client.flush().await.map_err(|source| Error::Flush(Box::new(source)))?;
+        Ok(Listening { service, endpoints })
+    }
+
+    /// Serves every verb of `listening` until `shutdown` is cancelled, then
+    /// unsubscribes (queued requests go to other replicas), stops the
+    /// service and waits for the requests in flight to be answered.
+    pub async fn run(self, listening: Listening, shutdown: CancellationToken) -> Result<(), Error> {
+        let Listening { service, endpoints } = listening;
+        let endpoints =
+            endpoints.into_iter().map(|(verb, endpoint)| endpoint.map(move |request| (verb, request)));
         info!(verbs = ?API_VERBS, concurrency = self.inner.limits.concurrency, "api serving");
         let in_flight = self.serve(futures::stream::select_all(endpoints), &shutdown).await;
         if let Err(error) = service.stop().await {
