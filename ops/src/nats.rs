@@ -318,6 +318,35 @@ fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
     false
 }
 
+/// nats-server did not echo a [`round_trip`] in time, or the connection
+/// failed while it was sent.
+#[derive(Debug, thiserror::Error)]
+#[error("no round trip to nats-server: {0}")]
+pub struct RoundTripError(String);
+
+/// Completes once nats-server has processed everything `client` sent before
+/// the call, and `client` has read everything the server sent it before
+/// that. `Client::flush` only writes the socket: a subscription it flushed
+/// may not be at the server yet, and a message already routed to an old
+/// subscription may still be on its way. This subscribes to a fresh inbox
+/// and waits for a message published to it: the server handles a
+/// connection's commands in order, and sends it messages in order.
+pub async fn round_trip(client: &async_nats::Client, timeout: Duration) -> Result<(), RoundTripError> {
+    use futures::StreamExt as _;
+    let echo = async {
+        let inbox = client.new_inbox();
+        let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| RoundTripError(e.to_string()))?;
+        client.publish(inbox, "".into()).await.map_err(|e| RoundTripError(e.to_string()))?;
+        match echo.next().await {
+            Some(_) => Ok(()),
+            None => Err(RoundTripError("the connection closed".into())),
+        }
+    };
+    tokio::time::timeout(timeout, echo)
+        .await
+        .map_err(|_| RoundTripError(format!("no echo within {} ms", timeout.as_millis())))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,8 +53,8 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("could not flush the API subscriptions to nats-server: {0}")]
-    Flush(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("nats-server did not confirm the API subscriptions: {0}")]
+    Confirm(#[from] runfleet_ops::nats::RoundTripError),
 }
 
 /// The API's subscriptions, in place at nats-server: what [`Api::listen`]
@@ -70,6 +70,10 @@ impl std::fmt::Debug for Listening {
         f.debug_struct("Listening").field("verbs", &verbs).finish_non_exhaustive()
     }
 }
+
+/// How long [`Api::listen`] waits for nats-server to confirm the
+/// subscriptions.
+const ROUND_TRIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Limits and defaults the API applies to requests.
 #[derive(Debug, Clone)]
@@ -132,8 +136,9 @@ impl Api {
         Self { inner: Arc::new(inner) }
     }
 
-    /// Registers the service and subscribes to every verb, then flushes, so
-    /// when this returns nats-server routes requests to this replica (they
+    /// Registers the service and subscribes to every verb, then waits for a
+    /// round trip, so when this returns nats-server routes requests to this
+    /// replica (they
     /// queue until [`Api::run`] reads them). A caller that starts a
     /// coordinator and sends a request at once gets an answer, never "no
     /// responders".
@@ -158,7 +163,7 @@ impl Api {
                 .map_err(|source| Error::Endpoint { subject, source })?;
             endpoints.push((verb, endpoint));
         }
-        self.inner.client.flush().await.map_err(|source| Error::Flush(Box::new(source)))?;
+        runfleet_ops::nats::round_trip(&self.inner.client, ROUND_TRIP_TIMEOUT).await?;
         Ok(Listening { service, endpoints })
     }
 

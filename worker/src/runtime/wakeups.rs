@@ -21,9 +21,9 @@
 //! The loop switches to *every* when its slots fill up and back to *shared*
 //! when a fetch finds nothing, so at saturation the subscription does not
 //! change with every run. A switch subscribes the new way before it
-//! unsubscribes the old one and waits for the server to have both (a
-//! flush) before it reads what the old subscription received: no wake-up
-//! falls between the two.
+//! unsubscribes the old one and waits for the server to have both (a round
+//! trip, [`runfleet_ops::nats::round_trip`]) before it reads what the old
+//! subscription received: no wake-up falls between the two.
 
 use async_nats::{Client, Subject, Subscriber};
 use futures::stream::SelectAll;
@@ -32,7 +32,7 @@ use runfleet_protocol::{Names, QueueName};
 use tracing::{debug, warn};
 
 /// How long a switch waits for the server to confirm the new subscription.
-const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const ROUND_TRIP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How the worker receives its queues' wake-ups (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,16 +89,15 @@ impl Wakeups {
                 return false;
             }
         };
-        // Once the server answers the flush it has the new subscriptions, and
-        // every wake-up it sent the old ones before that has been read.
-        // Bounded: with the connection down the pull loop must still reach
-        // its shutdown check; what a lost flush misses, the idle poll finds.
-        match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                warn!(error = %error, "could not flush after changing the job wake-up subscription")
-            }
-            Err(_) => warn!("no answer to the flush after changing the job wake-up subscription"),
+        // After a round trip the server has the new subscriptions, and every
+        // wake-up it routed to the old ones before them has been read (a
+        // flush only writes the socket: a wake-up still on its way to an old
+        // subscription was lost when it was dropped, about one switch in a
+        // hundred). Bounded: with the connection down the pull loop must
+        // still reach its shutdown check; what a lost round trip misses, the
+        // idle poll finds.
+        if let Err(error) = runfleet_ops::nats::round_trip(&self.client, ROUND_TRIP_TIMEOUT).await {
+            warn!(error = %error, "no round trip after changing the job wake-up subscription");
         }
         if let Some(mut old) = self.subscriptions.replace(new) {
             while let Some(Some(message)) = old.next().now_or_never() {
