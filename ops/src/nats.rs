@@ -328,24 +328,25 @@ pub struct RoundTripError(String);
 /// the call, and `client` has read everything the server sent it before
 /// that. `Client::flush` only writes the socket: a subscription it flushed
 /// may not be at the server yet, and a message already routed to an old
-/// subscription may still be on its way. This subscribes to a fresh inbox
-/// and waits for a message published to it: the server handles a
-/// connection's commands in order, and sends it messages in order.
+/// subscription may still be on its way. This asks the server itself
+/// ([`ROUND_TRIP_SUBJECT`]) and waits for the answer: the server handles a
+/// connection's commands in order and sends it messages in order.
 pub async fn round_trip(client: &async_nats::Client, timeout: Duration) -> Result<(), RoundTripError> {
-    use futures::StreamExt as _;
-    let echo = async {
-        let inbox = client.new_inbox();
-        let mut echo = client.subscribe(inbox.clone()).await.map_err(|e| RoundTripError(e.to_string()))?;
-        client.publish(inbox, "".into()).await.map_err(|e| RoundTripError(e.to_string()))?;
-        match echo.next().await {
-            Some(_) => Ok(()),
-            None => Err(RoundTripError("the connection closed".into())),
-        }
-    };
-    tokio::time::timeout(timeout, echo)
-        .await
-        .map_err(|_| RoundTripError(format!("no echo within {} ms", timeout.as_millis())))?
+    let request = client.request(ROUND_TRIP_SUBJECT, "".into());
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(_)) => Ok(()),
+        // The server's own answer too.
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+        Ok(Err(e)) => Err(RoundTripError(e.to_string())),
+        Err(_) => Err(RoundTripError(format!("no answer within {} ms", timeout.as_millis()))),
+    }
 }
+
+/// What [`round_trip`] asks: JetStream's account info, which nats-server
+/// answers itself and which the coordinator's and the workers' users may
+/// publish (`deploy/nats/tenants.conf`); they may not publish to their own
+/// inboxes.
+pub const ROUND_TRIP_SUBJECT: &str = "$JS.API.INFO";
 
 #[cfg(test)]
 mod tests {
