@@ -318,7 +318,7 @@ fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
     false
 }
 
-/// nats-server did not echo a [`round_trip`] in time, or the connection
+/// nats-server did not answer a [`round_trip`] in time, or the connection
 /// failed while it was sent.
 #[derive(Debug, thiserror::Error)]
 #[error("no round trip to nats-server: {0}")]

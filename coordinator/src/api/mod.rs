@@ -138,10 +138,9 @@ impl Api {
 
     /// Registers the service and subscribes to every verb, then waits for a
     /// round trip, so when this returns nats-server routes requests to this
-    /// replica (they
-    /// queue until [`Api::run`] reads them). A caller that starts a
-    /// coordinator and sends a request at once gets an answer, never "no
-    /// responders".
+    /// replica (they queue until [`Api::run`] reads them). A caller that
+    /// starts a coordinator and sends a request at once gets an answer,
+    /// never "no responders".
     pub async fn listen(&self) -> Result<Listening, Error> {
         let service = self
             .inner
