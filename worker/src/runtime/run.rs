@@ -84,11 +84,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, message: Message, shutdown: Shut
         // Registered before the claim reads the control bucket, so a cancel
         // request is either seen by that read or delivered by the watch.
         let cancel = shared.cancels.register(job.run_id);
-        let Some(claim) = claim(&shared, job, acker, delivered, cancel.slot()).await else {
+        // Both futures are boxed: inline they made this task's future about
+        // 15 KB, which tokio copies whole when the pull loop spawns the task
+        // and again when it ends.
+        let Some(claim) = Box::pin(claim(&shared, job, acker, delivered, cancel.slot())).await else {
             return;
         };
         tracing::Span::current().record("attempt", claim.lease.attempt);
-        execute(&shared, claim, cancel.slot(), shutdown).await;
+        Box::pin(execute(&shared, claim, cancel.slot(), shutdown)).await;
     }
     .instrument(span)
     .await;
