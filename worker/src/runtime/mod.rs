@@ -51,6 +51,11 @@ const MAX_ACK_PENDING: i64 = 100_000;
 /// Upper bound on one no-wait fetch round trip, so a lost reply cannot stall
 /// the pull loop.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon a consumer is fetched again when a fetch right after a wake-up
+/// found nothing (see [`Ready`]).
+const RECHECK_AFTER: Duration = Duration::from_millis(5);
+/// How recent a wake-up must be for an empty fetch to get that second look.
+const RECHECK_WINDOW: Duration = Duration::from_millis(50);
 /// Longest pause between checks for the coordinator's streams and buckets.
 const MAX_STARTUP_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -364,6 +369,7 @@ impl Worker {
                 ready.woken(&subject, &bands);
             }
             ready.sweep(shared.config.idle_poll);
+            ready.recheck_if_due();
 
             let messages = fetch(&bands, &mut ready, free).await;
             if !messages.is_empty() {
@@ -386,10 +392,12 @@ impl Worker {
 
             // Nothing to do: sleep until a job is published, a run ends, the
             // idle poll is due (redeliveries publish nothing) or shutdown.
+            let recheck_at = ready.recheck_at;
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 subject = wakeups.next() => ready.woken(&subject, &bands),
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
+                () = sleep_until_some(recheck_at) => ready.recheck_if_due(),
                 () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
             }
         }
@@ -456,21 +464,39 @@ impl Probe for WorkerProbe {
 /// as delayed NAKs and expired ack waits, publish no wake-up). A mark is
 /// cleared just *before* its consumer is fetched, so a wake-up that arrives
 /// while the fetch is in flight marks it again for the next round.
+///
+/// A fetch that finds nothing within [`RECHECK_WINDOW`] of a wake-up for
+/// its consumer marks that consumer once more, [`RECHECK_AFTER`] later:
+/// nats-server republishes a stored job before its consumer has counted it,
+/// and a no-wait fetch that arrives in between is answered "no messages".
+/// Without the second look the job waited for the next `idle_poll` sweep
+/// (500 ms), about one run in a thousand on a one-slot worker (`runfleet
+/// bench signal`). An empty fetch after an older wake-up gets no second
+/// look: by then the consumer has counted the job, and another worker took
+/// it.
 struct Ready {
     marks: Vec<Vec<bool>>,
+    /// When a wake-up last marked each consumer.
+    woken_at: Vec<Vec<Option<tokio::time::Instant>>>,
+    /// Consumers to mark again at `recheck_at`.
+    recheck: Vec<Vec<bool>>,
+    recheck_at: Option<tokio::time::Instant>,
     swept: tokio::time::Instant,
 }
 
 impl Ready {
-    fn new(bands: &[Vec<(QueueName, PullConsumer)>]) -> Self {
+    fn new<C>(bands: &[Vec<C>]) -> Self {
         Self {
             marks: bands.iter().map(|consumers| vec![true; consumers.len()]).collect(),
+            woken_at: bands.iter().map(|consumers| vec![None; consumers.len()]).collect(),
+            recheck: bands.iter().map(|consumers| vec![false; consumers.len()]).collect(),
+            recheck_at: None,
             swept: tokio::time::Instant::now(),
         }
     }
 
     /// Marks the consumer a wake-up names; an unparsable subject marks all.
-    fn woken(&mut self, subject: &str, bands: &[Vec<(QueueName, PullConsumer)>]) {
+    fn woken<C>(&mut self, subject: &str, bands: &[Vec<(QueueName, C)>]) {
         let mut parts = subject.rsplit('.');
         let (_run, band, queue) = (parts.next(), parts.next(), parts.next());
         let band = band.and_then(|b| b.strip_prefix('p')).and_then(|b| b.parse::<usize>().ok());
@@ -479,8 +505,43 @@ impl Ready {
             Some((band, index))
         });
         match found {
-            Some((band, index)) => self.marks[band][index] = true,
+            Some((band, index)) => {
+                self.marks[band][index] = true;
+                self.woken_at[band][index] = Some(tokio::time::Instant::now());
+            }
             None => self.mark_all(),
+        }
+    }
+
+    /// Takes the consumer's mark just before it is fetched, and whether a
+    /// wake-up marked it within [`RECHECK_WINDOW`].
+    fn take(&mut self, band: usize, index: usize) -> Option<bool> {
+        let woken_at = self.woken_at[band][index].take();
+        let fresh = woken_at.is_some_and(|at| at.elapsed() <= RECHECK_WINDOW);
+        std::mem::replace(&mut self.marks[band][index], false).then_some(fresh)
+    }
+
+    /// Records a fetch's answer: a full one marks the consumer again at
+    /// once, an empty one right after a wake-up (`fresh`) marks it again
+    /// after [`RECHECK_AFTER`].
+    fn fetched(&mut self, band: usize, index: usize, fresh: bool, got: usize, wanted: usize) {
+        self.marks[band][index] = got == wanted;
+        if got == 0 && fresh {
+            self.recheck[band][index] = true;
+            self.recheck_at.get_or_insert_with(|| tokio::time::Instant::now() + RECHECK_AFTER);
+        }
+    }
+
+    /// Marks the consumers due for a second look, if it is time.
+    fn recheck_if_due(&mut self) {
+        if self.recheck_at.is_none_or(|at| tokio::time::Instant::now() < at) {
+            return;
+        }
+        self.recheck_at = None;
+        for (marks, recheck) in self.marks.iter_mut().zip(&mut self.recheck) {
+            for (mark, again) in marks.iter_mut().zip(recheck.iter_mut()) {
+                *mark |= std::mem::replace(again, false);
+            }
         }
     }
 
@@ -518,9 +579,9 @@ async fn fetch(
             if want == 0 {
                 break 'bands;
             }
-            if !std::mem::replace(&mut ready.marks[band][index], false) {
+            let Some(fresh) = ready.take(band, index) else {
                 continue;
-            }
+            };
             let before = fetched.len();
             let round = async {
                 let mut batch = consumer.fetch().max_messages(want).messages().await?;
@@ -531,7 +592,7 @@ async fn fetch(
             };
             match tokio::time::timeout(FETCH_TIMEOUT, round).await {
                 // Full: there may be more.
-                Ok(Ok(())) => ready.marks[band][index] = fetched.len() - before == want,
+                Ok(Ok(())) => ready.fetched(band, index, fresh, fetched.len() - before, want),
                 Ok(Err(e)) => {
                     warn!(queue = %queue, band, error = %e, "job fetch failed");
                     ready.marks[band][index] = true;
@@ -548,6 +609,14 @@ async fn fetch(
         }
     }
     fetched
+}
+
+/// Completes at `at`, or never.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn report_join(done: Result<(), tokio::task::JoinError>) {
@@ -633,5 +702,72 @@ async fn wait_for_infrastructure(js: &jetstream::Context, names: &Names) -> Infr
         );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_STARTUP_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bands() -> Vec<Vec<(QueueName, ())>> {
+        let queue = |name: &str| (QueueName::new(name).unwrap_or_else(|e| panic!("{e}")), ());
+        vec![vec![queue("default"), queue("bulk")], vec![queue("default")]]
+    }
+
+    const WAKE_DEFAULT_P0: &str = "runfleet.wake.default.p0.0190f5d2-8a4e-7c3b-9d21-4e5f6a7b8c9d";
+
+    /// Takes every mark, as a fetch round does, and answers each with
+    /// `got` of 8 wanted jobs; the consumers fetched.
+    fn fetch_all(ready: &mut Ready, bands: &[Vec<(QueueName, ())>], got: usize) -> Vec<(usize, usize)> {
+        let mut taken = Vec::new();
+        for (band, consumers) in bands.iter().enumerate() {
+            for index in 0..consumers.len() {
+                if let Some(fresh) = ready.take(band, index) {
+                    ready.fetched(band, index, fresh, got, 8);
+                    taken.push((band, index));
+                }
+            }
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn an_empty_fetch_right_after_a_wake_up_is_looked_at_once_more() {
+        let bands = bands();
+        let mut ready = Ready::new(&bands);
+        fetch_all(&mut ready, &bands, 0); // the start marks every consumer
+        assert_eq!(ready.recheck_at, None, "an empty fetch no wake-up asked for is not looked at again");
+
+        ready.woken(WAKE_DEFAULT_P0, &bands);
+        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)]);
+        let Some(at) = ready.recheck_at else { panic!("a second look is scheduled") };
+        ready.recheck_if_due();
+        assert!(fetch_all(&mut ready, &bands, 0).is_empty(), "not before RECHECK_AFTER");
+
+        tokio::time::sleep_until(at).await;
+        ready.recheck_if_due();
+        assert_eq!(ready.recheck_at, None);
+        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)], "only the woken consumer");
+        assert_eq!(ready.recheck_at, None, "the second look, empty too, schedules no third");
+    }
+
+    #[tokio::test]
+    async fn no_second_look_after_jobs_or_after_an_old_wake_up() {
+        let bands = bands();
+        let mut ready = Ready::new(&bands);
+        fetch_all(&mut ready, &bands, 0);
+
+        // A fetch that found jobs, but fewer than it wanted, leaves no mark.
+        ready.woken(WAKE_DEFAULT_P0, &bands);
+        assert_eq!(fetch_all(&mut ready, &bands, 1), vec![(0, 0)]);
+        assert_eq!(ready.recheck_at, None);
+        assert!(fetch_all(&mut ready, &bands, 0).is_empty());
+
+        // A wake-up read long before the fetch (a busy worker's slot freed
+        // later): its job was counted, and another worker took it.
+        ready.woken(WAKE_DEFAULT_P0, &bands);
+        tokio::time::sleep(RECHECK_WINDOW * 2).await;
+        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)]);
+        assert_eq!(ready.recheck_at, None);
     }
 }
