@@ -32,6 +32,7 @@ use runfleet_ops::redact::Redactor;
 use runfleet_protocol::limits::PRIORITY_BANDS;
 use runfleet_protocol::{time, Names, QueueName, WorkerId};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -355,21 +356,21 @@ impl Worker {
                 // subscription capacity.
                 // (On failure it stays shared; the idle poll covers a
                 // wake-up it then takes from an idle worker.)
-                wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands)).await;
+                wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands, Instant::now())).await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
-                    subject = wakeups.next() => ready.woken(&subject, &bands),
+                    subject = wakeups.next() => ready.woken(&subject, &bands, Instant::now()),
                 }
                 continue;
             }
 
             // Wake-ups seen so far are covered by the fetch below.
             while let Some(subject) = wakeups.try_next() {
-                ready.woken(&subject, &bands);
+                ready.woken(&subject, &bands, Instant::now());
             }
             ready.sweep(shared.config.idle_poll);
-            ready.recheck_if_due();
+            ready.recheck_if_due(Instant::now());
 
             let messages = fetch(&bands, &mut ready, free).await;
             if !messages.is_empty() {
@@ -385,7 +386,7 @@ impl Worker {
             // loop sleeps below and tries again after the next wake-up or
             // idle poll, rather than spin.
             if wakeups.mode() == Mode::Every
-                && wakeups.switch(Mode::Shared, |subject| ready.woken(subject, &bands)).await
+                && wakeups.switch(Mode::Shared, |subject| ready.woken(subject, &bands, Instant::now())).await
             {
                 continue;
             }
@@ -395,9 +396,9 @@ impl Worker {
             let recheck_at = ready.recheck_at;
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                subject = wakeups.next() => ready.woken(&subject, &bands),
+                subject = wakeups.next() => ready.woken(&subject, &bands, Instant::now()),
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
-                () = sleep_until_some(recheck_at) => ready.recheck_if_due(),
+                () = sleep_until_some(recheck_at) => ready.recheck_if_due(Instant::now()),
                 () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
             }
         }
@@ -421,7 +422,7 @@ impl Worker {
                     } else {
                         info!(worker_id = %shared.id, running = runs.len(), "shutdown grace over; handing off remaining runs at their next step");
                         stopping.drain.cancel();
-                        deadline.as_mut().reset(tokio::time::Instant::now() + handoff_timeout);
+                        deadline.as_mut().reset(Instant::now() + handoff_timeout);
                     }
                 }
             }
@@ -477,11 +478,11 @@ impl Probe for WorkerProbe {
 struct Ready {
     marks: Vec<Vec<bool>>,
     /// When a wake-up last marked each consumer.
-    woken_at: Vec<Vec<Option<tokio::time::Instant>>>,
+    woken_at: Vec<Vec<Option<Instant>>>,
     /// Consumers to mark again at `recheck_at`.
     recheck: Vec<Vec<bool>>,
-    recheck_at: Option<tokio::time::Instant>,
-    swept: tokio::time::Instant,
+    recheck_at: Option<Instant>,
+    swept: Instant,
 }
 
 impl Ready {
@@ -491,12 +492,13 @@ impl Ready {
             woken_at: bands.iter().map(|consumers| vec![None; consumers.len()]).collect(),
             recheck: bands.iter().map(|consumers| vec![false; consumers.len()]).collect(),
             recheck_at: None,
-            swept: tokio::time::Instant::now(),
+            swept: Instant::now(),
         }
     }
 
-    /// Marks the consumer a wake-up names; an unparsable subject marks all.
-    fn woken<C>(&mut self, subject: &str, bands: &[Vec<(QueueName, C)>]) {
+    /// Marks the consumer a wake-up names, read `now`; an unparsable
+    /// subject marks all.
+    fn woken<C>(&mut self, subject: &str, bands: &[Vec<(QueueName, C)>], now: Instant) {
         let mut parts = subject.rsplit('.');
         let (_run, band, queue) = (parts.next(), parts.next(), parts.next());
         let band = band.and_then(|b| b.strip_prefix('p')).and_then(|b| b.parse::<usize>().ok());
@@ -507,34 +509,34 @@ impl Ready {
         match found {
             Some((band, index)) => {
                 self.marks[band][index] = true;
-                self.woken_at[band][index] = Some(tokio::time::Instant::now());
+                self.woken_at[band][index] = Some(now);
             }
             None => self.mark_all(),
         }
     }
 
-    /// Takes the consumer's mark just before it is fetched, and whether a
-    /// wake-up marked it within [`RECHECK_WINDOW`].
-    fn take(&mut self, band: usize, index: usize) -> Option<bool> {
+    /// Takes the consumer's mark just before it is fetched (`now`), and
+    /// whether a wake-up marked it within [`RECHECK_WINDOW`].
+    fn take(&mut self, band: usize, index: usize, now: Instant) -> Option<bool> {
         let woken_at = self.woken_at[band][index].take();
-        let fresh = woken_at.is_some_and(|at| at.elapsed() <= RECHECK_WINDOW);
+        let fresh = woken_at.is_some_and(|at| now.saturating_duration_since(at) <= RECHECK_WINDOW);
         std::mem::replace(&mut self.marks[band][index], false).then_some(fresh)
     }
 
-    /// Records a fetch's answer: a full one marks the consumer again at
-    /// once, an empty one right after a wake-up (`fresh`) marks it again
-    /// after [`RECHECK_AFTER`].
-    fn fetched(&mut self, band: usize, index: usize, fresh: bool, got: usize, wanted: usize) {
+    /// Records a fetch's answer, received `now`: a full one marks the
+    /// consumer again at once, an empty one right after a wake-up (`fresh`)
+    /// marks it again after [`RECHECK_AFTER`].
+    fn fetched(&mut self, band: usize, index: usize, fresh: bool, got: usize, wanted: usize, now: Instant) {
         self.marks[band][index] = got == wanted;
         if got == 0 && fresh {
             self.recheck[band][index] = true;
-            self.recheck_at.get_or_insert_with(|| tokio::time::Instant::now() + RECHECK_AFTER);
+            self.recheck_at.get_or_insert(now + RECHECK_AFTER);
         }
     }
 
-    /// Marks the consumers due for a second look, if it is time.
-    fn recheck_if_due(&mut self) {
-        if self.recheck_at.is_none_or(|at| tokio::time::Instant::now() < at) {
+    /// Marks the consumers due for a second look, if `now` is their time.
+    fn recheck_if_due(&mut self, now: Instant) {
+        if self.recheck_at.is_none_or(|at| now < at) {
             return;
         }
         self.recheck_at = None;
@@ -556,7 +558,7 @@ impl Ready {
         for marks in &mut self.marks {
             marks.fill(true);
         }
-        self.swept = tokio::time::Instant::now();
+        self.swept = Instant::now();
     }
 }
 
@@ -579,7 +581,7 @@ async fn fetch(
             if want == 0 {
                 break 'bands;
             }
-            let Some(fresh) = ready.take(band, index) else {
+            let Some(fresh) = ready.take(band, index, Instant::now()) else {
                 continue;
             };
             let before = fetched.len();
@@ -592,7 +594,7 @@ async fn fetch(
             };
             match tokio::time::timeout(FETCH_TIMEOUT, round).await {
                 // Full: there may be more.
-                Ok(Ok(())) => ready.fetched(band, index, fresh, fetched.len() - before, want),
+                Ok(Ok(())) => ready.fetched(band, index, fresh, fetched.len() - before, want, Instant::now()),
                 Ok(Err(e)) => {
                     warn!(queue = %queue, band, error = %e, "job fetch failed");
                     ready.marks[band][index] = true;
@@ -612,7 +614,7 @@ async fn fetch(
 }
 
 /// Completes at `at`, or never.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -716,14 +718,19 @@ mod tests {
 
     const WAKE_DEFAULT_P0: &str = "runfleet.wake.default.p0.0190f5d2-8a4e-7c3b-9d21-4e5f6a7b8c9d";
 
-    /// Takes every mark, as a fetch round does, and answers each with
-    /// `got` of 8 wanted jobs; the consumers fetched.
-    fn fetch_all(ready: &mut Ready, bands: &[Vec<(QueueName, ())>], got: usize) -> Vec<(usize, usize)> {
+    /// Takes every mark at `now`, as a fetch round does, and answers each
+    /// with `got` of 8 wanted jobs; the consumers fetched.
+    fn fetch_all(
+        ready: &mut Ready,
+        bands: &[Vec<(QueueName, ())>],
+        got: usize,
+        now: Instant,
+    ) -> Vec<(usize, usize)> {
         let mut taken = Vec::new();
         for (band, consumers) in bands.iter().enumerate() {
             for index in 0..consumers.len() {
-                if let Some(fresh) = ready.take(band, index) {
-                    ready.fetched(band, index, fresh, got, 8);
+                if let Some(fresh) = ready.take(band, index, now) {
+                    ready.fetched(band, index, fresh, got, 8, now);
                     taken.push((band, index));
                 }
             }
@@ -731,43 +738,46 @@ mod tests {
         taken
     }
 
-    #[tokio::test]
-    async fn an_empty_fetch_right_after_a_wake_up_is_looked_at_once_more() {
+    #[test]
+    fn an_empty_fetch_right_after_a_wake_up_is_looked_at_once_more() {
         let bands = bands();
+        let t0 = Instant::now();
         let mut ready = Ready::new(&bands);
-        fetch_all(&mut ready, &bands, 0); // the start marks every consumer
+        fetch_all(&mut ready, &bands, 0, t0); // the start marks every consumer
         assert_eq!(ready.recheck_at, None, "an empty fetch no wake-up asked for is not looked at again");
 
-        ready.woken(WAKE_DEFAULT_P0, &bands);
-        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)]);
-        let Some(at) = ready.recheck_at else { panic!("a second look is scheduled") };
-        ready.recheck_if_due();
-        assert!(fetch_all(&mut ready, &bands, 0).is_empty(), "not before RECHECK_AFTER");
+        ready.woken(WAKE_DEFAULT_P0, &bands, t0);
+        let fetched_at = t0 + Duration::from_millis(1);
+        assert_eq!(fetch_all(&mut ready, &bands, 0, fetched_at), vec![(0, 0)]);
+        assert_eq!(ready.recheck_at, Some(fetched_at + RECHECK_AFTER), "a second look is scheduled");
+        ready.recheck_if_due(fetched_at + RECHECK_AFTER - Duration::from_millis(1));
+        assert!(fetch_all(&mut ready, &bands, 0, fetched_at).is_empty(), "not before RECHECK_AFTER");
 
-        tokio::time::sleep_until(at).await;
-        ready.recheck_if_due();
+        let due = fetched_at + RECHECK_AFTER;
+        ready.recheck_if_due(due);
         assert_eq!(ready.recheck_at, None);
-        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)], "only the woken consumer");
+        assert_eq!(fetch_all(&mut ready, &bands, 0, due), vec![(0, 0)], "only the woken consumer");
         assert_eq!(ready.recheck_at, None, "the second look, empty too, schedules no third");
     }
 
-    #[tokio::test]
-    async fn no_second_look_after_jobs_or_after_an_old_wake_up() {
+    #[test]
+    fn no_second_look_after_jobs_or_after_an_old_wake_up() {
         let bands = bands();
+        let t0 = Instant::now();
         let mut ready = Ready::new(&bands);
-        fetch_all(&mut ready, &bands, 0);
+        fetch_all(&mut ready, &bands, 0, t0);
 
         // A fetch that found jobs, but fewer than it wanted, leaves no mark.
-        ready.woken(WAKE_DEFAULT_P0, &bands);
-        assert_eq!(fetch_all(&mut ready, &bands, 1), vec![(0, 0)]);
+        ready.woken(WAKE_DEFAULT_P0, &bands, t0);
+        assert_eq!(fetch_all(&mut ready, &bands, 1, t0), vec![(0, 0)]);
         assert_eq!(ready.recheck_at, None);
-        assert!(fetch_all(&mut ready, &bands, 0).is_empty());
+        assert!(fetch_all(&mut ready, &bands, 0, t0).is_empty());
 
         // A wake-up read long before the fetch (a busy worker's slot freed
         // later): its job was counted, and another worker took it.
-        ready.woken(WAKE_DEFAULT_P0, &bands);
-        tokio::time::sleep(RECHECK_WINDOW * 2).await;
-        assert_eq!(fetch_all(&mut ready, &bands, 0), vec![(0, 0)]);
+        ready.woken(WAKE_DEFAULT_P0, &bands, t0);
+        let later = t0 + RECHECK_WINDOW + Duration::from_millis(1);
+        assert_eq!(fetch_all(&mut ready, &bands, 0, later), vec![(0, 0)]);
         assert_eq!(ready.recheck_at, None);
     }
 }
