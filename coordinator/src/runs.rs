@@ -502,8 +502,12 @@ impl Runs {
         let revision = match self.leases.create(&key, value.into()).await {
             Ok(revision) => revision,
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                // Who holds it is read before the record is written again:
+                // the holder may end the run and release the lease as soon
+                // as the record reaches it.
+                let holder = self.lease_holder(&key).await;
                 self.request_cancel(run_id, request).await?;
-                return Ok(Cancelled::LeaseHeld { holder: self.lease_holder(&key).await });
+                return Ok(Cancelled::LeaseHeld { holder });
             }
             Err(error) => return Err(jetstream_error("take the run's lease", key)(error.to_string())),
         };
