@@ -7,9 +7,11 @@ use runfleet::{bench, chaos, dev, serve};
 /// mimalloc rather than the system allocator: a run's path allocates and
 /// frees many small buffers (subjects, headers, encoded events, replies) on
 /// two threads, which glibc's malloc spent about a third of the process's
-/// CPU on under the throughput benchmark (`docs/performance.md`).
+/// CPU on under the throughput benchmark (`docs/performance.md`). Wrapped
+/// for heap accounting, which counts only with `RUNFLEET_HEAP_ACCOUNTING=1`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: runfleet_ops::heap::Counting<mimalloc::MiMalloc> =
+    runfleet_ops::heap::Counting::new(mimalloc::MiMalloc);
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -19,6 +21,7 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    runfleet_ops::heap::enable_from_env();
     let cli = Cli::parse();
     let config = cli.config.as_deref();
     let result = match cli.command {

@@ -135,4 +135,12 @@ fn every_scenario_runs_and_reports() {
     assert!(written.pointer("/failover/ttls/0").is_some());
     assert_eq!(number(&written, "/scale/lease_updates_of_waiting_runs"), 0.0, "a waiting run held a lease");
     assert!(number(&written, "/scale/expected_lease_updates_per_sec") > 0.0);
+    // The workers count their heap: a running run's task and state show
+    // in it (a sleeping run holds well over a KiB).
+    assert!(number(&written, "/scale/rss_idle_mib/workers_heap/median") > 0.0, "{:#}", written["scale"]);
+    assert!(
+        number(&written, "/scale/worker_heap_bytes_per_running_run/median") > 1024.0,
+        "{:#}",
+        written["scale"]
+    );
 }

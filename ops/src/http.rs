@@ -141,6 +141,9 @@ async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     if let (Some(probe), _, _) = health.snapshot() {
         probe.refresh().await;
     }
+    if let Some(bytes) = crate::heap::live_bytes() {
+        crate::metrics::get().heap_bytes.set(bytes);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::metrics::get().render())
 }
 

@@ -7,8 +7,10 @@
 //! - [`metrics`]: the Prometheus metrics, named once in
 //!   `runfleet_protocol::semconv`;
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
+//! - [`heap`]: heap accounting, the bytes the allocator has handed out;
 //! - [`redact`]: secrets removed from event payloads before they are published.
 
+pub mod heap;
 pub mod http;
 pub mod metrics;
 pub mod nats;

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub lease_losses: IntCounter,
     pub projector_lag: IntGauge,
     pub events_redacted: IntCounter,
+    pub heap_bytes: IntGauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -109,6 +110,7 @@ impl Metrics {
             lease_losses: counter(&sc::LEASE_LOSSES),
             projector_lag: gauge(&sc::PROJECTOR_LAG),
             events_redacted: counter(&sc::EVENTS_REDACTED),
+            heap_bytes: gauge(&sc::HEAP_BYTES),
             registry,
         }
     }

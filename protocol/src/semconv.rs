@@ -142,6 +142,14 @@ pub const EVENTS_REDACTED: Metric = Metric {
     help: "Events published with at least one value redacted by the [redaction] key patterns.",
 };
 
+pub const HEAP_BYTES: Metric = Metric {
+    name: "runfleet_heap_bytes",
+    kind: Kind::Gauge,
+    labels: &[],
+    served_by: "both",
+    help: "Bytes this process's allocator has handed out and not taken back (sampled at scrape); 0 unless started with RUNFLEET_HEAP_ACCOUNTING=1.",
+};
+
 /// Every metric, in documentation order.
 pub const ALL: &[Metric] = &[
     BUILD_INFO,
@@ -160,6 +168,7 @@ pub const ALL: &[Metric] = &[
     LEASE_LOSSES,
     PROJECTOR_LAG,
     EVENTS_REDACTED,
+    HEAP_BYTES,
 ];
 
 /// Span fields (and so OpenTelemetry attributes and JSON log fields) on

@@ -26,9 +26,17 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub(super) struct WorkerProcesses {
     children: Vec<Child>,
+    heap_accounting: bool,
 }
 
 impl WorkerProcesses {
+    /// Worker processes started with heap accounting on
+    /// (`runfleet_ops::heap`), which `/metrics` then serves as
+    /// `runfleet_heap_bytes`.
+    pub fn with_heap_accounting() -> Self {
+        Self { children: Vec::new(), heap_accounting: true }
+    }
+
     /// Starts `runfleet worker --nats-url URL --slots SLOTS --test-agents
     /// EXTRA…` from this very binary, logging to `log`. Returns its index.
     pub fn spawn(&mut self, url: &str, log: &Path, slots: u32, extra: &[&str]) -> anyhow::Result<usize> {
@@ -41,6 +49,9 @@ impl WorkerProcesses {
             if name.to_string_lossy().starts_with("RUNFLEET_") {
                 command.env_remove(name);
             }
+        }
+        if self.heap_accounting {
+            command.env(runfleet_ops::heap::ENV, "1");
         }
         let child = command
             .args(["worker", "--nats-url", url, "--slots", &slots, "--test-agents"])

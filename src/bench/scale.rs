@@ -28,17 +28,22 @@
 //!    only then is a run parked). RSS after each half, then a heartbeat
 //!    window, and the sizes (messages, bytes) of the events and jobs
 //!    streams and of the checkpoints, leases, control and signals buckets,
-//!    with every run in flight. Target: nothing per waiting run. Having
-//!    claimed and parked thousands of runs, a worker's allocator keeps
-//!    some of what that took (glibc's malloc rarely gives memory back), so
-//!    (RSS − RSS before) / runs overstates what the worker *holds*. The
-//!    marginal figure of the second half, whose claims mostly reuse what
-//!    the first half's left behind, is closer; and as a control, as many
-//!    `echo` runs as the second half are then run to completion: a
-//!    finished run leaves nothing behind, so their RSS growth per run is
-//!    the allocator's drift over that many claims. The marginal figure
-//!    minus the control's is what the worker holds per waiting run, judged
-//!    against [`WAITING_NOISE_BYTES`].
+//!    with every run in flight. Target: nothing per waiting run. RSS says
+//!    little about that: having claimed and parked thousands of runs, a
+//!    worker's allocator keeps some of what that took, and RSS moves by
+//!    pages, so the RSS growth per run swings by ±1.5 KB between trials.
+//!    The workers therefore run with heap accounting
+//!    (`RUNFLEET_HEAP_ACCOUNTING=1`, `runfleet_ops::heap`): the bench
+//!    scrapes each one's `runfleet_heap_bytes`, the bytes its allocator
+//!    has handed out and not taken back, exact and falling when memory is
+//!    freed, alongside every RSS reading. The heap growth over the second
+//!    half of the waiting runs, per run, is judged against
+//!    [`WAITING_TARGET_BYTES`]; the growth over all of them (which also
+//!    holds what the first claims grew once) is reported. As a control,
+//!    as many `echo` runs as the second half are then run to completion:
+//!    a finished run leaves nothing behind, so their growth per run is the
+//!    noise. The RSS figures are reported as well (the marginal RSS figure
+//!    minus the control's as "held by RSS").
 //! 4. **Simulated leases.** The fleet is stopped. On a fresh nats-server
 //!    (so that its memory and CPU are the simulation's alone) the bench
 //!    makes a bucket ([`SIM_BUCKET`], configured like the leases bucket:
@@ -136,13 +141,14 @@ const SETTLE: Duration = Duration::from_secs(1);
 const PHASE_TIMEOUT: Duration = Duration::from_secs(180);
 /// Target from the issue tracker: a worker's own state per running run.
 const TARGET_BYTES_PER_RUNNING_RUN: f64 = 64.0 * 1024.0;
-/// What counts as "nothing" per waiting run: the worker RSS growth per
-/// waiting run of the second half, less the growth per finished control
-/// run, up to this is noise (RSS moves in 4 KiB pages, the allocator's
-/// arenas in larger steps: over 5,000 runs a few pages are a few bytes a
-/// run). A parked task per run (hundreds of bytes at least) would show; a
-/// bare map entry of a few dozen bytes might not.
-const WAITING_NOISE_BYTES: f64 = 64.0;
+/// What counts as "nothing" per waiting run: the workers' heap growth
+/// (heap accounting, exact to the byte asked for) over the second half of
+/// the waiting runs, per run, up to this, less than a run id: no record of
+/// any kind per waiting run stays in the worker. The growth over all of
+/// them is reported too; it also holds what the first thousands of claims
+/// grew once (maps' capacity, the libraries' caches) and will not grow
+/// again, a few hundred KiB in all.
+const WAITING_TARGET_BYTES: f64 = 16.0;
 /// The simulated leases' bucket, the bench's own.
 const SIM_BUCKET: &str = "bench-sim-leases";
 /// Renewal rounds of the simulated leases, one per heartbeat period.
@@ -201,11 +207,24 @@ pub struct ScaleResult {
     /// Worker RSS growth per control run (as many as the second half, all
     /// finished): the allocator's drift over that many claims.
     pub worker_bytes_per_finished_run: Spread,
-    /// Marginal per waiting run minus per finished run: what the worker
-    /// holds per waiting run, the figure judged.
+    /// Marginal per waiting run minus per finished run: an estimate from
+    /// RSS of what the worker holds per waiting run, noisy (see
+    /// [`WAITING_TARGET_BYTES`]).
     pub worker_bytes_held_per_waiting_run: Spread,
-    pub waiting_noise_bytes_per_run: f64,
-    /// The held figure is within the noise in the median trial.
+    /// The workers' heap growth (heap accounting) per running run over
+    /// idle, per waiting run over the running runs, and per finished
+    /// control run.
+    pub worker_heap_bytes_per_running_run: Spread,
+    pub worker_heap_bytes_per_waiting_run: Spread,
+    /// Over the second half of the waiting runs only, which one-time
+    /// growth (maps' capacity, the libraries' caches, sized by the peak of
+    /// runs being claimed and parked at once) does not inflate: the figure
+    /// judged.
+    pub worker_heap_bytes_per_waiting_run_marginal: Spread,
+    pub worker_heap_bytes_per_finished_run: Spread,
+    pub waiting_target_bytes_per_run: f64,
+    /// The marginal heap growth per waiting run is within the target in
+    /// the median trial.
     pub meets_waiting_target: bool,
     /// Coordinator RSS growth (idle → everything in flight) per run.
     pub coordinator_bytes_per_run: Spread,
@@ -247,6 +266,8 @@ pub struct RssSpread {
     /// Both workers together.
     pub workers: Spread,
     pub nats_server: Spread,
+    /// Both workers' heap (heap accounting), MiB.
+    pub workers_heap: Spread,
 }
 
 /// A heartbeat window, median and range over the trials.
@@ -305,13 +326,17 @@ pub struct SimSpread {
     pub min_ttl_for_leases_on_one_core_ms: Spread,
 }
 
-/// Resident memory of each component, bytes.
+/// Resident memory of each component, bytes; and the workers' heap.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Rss {
     pub coordinator: u64,
     /// Both workers together.
     pub workers: u64,
     pub nats_server: u64,
+    /// Bytes both workers' allocators have handed out and not taken back
+    /// (`runfleet_heap_bytes`, heap accounting on): unlike RSS it falls
+    /// when memory is freed.
+    pub workers_heap: i64,
 }
 
 /// What one heartbeat window counted.
@@ -390,6 +415,12 @@ pub struct ScaleTrial {
     pub worker_bytes_per_finished_run: f64,
     /// The marginal figure per waiting run minus the one per finished run.
     pub worker_bytes_held_per_waiting_run: f64,
+    /// The workers' heap growth per running run (over idle), per waiting
+    /// run (over the running runs) and per finished control run.
+    pub worker_heap_bytes_per_running_run: f64,
+    pub worker_heap_bytes_per_waiting_run: f64,
+    pub worker_heap_bytes_per_waiting_run_marginal: f64,
+    pub worker_heap_bytes_per_finished_run: f64,
     pub coordinator_bytes_per_run: f64,
     pub nats_bytes_per_running_run: f64,
     pub nats_bytes_per_waiting_run: f64,
@@ -409,10 +440,10 @@ pub(super) async fn measure(args: &BenchArgs) -> anyhow::Result<ScaleResult> {
                 progress(
                     args,
                     format!(
-                        "scale: trial {trial}: worker {:.1} KiB per running run, {:.0} B held per \
-                         waiting run, {:.0} lease updates/s running, simulated round {:.0} ms",
+                        "scale: trial {trial}: worker {:.1} KiB per running run, {:.0} B of heap per \
+                         waiting run (marginal), {:.0} lease updates/s running, simulated round {:.0} ms",
                         result.worker_bytes_per_running_run / 1024.0,
-                        result.worker_bytes_held_per_waiting_run,
+                        result.worker_heap_bytes_per_waiting_run_marginal,
                         result.window_running.lease_updates_per_sec,
                         result.simulation.max_round_ms,
                     ),
@@ -442,6 +473,8 @@ struct ScaleFleet {
     /// The coordinator's registry, read for the projector's position.
     registry: Registry,
     pids: Pids,
+    /// Where each worker serves `/metrics` (heap accounting on).
+    worker_metrics: Vec<String>,
 }
 
 impl ScaleFleet {
@@ -457,9 +490,13 @@ impl ScaleFleet {
         coordinator.await_serving(&client).await?;
         let database_url = format!("sqlite:{}", dir.join("runfleet.db").display());
         let registry = Registry::connect(&database_url).await.context("could not open the registry")?;
-        let mut workers = WorkerProcesses::default();
+        let mut workers = WorkerProcesses::with_heap_accounting();
+        let mut worker_metrics = Vec::new();
         for i in 0..WORKERS {
-            workers.spawn(&nats.url(), &dir.join(format!("worker-{i}.log")), slots_per_worker(args), &[])?;
+            let addr = format!("127.0.0.1:{}", embedded::free_port()?);
+            let log = dir.join(format!("worker-{i}.log"));
+            workers.spawn(&nats.url(), &log, slots_per_worker(args), &["--metrics-addr", &addr])?;
+            worker_metrics.push(addr);
         }
         workers.await_registered(&client).await?;
         let pids = Pids {
@@ -469,8 +506,38 @@ impl ScaleFleet {
                 .collect::<anyhow::Result<_>>()?,
             nats_server: nats.pid().context("nats-server exited")?,
         };
-        Ok(Self { workers, coordinator, nats, client, registry, pids })
+        Ok(Self { workers, coordinator, nats, client, registry, pids, worker_metrics })
     }
+
+    /// Every component's RSS, and the workers' heap.
+    async fn memory(&self) -> anyhow::Result<Rss> {
+        let mut memory = self.pids.rss()?;
+        for addr in &self.worker_metrics {
+            memory.workers_heap += heap_bytes(addr).await?;
+        }
+        Ok(memory)
+    }
+}
+
+/// A worker's `runfleet_heap_bytes`, scraped from its `/metrics` at `addr`.
+async fn heap_bytes(addr: &str) -> anyhow::Result<i64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("could not reach the worker's /metrics on {addr}"))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").await?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .with_context(|| format!("could not read /metrics from {addr}"))?;
+    let name = runfleet_protocol::semconv::HEAP_BYTES.name;
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as i64)
+        .with_context(|| format!("{addr}/metrics has no {name}"))
 }
 
 fn slots_per_worker(args: &BenchArgs) -> u32 {
@@ -509,7 +576,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
 
     settle(client, &fleet.registry).await?;
     let window_idle = heartbeat_window(client, pids, ticks, window, &none).await?;
-    let rss_idle = pids.rss()?;
+    let rss_idle = fleet.memory().await?;
 
     // Running runs, in two halves.
     progress(args, format!("scale: {} running runs", args.scale_running));
@@ -527,11 +594,11 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         running.extend(runs);
         settle(client, &fleet.registry).await?;
         if i == 0 {
-            rss_running_half = pids.rss()?;
+            rss_running_half = fleet.memory().await?;
         }
     }
     let running_submit_secs = started_at.elapsed().as_secs_f64();
-    let rss_running = pids.rss()?;
+    let rss_running = fleet.memory().await?;
     let window_running = heartbeat_window(client, pids, ticks, window, &none).await?;
 
     // Waiting runs, in two halves, the running ones still held.
@@ -552,11 +619,11 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         waiting.extend(runs);
         settle(client, &fleet.registry).await?;
         if i == 0 {
-            rss_waiting_half = pids.rss()?;
+            rss_waiting_half = fleet.memory().await?;
         }
     }
     let waiting_submit_secs = started_at.elapsed().as_secs_f64();
-    let rss_waiting = pids.rss()?;
+    let rss_waiting = fleet.memory().await?;
     let waiting_keys: HashSet<String> = waiting.iter().map(|run| client.names().lease_key(*run)).collect();
     let window_waiting = heartbeat_window(client, pids, ticks, window, &waiting_keys).await?;
     let streams = stream_sizes(client).await?;
@@ -572,11 +639,14 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
     tracker.wait_for(&finished, Milestone::Completed).await?;
     await_leases(client, &finished, false).await?;
     settle(client, &fleet.registry).await?;
-    let rss_finished = pids.rss()?;
+    let rss_finished = fleet.memory().await?;
     tracker.ensure_none_ended(&[running, waiting].concat())?;
 
     let per_run =
         |after: u64, before: u64, runs: u32| (after as f64 - before as f64) / f64::from(runs.max(1));
+    let heap_per_run = |after: Rss, before: Rss, runs: u32| {
+        (after.workers_heap - before.workers_heap) as f64 / f64::from(runs.max(1))
+    };
     let worker_bytes_per_waiting_run_marginal =
         per_run(rss_waiting.workers, rss_waiting_half.workers, waiting_second);
     let worker_bytes_per_finished_run = per_run(rss_finished.workers, rss_waiting.workers, waiting_second);
@@ -594,6 +664,14 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         worker_bytes_per_finished_run,
         worker_bytes_held_per_waiting_run: worker_bytes_per_waiting_run_marginal
             - worker_bytes_per_finished_run,
+        worker_heap_bytes_per_running_run: heap_per_run(rss_running, rss_idle, running_n),
+        worker_heap_bytes_per_waiting_run: heap_per_run(rss_waiting, rss_running, waiting_n),
+        worker_heap_bytes_per_waiting_run_marginal: heap_per_run(
+            rss_waiting,
+            rss_waiting_half,
+            waiting_second,
+        ),
+        worker_heap_bytes_per_finished_run: heap_per_run(rss_finished, rss_waiting, waiting_second),
         coordinator_bytes_per_run: per_run(
             rss_waiting.coordinator,
             rss_idle.coordinator,
@@ -874,6 +952,8 @@ impl Pids {
             coordinator: rss_bytes(self.coordinator)?,
             workers,
             nats_server: rss_bytes(self.nats_server)?,
+            // Read over HTTP by `ScaleFleet::memory`.
+            workers_heap: 0,
         })
     }
 
@@ -1199,6 +1279,7 @@ fn summarize(
             coordinator: spread(&|t| mib(pick(t).coordinator))?,
             workers: spread(&|t| mib(pick(t).workers))?,
             nats_server: spread(&|t| mib(pick(t).nats_server))?,
+            workers_heap: spread(&|t| pick(t).workers_heap as f64 / (1024.0 * 1024.0))?,
         })
     };
     let window = |pick: fn(&ScaleTrial) -> Window| -> anyhow::Result<WindowSpread> {
@@ -1254,7 +1335,8 @@ fn summarize(
     };
 
     let worker_bytes_per_running_run = spread(&|t| t.worker_bytes_per_running_run)?;
-    let worker_bytes_held_per_waiting_run = spread(&|t| t.worker_bytes_held_per_waiting_run)?;
+    let worker_heap_bytes_per_waiting_run_marginal =
+        spread(&|t| t.worker_heap_bytes_per_waiting_run_marginal)?;
     let period = heartbeat_period(LEASE_TTL);
     Ok(ScaleResult {
         repeat: args.repeat,
@@ -1276,11 +1358,15 @@ fn summarize(
         worker_bytes_per_running_run_marginal: spread(&|t| t.worker_bytes_per_running_run_marginal)?,
         target_bytes_per_running_run: TARGET_BYTES_PER_RUNNING_RUN,
         worker_bytes_per_waiting_run: spread(&|t| t.worker_bytes_per_waiting_run)?,
-        meets_waiting_target: worker_bytes_held_per_waiting_run.median <= WAITING_NOISE_BYTES,
         worker_bytes_per_waiting_run_marginal: spread(&|t| t.worker_bytes_per_waiting_run_marginal)?,
         worker_bytes_per_finished_run: spread(&|t| t.worker_bytes_per_finished_run)?,
-        worker_bytes_held_per_waiting_run,
-        waiting_noise_bytes_per_run: WAITING_NOISE_BYTES,
+        worker_bytes_held_per_waiting_run: spread(&|t| t.worker_bytes_held_per_waiting_run)?,
+        worker_heap_bytes_per_running_run: spread(&|t| t.worker_heap_bytes_per_running_run)?,
+        meets_waiting_target: worker_heap_bytes_per_waiting_run_marginal.median <= WAITING_TARGET_BYTES,
+        worker_heap_bytes_per_waiting_run: spread(&|t| t.worker_heap_bytes_per_waiting_run)?,
+        worker_heap_bytes_per_waiting_run_marginal,
+        worker_heap_bytes_per_finished_run: spread(&|t| t.worker_heap_bytes_per_finished_run)?,
+        waiting_target_bytes_per_run: WAITING_TARGET_BYTES,
         coordinator_bytes_per_run: spread(&|t| t.coordinator_bytes_per_run)?,
         nats_bytes_per_running_run: spread(&|t| t.nats_bytes_per_running_run)?,
         nats_bytes_per_waiting_run: spread(&|t| t.nats_bytes_per_waiting_run)?,
@@ -1367,9 +1453,25 @@ pub(super) fn print(result: &ScaleResult) {
         range(&result.worker_bytes_per_finished_run, &bytes),
     );
     println!(
-        "worker B held per waiting run (marginal − control): {}   target nothing (≤ {} B): {}",
-        range(&result.worker_bytes_held_per_waiting_run, &bytes),
-        result.waiting_noise_bytes_per_run,
+        "worker B held per waiting run by RSS (marginal − control): {}",
+        range(&result.worker_bytes_held_per_waiting_run, &bytes)
+    );
+    println!(
+        "workers' heap, MiB: idle {}, running {}, + waiting {}",
+        range(&result.rss_idle_mib.workers_heap, &mib),
+        range(&result.rss_running_mib.workers_heap, &mib),
+        range(&result.rss_waiting_mib.workers_heap, &mib),
+    );
+    println!(
+        "worker heap B per running run: {}; per finished run (control): {}",
+        range(&result.worker_heap_bytes_per_running_run, &bytes),
+        range(&result.worker_heap_bytes_per_finished_run, &bytes),
+    );
+    println!(
+        "worker heap B per waiting run: {} marginal ({} over all)   target nothing (≤ {} B marginal): {}",
+        range(&result.worker_heap_bytes_per_waiting_run_marginal, &bytes),
+        range(&result.worker_heap_bytes_per_waiting_run, &bytes),
+        result.waiting_target_bytes_per_run,
         met(result.meets_waiting_target)
     );
     println!(
