@@ -188,12 +188,13 @@ async fn waiting_runs_hold_no_slot() {
     }
 }
 
-/// A durable sleep of 8 s with the coordinator and nats-server restarted
-/// during it wakes after it is due, once.
+/// A durable sleep of 30 s with the coordinator and nats-server restarted
+/// during it wakes after it is due, once. The sleep is long so that both
+/// restarts fit in it even under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_sleep_survives_coordinator_and_server_restarts() {
     let mut fleet = fleet(FleetOptions { workers: 1, slots: 2, ..Default::default() }).await;
-    let run = submit(&fleet, "timer", json!({ "sleep_ms": 8000 })).await;
+    let run = submit(&fleet, "timer", json!({ "sleep_ms": 30_000 })).await;
     let events = wait_for(&fleet, run, "the run to sleep", is_waiting).await;
     let due = events
         .iter()
@@ -211,7 +212,7 @@ async fn durable_sleep_survives_coordinator_and_server_restarts() {
 
     let events = wait_for(&fleet, run, "the run to wake and finish", is_terminal).await;
     assert_ended(run, &events, RunState::Completed);
-    assert_eq!(output(&events), Some(json!({ "slept_ms": 8000 })));
+    assert_eq!(output(&events), Some(json!({ "slept_ms": 30_000 })));
     let resumes: Vec<&Event> = events.iter().filter(|e| matches!(e.body, EventBody::Resumed(_))).collect();
     assert_eq!(resumes.len(), 1, "woke once: {events:#?}");
     let late = resumes[0].ts_ms - due;
@@ -237,10 +238,11 @@ async fn a_parked_runs_timer_is_a_later_dispatch() {
     let names = Names::default();
     let js = async_nats::jetstream::new(fleet.nats.client().await);
     let jobs = js.get_stream(names.jobs_stream()).await.unwrap_or_else(|e| panic!("jobs stream: {e}"));
-    let timer = jobs
-        .get_last_raw_message_by_subject(&names.run_timer(run))
-        .await
-        .unwrap_or_else(|e| panic!("the run's timer: {e}"));
+    // The worker arms the timer after it stores run.waiting: wait for it.
+    let timer = eventually(DEADLINE, "the run's timer", || async {
+        jobs.get_last_raw_message_by_subject(&names.run_timer(run)).await.ok()
+    })
+    .await;
     let job: runfleet_protocol::job::Job =
         runfleet_protocol::codec::decode(&timer.payload).unwrap_or_else(|e| panic!("the timer's job: {e}"));
     assert_eq!(job.run_id, run);
@@ -366,9 +368,11 @@ async fn drain_hands_runs_off_at_step_boundaries() {
         ..Default::default()
     };
     let mut fleet = fleet(options).await;
+    // 20 s a run: long enough that the setup before SIGTERM, slow under
+    // load, ends before any run does.
     let mut runs = Vec::new();
     for _ in 0..10 {
-        runs.push(submit(&fleet, "steps", json!({ "steps": 12, "ms": 500 })).await);
+        runs.push(submit(&fleet, "steps", json!({ "steps": DRAIN_STEPS, "ms": 500 })).await);
     }
     for run in &runs {
         wait_for(&fleet, *run, "the run to start", |e| count(e, "step.completed") >= 1).await;
@@ -396,6 +400,9 @@ async fn drain_hands_runs_off_at_step_boundaries() {
     assert!(status.is_some_and(|s| s.success()), "the drained worker exits cleanly");
 }
 
+/// Steps of each run in `drain_hands_runs_off_at_step_boundaries`.
+const DRAIN_STEPS: usize = 40;
+
 fn assert_no_step_twice(journal: &Path, run: RunId) {
     let text = std::fs::read_to_string(journal).unwrap_or_default();
     let mut seen = BTreeMap::new();
@@ -403,7 +410,7 @@ fn assert_no_step_twice(journal: &Path, run: RunId) {
         let index: u32 = line.split(' ').nth(1).and_then(|i| i.parse().ok()).unwrap_or(u32::MAX);
         *seen.entry(index).or_insert(0) += 1;
     }
-    assert_eq!(seen.len(), 12, "run {run}: every step executed: {seen:?}");
+    assert_eq!(seen.len(), DRAIN_STEPS, "run {run}: every step executed: {seen:?}");
     assert!(seen.values().all(|n| *n == 1), "run {run}: a step executed twice: {seen:?}");
 }
 

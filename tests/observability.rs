@@ -121,10 +121,32 @@ async fn metrics_move_by_what_runs_did_and_readiness_follows_nats() {
         (sample(&samples, "runfleet_projector_lag_events") == 0.0).then_some(samples)
     })
     .await;
-    let w1 = scrape(worker_addr);
     let echo = r#"{agent="echo",queue="default"}"#;
     let steps = r#"{agent="steps",queue="default"}"#;
     let fail = r#"{agent="fail",queue="default"}"#;
+    // The CLI's --wait returns once the terminal event is stored, before
+    // the worker sees its append's ack (counters) and its next pull-loop
+    // pass (gauges): wait until they got there, then check exact values.
+    let mut reached = vec![
+        (format!("runfleet_runs_completed_total{echo}"), 4.0),
+        (format!("runfleet_runs_completed_total{steps}"), 2.0),
+        (format!("runfleet_runs_failed_total{fail}"), 1.0),
+        (r#"runfleet_step_duration_seconds_count{agent="steps"}"#.to_owned(), 6.0),
+    ];
+    for (labels, n) in [(echo, 4.0), (steps, 2.0), (fail, 1.0)] {
+        reached.push((format!("runfleet_runs_started_total{labels}"), n));
+        reached.push((format!("runfleet_submit_to_start_seconds_count{labels}"), n));
+    }
+    let reached = &reached;
+    let before = &w0;
+    let w1 = eventually(DEADLINE, "the worker's metrics to settle", || async move {
+        let samples = scrape(worker_addr);
+        let settled = reached.iter().all(|(series, n)| delta(before, &samples, series) >= *n)
+            && sample(&samples, "runfleet_worker_running_runs") == 0.0
+            && sample(&samples, "runfleet_worker_free_slots") == 3.0;
+        settled.then_some(samples)
+    })
+    .await;
     for (labels, n) in [(echo, 4.0), (steps, 2.0), (fail, 1.0)] {
         assert_eq!(delta(&c0, &c1, &format!("runfleet_runs_submitted_total{labels}")), n, "{labels}");
         assert_eq!(delta(&w0, &w1, &format!("runfleet_runs_started_total{labels}")), n, "{labels}");
@@ -287,7 +309,9 @@ async fn one_trace_covers_client_coordinator_and_both_workers_across_a_crash() {
     })
     .await;
     let mut submit = vec!["submit".to_owned(), "--nats-url".to_owned(), nats.url()];
-    submit.extend(["--agent", "steps", "--input", r#"{"steps": 8, "ms": 300}"#].map(str::to_owned));
+    // 9 s of steps: long enough that the crash, late under load, still
+    // comes before the first worker could finish the run.
+    submit.extend(["--agent", "steps", "--input", r#"{"steps": 30, "ms": 300}"#].map(str::to_owned));
     let out = std::process::Command::new(harness::process::runfleet_binary())
         .args(&submit)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -31,9 +31,12 @@ async fn higher_bands_start_first() {
     let fleet = Fleet::start(TestDb::sqlite(), 1, 1).await;
     let client = fleet.client("default").await;
 
-    // Occupy the only slot, and wait until the run holds it.
+    // Occupy the only slot, and wait until the run holds it. It sleeps far
+    // longer than the test and is cancelled once everything is queued: a
+    // fixed sleep could end under load before the last submit, and its
+    // freed slot would then take a band-2 run.
     let blocker = client
-        .submit(request("sleep", json!({"steps": 1, "ms": 4000}), 2))
+        .submit(request("sleep", json!({"steps": 1, "ms": 600_000}), 2))
         .await
         .unwrap_or_else(|e| panic!("submit: {e}"));
     let mut watch = Box::pin(client.watch(blocker.run_id).await.unwrap_or_else(|e| panic!("{e}")));
@@ -54,8 +57,10 @@ async fn higher_bands_start_first() {
             client.submit(request("echo", json!({"high": i}), 0)).await.unwrap_or_else(|e| panic!("{e}"));
         band_of.insert(reply.run_id, 0);
     }
-    let completed = client.wait(blocker.run_id).await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(completed.body, EventBody::Completed(_)), "blocker: {completed:?}");
+    // Every run is queued: free the slot.
+    client.cancel(blocker.run_id, None).await.unwrap_or_else(|e| panic!("cancel: {e}"));
+    let cancelled = client.wait(blocker.run_id).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(cancelled.body, EventBody::Cancelled(_)), "blocker: {cancelled:?}");
     for run in band_of.keys() {
         let last = client.wait(*run).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(last.body, EventBody::Completed(_)));

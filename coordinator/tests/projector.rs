@@ -242,7 +242,10 @@ async fn restart_resumes_from_the_stored_position(db: TestDb) {
     let after = publish_runs(&js, 5).await;
 
     let second = Running::start(config(&server, &db)).await;
-    assert_eq!(projection(&admin).await.map(|p| p.position), Some(20), "the position did not go back");
+    // The new projector may already have projected some of the 5 new runs,
+    // but it never starts below the stored position.
+    let resumed = projection(&admin).await.map(|p| p.position);
+    assert!(resumed.is_some_and(|p| (20..=25).contains(&p)), "the position went back: {resumed:?}");
     assert_eq!(caught_up(&js, &admin).await, 25);
     for run in &after {
         assert!(projected(&admin, *run).await, "{run}, appended while down, was not projected");
