@@ -29,3 +29,9 @@ pub mod sdk;
 pub use config::WorkerConfig;
 pub use runtime::{Error, Worker};
 pub use sdk::{Agent, AgentError, Agents, RunContext};
+
+/// The tests' real nats-server, for unit tests that need one.
+#[cfg(test)]
+#[path = "../../tests/harness/nats.rs"]
+#[allow(dead_code)]
+mod test_nats;
