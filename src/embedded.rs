@@ -75,7 +75,16 @@ impl EmbeddedNats {
     /// [`Self::start`], with the HTTP monitoring endpoint on a free loopback
     /// port, so that [`Self::traffic`] can read the server's counters.
     pub async fn start_monitored(data_dir: &Path, port: u16) -> anyhow::Result<Self> {
-        Self::start_with(data_dir, port, Some(free_port()?)).await
+        // `port` was free a moment ago and released, so the kernel may
+        // offer it again (a bench trial once failed on "address already in
+        // use" with both on the same port).
+        let monitor = loop {
+            let monitor = free_port()?;
+            if monitor != port {
+                break monitor;
+            }
+        };
+        Self::start_with(data_dir, port, Some(monitor)).await
     }
 
     async fn start_with(data_dir: &Path, port: u16, monitor: Option<u16>) -> anyhow::Result<Self> {
