@@ -183,3 +183,11 @@ pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
+
+/// Picks `n` free loopback ports, all different: each is held until all are
+/// picked, since the kernel may offer a port it just released again.
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()?;
+    Ok(listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?)
+}

@@ -492,8 +492,8 @@ impl ScaleFleet {
         let registry = Registry::connect(&database_url).await.context("could not open the registry")?;
         let mut workers = WorkerProcesses::with_heap_accounting();
         let mut worker_metrics = Vec::new();
-        for i in 0..WORKERS {
-            let addr = format!("127.0.0.1:{}", embedded::free_port()?);
+        for (i, port) in embedded::free_ports(WORKERS)?.into_iter().enumerate() {
+            let addr = format!("127.0.0.1:{port}");
             let log = dir.join(format!("worker-{i}.log"));
             workers.spawn(&nats.url(), &log, slots_per_worker(args), &["--metrics-addr", &addr])?;
             worker_metrics.push(addr);
