@@ -543,10 +543,13 @@ async fn timers_fire_onto_the_job_subject_and_purging_cancels_them() {
     let jobs = f.jobs().await;
     assert!(jobs.cached_info().config.allow_message_schedules);
 
+    // Seconds ahead, so that the count and the purge below come before
+    // either is due even on a loaded machine.
     let fired = RunId::generate();
-    publish_timer(&f, fired, time::now_ms() + 500).await;
+    publish_timer(&f, fired, time::now_ms() + 3_000).await;
     let cancelled = RunId::generate();
-    publish_timer(&f, cancelled, time::now_ms() + 1_000).await;
+    let cancelled_at = time::now_ms() + 4_000;
+    publish_timer(&f, cancelled, cancelled_at).await;
     assert_eq!(f.count(&f.names.run_timer(fired)).await, 1);
     ok(jobs.purge().filter(f.names.run_timer(cancelled)).await);
 
@@ -555,7 +558,9 @@ async fn timers_fire_onto_the_job_subject_and_purging_cancels_them() {
     assert_eq!((job.run_id, job.input), (fired, json!({"timer": true})));
     assert_eq!(f.count(&f.names.run_timer(fired)).await, 0, "a fired timer is gone");
 
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Well past the purged timer's time.
+    let past = u64::try_from(cancelled_at + 1_500 - time::now_ms()).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(past)).await;
     assert_eq!(f.count(&f.job_subject(cancelled)).await, 0, "a purged timer never fires");
     f.stop().await;
 }
