@@ -520,7 +520,18 @@ impl ScaleFleet {
 }
 
 /// A worker's `runfleet_heap_bytes`, scraped from its `/metrics` at `addr`.
+/// A worker that does not answer within [`SCRAPE_TIMEOUT`] fails the trial
+/// instead of hanging the bench.
 async fn heap_bytes(addr: &str) -> anyhow::Result<i64> {
+    tokio::time::timeout(SCRAPE_TIMEOUT, scrape_heap_bytes(addr))
+        .await
+        .with_context(|| format!("the worker's /metrics on {addr} did not answer within {SCRAPE_TIMEOUT:?}"))?
+}
+
+/// How long one scrape of a worker's `/metrics` may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn scrape_heap_bytes(addr: &str) -> anyhow::Result<i64> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await

@@ -475,9 +475,17 @@ async fn redelivered_job_of_a_terminal_run_is_only_acked() -> anyhow::Result<()>
 #[tokio::test]
 async fn long_run_outlives_ack_wait_and_completes_once() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
-    let config = runfleet_worker::WorkerConfig { ack_wait: Some(Duration::from_secs(2)), ..env.config(2) };
+    // The run (6 s) outlives the ack wait (3 s) twice over. Beats every
+    // 250 ms leave the worker 2.75 s of stall before a redelivery, which a
+    // loaded CI machine does not reach; the default (a third of the ack
+    // wait) left 1 s.
+    let config = runfleet_worker::WorkerConfig {
+        ack_wait: Some(Duration::from_secs(3)),
+        heartbeat_interval: Some(Duration::from_millis(250)),
+        ..env.config(2)
+    };
     let worker = env.worker(config, agents::builtin()).await?;
-    let run = env.submit("sleep", json!({"steps": 5, "ms": 1000}), 2).await?;
+    let run = env.submit("sleep", json!({"steps": 6, "ms": 1000}), 2).await?;
 
     let events = env.wait_terminal(run).await?;
     assert_gapless(&events);
