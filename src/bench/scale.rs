@@ -523,9 +523,9 @@ impl ScaleFleet {
 /// A worker that does not answer within [`SCRAPE_TIMEOUT`] fails the trial
 /// instead of hanging the bench.
 async fn heap_bytes(addr: &str) -> anyhow::Result<i64> {
-    tokio::time::timeout(SCRAPE_TIMEOUT, scrape_heap_bytes(addr))
-        .await
-        .with_context(|| format!("the worker's /metrics on {addr} did not answer within {SCRAPE_TIMEOUT:?}"))?
+    tokio::time::timeout(SCRAPE_TIMEOUT, scrape_heap_bytes(addr)).await.with_context(|| {
+        format!("the worker's /metrics on {addr} did not answer within {SCRAPE_TIMEOUT:?}")
+    })?
 }
 
 /// How long one scrape of a worker's `/metrics` may take.

@@ -21,6 +21,8 @@ pub const DEFAULT_INLINE_LIMIT: usize = 64 * 1024;
 /// Largest [`WorkerConfig::checkpoint_inline_limit`]: below the default NATS
 /// `max_payload` (1 MiB) with room for headers.
 pub const MAX_INLINE_LIMIT: usize = 900 * 1024;
+/// Longest `idle_pull`: a stopping worker waits for its request to expire.
+pub const MAX_IDLE_PULL: Duration = Duration::from_secs(10);
 
 /// Why a configuration was rejected. Each variant names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +43,9 @@ pub enum Error {
     InlineLimit { got: usize, max: usize },
     #[error("worker.retry_backoff_max must not be below worker.retry_backoff_min")]
     BackoffOrder,
+    /// A stopping worker waits for its idle pull request to expire.
+    #[error("worker.idle_pull must be at most {max:?} (got {got:?}): a stopping worker waits for its pull request to expire")]
+    IdlePullTooLong { got: Duration, max: Duration },
     /// A shared table (`[nats]`, `[telemetry]`, `[redaction]`) is invalid;
     /// the message names the key.
     #[error("{0}")]
@@ -111,6 +116,20 @@ pub struct WorkerConfig {
     /// Default `500ms`.
     #[serde(with = "humantime_serde")]
     pub idle_poll: Duration,
+    /// How long the pull request of an idle worker waits at the server for
+    /// jobs of its first queue's default band (`DEFAULT_PRIORITY`), as a
+    /// plain JetStream consumer does, before the worker asks again. A job
+    /// published meanwhile is delivered to the waiting request at once,
+    /// without the wake-up and fetch round trip. The request asks for one
+    /// job fewer than the free slots (so a worker with one free slot does
+    /// not make it), keeping a slot for wake-ups of every other band; a
+    /// higher band's burst larger than that can wait behind up to this long.
+    /// Each request costs the server two messages (the request and its
+    /// expiry) per period while the worker is idle, and a stopping worker
+    /// waits for its request to expire. `0s` disables it: an idle worker then
+    /// waits for wake-ups alone. At most `10s`. Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub idle_pull: Duration,
     /// Delay of the NAK sent for a job whose run is leased by another worker
     /// when the lease cannot be read; otherwise the delay is the lease's
     /// remaining lifetime. Also the delay before retrying a job whose claim
@@ -158,6 +177,7 @@ impl Default for WorkerConfig {
             retry_backoff_min: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(60),
             idle_poll: Duration::from_millis(500),
+            idle_pull: Duration::from_millis(100),
             lease_held_delay: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             handoff_timeout: Duration::from_secs(10),
@@ -201,6 +221,9 @@ impl WorkerConfig {
         if self.retry_backoff_max < self.retry_backoff_min {
             return Err(Error::BackoffOrder);
         }
+        if self.idle_pull > MAX_IDLE_PULL {
+            return Err(Error::IdlePullTooLong { got: self.idle_pull, max: MAX_IDLE_PULL });
+        }
         if !(1024..=MAX_INLINE_LIMIT).contains(&self.checkpoint_inline_limit) {
             return Err(Error::InlineLimit { got: self.checkpoint_inline_limit, max: MAX_INLINE_LIMIT });
         }
@@ -232,6 +255,11 @@ mod tests {
         assert!(matches!(bad.validate(), Err(Error::InvalidPrefix(_))));
         let bad = WorkerConfig { ack_wait: Some(Duration::ZERO), ..WorkerConfig::default() };
         assert_eq!(bad.validate(), Err(Error::ZeroDuration { key: "ack_wait" }));
+        let bad = WorkerConfig { idle_pull: Duration::from_secs(11), ..WorkerConfig::default() };
+        assert_eq!(
+            bad.validate(),
+            Err(Error::IdlePullTooLong { got: Duration::from_secs(11), max: MAX_IDLE_PULL })
+        );
         let bad = WorkerConfig { checkpoint_inline_limit: 10, ..WorkerConfig::default() };
         assert!(matches!(bad.validate(), Err(Error::InlineLimit { .. })));
         let bad = WorkerConfig {
@@ -247,11 +275,14 @@ mod tests {
 
     #[test]
     fn durations_are_humantime_strings() {
-        let json = serde_json::json!({ "ack_wait": "2s", "idle_poll": "250ms", "slots": 1 });
+        let json =
+            serde_json::json!({ "ack_wait": "2s", "idle_poll": "250ms", "idle_pull": "0s", "slots": 1 });
         let config: WorkerConfig = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.ack_wait, Some(Duration::from_secs(2)));
         assert_eq!(config.heartbeat_interval, None);
         assert_eq!(config.idle_poll, Duration::from_millis(250));
+        assert_eq!(config.idle_pull, Duration::ZERO, "0s is valid: it disables the idle pull");
+        assert!(config.validate().is_ok());
         assert_eq!(config.slots, 1);
         assert_eq!(config.shutdown_grace, Duration::from_secs(10));
     }

@@ -836,3 +836,139 @@ async fn a_worker_back_from_busy_takes_what_queued_and_is_woken_again() -> anyho
     }
     worker.stop().await
 }
+
+/// The default band's consumer, whose pull requests an idle worker leaves
+/// waiting at the server (`idle_pull`).
+async fn default_band_consumer(env: &Env) -> anyhow::Result<PullConsumer> {
+    let name =
+        env.names.job_consumer(&QueueName::default_queue(), runfleet_protocol::limits::DEFAULT_PRIORITY);
+    env.jobs.get_consumer(&name).await.map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Pull requests waiting at the server on `consumer`.
+async fn waiting_pulls(consumer: &mut PullConsumer) -> anyhow::Result<usize> {
+    Ok(consumer.info().await?.num_waiting)
+}
+
+/// An idle worker leaves a pull request waiting on its default band, as a
+/// plain JetStream consumer does (asking again as each one expires), and
+/// runs a job published meanwhile. No such request waits with
+/// `idle_pull = 0s`: the worker then only fetches without waiting.
+#[tokio::test]
+async fn an_idle_worker_waits_at_the_server_for_its_default_band() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut config = env.config(4);
+    config.idle_poll = Duration::from_secs(120);
+    config.idle_pull = Duration::ZERO;
+    let without = env.worker(config.clone(), agents::builtin()).await?;
+    let mut consumer = default_band_consumer(&env).await?;
+    let run = env.submit("echo", json!("no pull"), 2).await?;
+    env.wait_terminal(run).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(waiting_pulls(&mut consumer).await?, 0, "idle_pull = 0s left a request waiting");
+    without.stop().await?;
+
+    config.idle_pull = Duration::from_secs(2);
+    let worker = env.worker(config, agents::builtin()).await?;
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? == 1).then_some(()))
+    })
+    .await
+    .context("the idle worker left no pull request waiting")?;
+    let run = env.submit("echo", json!("pulled"), 2).await?;
+    let events = env.wait_terminal(run).await?;
+    assert_eq!(events[1].worker_id.as_ref(), Some(&worker.id));
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? == 1).then_some(()))
+    })
+    .await
+    .context("no pull request waits after the run")?;
+    worker.stop().await
+}
+
+/// A waiting pull request reserves one slot fewer than are free: a worker
+/// with two slots whose request waits on band 2 still takes a band-0 job
+/// (woken and fetched; the idle poll is at two minutes), then the band-2 job
+/// published while the band-0 run holds the other slot, and no third job
+/// while both run: it never holds more leases than slots.
+#[tokio::test]
+async fn a_waiting_pull_keeps_a_slot_for_other_bands() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let gate = Arc::new(Notify::new());
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("gate")?, Gate(gate.clone()));
+    let mut config = env.config(2);
+    config.idle_poll = Duration::from_secs(120);
+    config.idle_pull = Duration::from_secs(2);
+    let worker = env.worker(config, agents).await?;
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? == 1).then_some(()))
+    })
+    .await?;
+
+    let high = env.submit("gate", json!({}), 0).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(high).await?.len() >= 2).then_some(())) })
+        .await
+        .context("the band-0 run did not start while the pull request waited on band 2")?;
+    let low = env.submit("gate", json!({}), 2).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(low).await?.len() >= 2).then_some(())) })
+        .await
+        .context("the band-2 job did not start beside the band-0 run")?;
+    // Both slots are taken; a third job waits in the stream.
+    let third = env.submit("echo", json!("third"), 2).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.events(third).await?.len(), 1, "a third run started on a worker with two slots");
+    let mut leases = env.leases.keys().await?;
+    let mut held = 0;
+    while let Some(key) = futures::StreamExt::next(&mut leases).await {
+        key?;
+        held += 1;
+    }
+    assert_eq!(held, 2, "leases held by a two-slot worker");
+
+    gate.notify_one();
+    gate.notify_one();
+    for run in [high, low, third] {
+        env.wait_terminal(run).await?;
+    }
+    worker.stop().await
+}
+
+/// A worker stopping while its pull request waits reads the request to its
+/// end and NAKs what it still delivers, delayed past the request's expiry:
+/// the job published then reaches another worker long before its ack wait
+/// (two minutes here), as its second delivery (not bounced back into the
+/// same waiting request first).
+#[tokio::test]
+async fn a_stopping_worker_naks_what_its_waiting_pull_delivers() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut config = env.config(4);
+    config.ack_wait = Some(Duration::from_secs(120));
+    config.idle_poll = Duration::from_secs(120);
+    config.idle_pull = Duration::from_secs(3);
+    let stopping = env.worker(config.clone(), agents::builtin()).await?;
+    let stopping_id = stopping.id.clone();
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? == 1).then_some(()))
+    })
+    .await?;
+    let stop = tokio::spawn(stopping.stop());
+    // The pull loop has ended; its request waits out its 3 s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = env.submit("echo", json!("during shutdown"), 2).await?;
+    stop.await??;
+    let info = default_band_consumer(&env).await?.info().await?.clone();
+    assert_eq!(info.delivered.consumer_sequence, 1, "the job went to the stopping worker once: {info:?}");
+
+    config.idle_pull = Duration::ZERO;
+    config.idle_poll = Duration::from_millis(200);
+    let other = env.worker(config, agents::builtin()).await?;
+    let events = env.wait_terminal(run).await?;
+    assert_ne!(events[1].worker_id.as_ref(), Some(&stopping_id));
+    assert!(
+        matches!(&events[1].body, EventBody::Started(s) if s.delivery == 2),
+        "the job should reach the second worker as its second delivery: {:?}",
+        events[1]
+    );
+    other.stop().await
+}

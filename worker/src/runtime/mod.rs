@@ -12,6 +12,7 @@ pub mod checkpoints;
 mod control;
 pub mod events;
 mod heartbeat;
+mod idle_pull;
 pub mod lease;
 mod registry;
 mod run;
@@ -29,7 +30,7 @@ use futures::future::BoxFuture;
 use futures::StreamExt;
 use runfleet_ops::http::Probe;
 use runfleet_ops::redact::Redactor;
-use runfleet_protocol::limits::PRIORITY_BANDS;
+use runfleet_protocol::limits::{DEFAULT_PRIORITY, PRIORITY_BANDS};
 use runfleet_protocol::{time, Names, QueueName, WorkerId};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -39,6 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{self, WorkerConfig};
 use crate::runtime::events::LogWriter;
 use crate::sdk::Agents;
+use idle_pull::{IdlePull, Pulled};
 use lease::Held;
 use wakeups::{Mode, Wakeups};
 
@@ -337,6 +339,11 @@ impl Worker {
         let slots = usize::try_from(shared.config.slots).unwrap_or(usize::MAX);
         let mut ready = Ready::new(&bands);
         let mut runs: JoinSet<()> = JoinSet::new();
+        // The idle worker's waiting pull request, on its first queue's
+        // default band (see `idle_pull`).
+        let pull_at = (usize::from(DEFAULT_PRIORITY), 0);
+        let pull_consumer = bands.get(pull_at.0).and_then(|consumers| consumers.get(pull_at.1));
+        let mut pull: Option<IdlePull> = None;
 
         loop {
             while let Some(done) = runs.try_join_next() {
@@ -346,21 +353,28 @@ impl Worker {
                 break;
             }
             let free = slots.saturating_sub(runs.len());
+            // Slots a waiting pull request may still fill are taken.
+            let available = free.saturating_sub(pull.as_ref().map_or(0, IdlePull::reserved));
             let metrics = runfleet_ops::metrics::get();
             metrics.worker_running.set(i64::try_from(runs.len()).unwrap_or(i64::MAX));
             metrics.worker_free_slots.set(i64::try_from(free).unwrap_or(i64::MAX));
-            if free == 0 {
-                // Busy: leave the wake-up groups to idle workers, but keep
-                // reading every wake-up (which bands got jobs), also because
-                // a subscription left unread buffers up to the client's
-                // subscription capacity.
-                // (On failure it stays shared; the idle poll covers a
-                // wake-up it then takes from an idle worker.)
-                wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands, Instant::now())).await;
+            if available == 0 {
+                if free == 0 {
+                    // Busy: leave the wake-up groups to idle workers, but keep
+                    // reading every wake-up (which bands got jobs), also because
+                    // a subscription left unread buffers up to the client's
+                    // subscription capacity.
+                    // (On failure it stays shared; the idle poll covers a
+                    // wake-up it then takes from an idle worker.)
+                    wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands, Instant::now())).await;
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
                     subject = wakeups.next() => ready.woken(&subject, &bands, Instant::now()),
+                    pulled = idle_pull::next(&mut pull) => {
+                        on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping);
+                    }
                 }
                 continue;
             }
@@ -372,7 +386,8 @@ impl Worker {
             ready.sweep(shared.config.idle_poll);
             ready.recheck_if_due(Instant::now());
 
-            let messages = fetch(&bands, &mut ready, free).await;
+            let waiting = pull.as_ref().map(|pull| pull.consumer);
+            let messages = fetch(&bands, &mut ready, available, waiting).await;
             if !messages.is_empty() {
                 debug!(count = messages.len(), free, "jobs fetched");
                 for message in messages {
@@ -391,8 +406,19 @@ impl Worker {
                 continue;
             }
 
-            // Nothing to do: sleep until a job is published, a run ends, the
-            // idle poll is due (redeliveries publish nothing) or shutdown.
+            // Idle: wait at the server for the default band's next jobs.
+            if pull.is_none() && !shared.config.idle_pull.is_zero() {
+                if let Some((_, consumer)) = pull_consumer {
+                    pull = IdlePull::start(consumer, pull_at, available, shared.config.idle_pull).await;
+                    if pull.is_some() {
+                        continue;
+                    }
+                }
+            }
+
+            // Nothing to do: sleep until a job is published or pulled, a run
+            // ends, the idle poll is due (redeliveries publish nothing) or
+            // shutdown.
             let recheck_at = ready.recheck_at;
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -400,10 +426,16 @@ impl Worker {
                 Some(done) = runs.join_next(), if !runs.is_empty() => report_join(done),
                 () = sleep_until_some(recheck_at) => ready.recheck_if_due(Instant::now()),
                 () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
+                pulled = idle_pull::next(&mut pull) => {
+                    on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping);
+                }
             }
         }
 
         drop(wakeups);
+        if let Some(pull) = pull.take() {
+            pull.finish().await;
+        }
         let grace = shared.config.shutdown_grace;
         let handoff_timeout = shared.config.handoff_timeout;
         info!(worker_id = %shared.id, running = runs.len(), grace_ms = grace.as_millis() as u64, "worker stopping; draining runs");
@@ -565,7 +597,8 @@ impl Ready {
 /// Fetches at most `free` jobs, strictly highest band first: the marked
 /// consumers (see [`Ready`]) are tried in band order, each with a no-wait
 /// fetch of the slots still free, and the first band that yields anything
-/// ends the round (the next round starts again at band 0). A timed-out fetch
+/// ends the round (the next round starts again at band 0). The consumer an
+/// idle pull request is `waiting` on is skipped. A timed-out fetch
 /// also ends the round: the connection is likely down, and trying every
 /// remaining consumer would keep the pull loop (and shutdown) waiting
 /// `FETCH_TIMEOUT` for each of them; its consumers are marked again.
@@ -573,6 +606,7 @@ async fn fetch(
     bands: &[Vec<(QueueName, PullConsumer)>],
     ready: &mut Ready,
     free: usize,
+    waiting: Option<(usize, usize)>,
 ) -> Vec<jetstream::Message> {
     let mut fetched = Vec::new();
     'bands: for (band, consumers) in bands.iter().enumerate() {
@@ -580,6 +614,10 @@ async fn fetch(
             let want = free.saturating_sub(fetched.len());
             if want == 0 {
                 break 'bands;
+            }
+            if waiting == Some((band, index)) {
+                // A pull request waits there; its mark keeps for its end.
+                continue;
             }
             let Some(fresh) = ready.take(band, index, Instant::now()) else {
                 continue;
@@ -618,6 +656,32 @@ async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Starts the run of a job the idle pull request delivered, or lets the
+/// ended request go, marking its consumer if it may hold more.
+fn on_pulled(
+    pulled: Pulled,
+    pull: &mut Option<IdlePull>,
+    ready: &mut Ready,
+    runs: &mut JoinSet<()>,
+    shared: &Arc<Shared>,
+    stopping: &run::Shutdown,
+) {
+    match pulled {
+        Pulled::Job(message) => {
+            debug!("job pulled while idle");
+            runs.spawn(run::handle(shared.clone(), message, stopping.clone()));
+        }
+        Pulled::Ended => {
+            if let Some(ended) = pull.take() {
+                if ended.ended() {
+                    let (band, index) = ended.consumer;
+                    ready.marks[band][index] = true;
+                }
+            }
+        }
     }
 }
 
