@@ -41,7 +41,7 @@ use tracing::{debug, warn};
 /// What the waiting request produced.
 pub(super) enum Pulled {
     /// A job: it takes one of the reserved slots.
-    Job(jetstream::Message),
+    Job(Box<jetstream::Message>),
     /// The request ended (expired, got all it asked for, or failed); the
     /// loop marks its consumer when [`IdlePull::ended`] says so.
     Ended,
@@ -58,6 +58,9 @@ pub(super) struct IdlePull {
     remaining: usize,
     /// It got all it asked for, or failed: its consumer is marked.
     mark_after: bool,
+    /// The server answered with an error (say, too many requests waiting):
+    /// the loop makes no new request until its next `idle_poll`.
+    failed: bool,
 }
 
 impl IdlePull {
@@ -71,9 +74,14 @@ impl IdlePull {
     ) -> Option<Self> {
         let asked = free.checked_sub(1).filter(|asked| *asked > 0)?;
         match consumer.batch().max_messages(asked).expires(expires).messages().await {
-            Ok(batch) => {
-                Some(Self { consumer: position, batch, expires, remaining: asked, mark_after: false })
-            }
+            Ok(batch) => Some(Self {
+                consumer: position,
+                batch,
+                expires,
+                remaining: asked,
+                mark_after: false,
+                failed: false,
+            }),
             Err(e) => {
                 warn!(error = %e, "idle pull request could not be sent; waiting for wake-ups");
                 None
@@ -91,6 +99,11 @@ impl IdlePull {
         self.mark_after
     }
 
+    /// Whether the request ended on an error from the server.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     /// The request's next job, or its end.
     pub async fn next(&mut self) -> Pulled {
         match self.batch.next().await {
@@ -99,11 +112,12 @@ impl IdlePull {
                 if self.remaining == 0 {
                     self.mark_after = true;
                 }
-                Pulled::Job(message)
+                Pulled::Job(Box::new(message))
             }
             Some(Err(e)) => {
-                warn!(error = %e, "idle pull request failed");
+                warn!(error = %e, "idle pull request failed; the next waits for the idle poll");
                 self.mark_after = true;
+                self.failed = true;
                 Pulled::Ended
             }
             None => Pulled::Ended,

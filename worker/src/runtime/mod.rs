@@ -344,6 +344,8 @@ impl Worker {
         let pull_at = (usize::from(DEFAULT_PRIORITY), 0);
         let pull_consumer = bands.get(pull_at.0).and_then(|consumers| consumers.get(pull_at.1));
         let mut pull: Option<IdlePull> = None;
+        // After a request the server refused, none before this.
+        let mut pull_after = Instant::now();
 
         loop {
             while let Some(done) = runs.try_join_next() {
@@ -373,7 +375,9 @@ impl Worker {
                     Some(done) = runs.join_next() => report_join(done),
                     subject = wakeups.next() => ready.woken(&subject, &bands, Instant::now()),
                     pulled = idle_pull::next(&mut pull) => {
-                        on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping);
+                        if on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping) {
+                            pull_after = Instant::now() + shared.config.idle_poll;
+                        }
                     }
                 }
                 continue;
@@ -407,7 +411,7 @@ impl Worker {
             }
 
             // Idle: wait at the server for the default band's next jobs.
-            if pull.is_none() && !shared.config.idle_pull.is_zero() {
+            if pull.is_none() && !shared.config.idle_pull.is_zero() && Instant::now() >= pull_after {
                 if let Some((_, consumer)) = pull_consumer {
                     pull = IdlePull::start(consumer, pull_at, available, shared.config.idle_pull).await;
                     if pull.is_some() {
@@ -427,7 +431,9 @@ impl Worker {
                 () = sleep_until_some(recheck_at) => ready.recheck_if_due(Instant::now()),
                 () = tokio::time::sleep(shared.config.idle_poll) => ready.mark_all(),
                 pulled = idle_pull::next(&mut pull) => {
-                    on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping);
+                    if on_pulled(pulled, &mut pull, &mut ready, &mut runs, &shared, &stopping) {
+                        pull_after = Instant::now() + shared.config.idle_poll;
+                    }
                 }
             }
         }
@@ -660,7 +666,8 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// Starts the run of a job the idle pull request delivered, or lets the
-/// ended request go, marking its consumer if it may hold more.
+/// ended request go, marking its consumer if it may hold more. True when
+/// the request failed.
 fn on_pulled(
     pulled: Pulled,
     pull: &mut Option<IdlePull>,
@@ -668,19 +675,20 @@ fn on_pulled(
     runs: &mut JoinSet<()>,
     shared: &Arc<Shared>,
     stopping: &run::Shutdown,
-) {
+) -> bool {
     match pulled {
         Pulled::Job(message) => {
             debug!("job pulled while idle");
-            runs.spawn(run::handle(shared.clone(), message, stopping.clone()));
+            runs.spawn(run::handle(shared.clone(), *message, stopping.clone()));
+            false
         }
         Pulled::Ended => {
-            if let Some(ended) = pull.take() {
-                if ended.ended() {
-                    let (band, index) = ended.consumer;
-                    ready.marks[band][index] = true;
-                }
+            let Some(ended) = pull.take() else { return false };
+            if ended.ended() {
+                let (band, index) = ended.consumer;
+                ready.marks[band][index] = true;
             }
+            ended.failed()
         }
     }
 }
