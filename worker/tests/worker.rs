@@ -972,3 +972,51 @@ async fn a_stopping_worker_naks_what_its_waiting_pull_delivers() -> anyhow::Resu
     );
     other.stop().await
 }
+
+/// A pull request the server refuses (here: the consumer already has its
+/// `max_waiting` of 512 requests waiting, all the test's) is not sent again
+/// at once: the worker waits for its next idle poll (1 s here) before it
+/// asks again, instead of looping request, refusal, fetch as fast as the
+/// server answers.
+#[tokio::test]
+async fn a_refused_idle_pull_waits_for_the_idle_poll() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut config = env.config(4);
+    config.idle_poll = Duration::from_secs(1);
+    // The worker creates the consumers; start it with no idle pull first.
+    config.idle_pull = Duration::ZERO;
+    env.worker(config.clone(), agents::builtin()).await?.stop().await?;
+
+    let consumer =
+        env.names.job_consumer(&QueueName::default_queue(), runfleet_protocol::limits::DEFAULT_PRIORITY);
+    let next = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}", env.names.jobs_stream());
+    let inbox = env.client.new_inbox();
+    let _replies = env.client.subscribe(format!("{inbox}.*")).await?;
+    for i in 0..512 {
+        let request = json!({"batch": 1, "expires": 120_000_000_000u64}).to_string();
+        env.client.publish_with_reply(next.clone(), format!("{inbox}.{i}"), request.into()).await?;
+    }
+    env.client.flush().await?;
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? >= 512).then_some(()))
+    })
+    .await?;
+
+    let mut requests = env.client.subscribe(next).await?;
+    env.client.flush().await?;
+    config.idle_pull = Duration::from_millis(100);
+    let worker = env.worker(config, agents::builtin()).await?;
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut from_worker = 0;
+    while let Ok(Some(request)) =
+        tokio::time::timeout_at(window, futures::StreamExt::next(&mut requests)).await
+    {
+        if !request.reply.as_ref().is_some_and(|reply| reply.starts_with(inbox.as_str())) {
+            from_worker += 1;
+        }
+    }
+    // About one refused request and one fetch per idle poll; looping, the
+    // worker sent hundreds.
+    assert!(from_worker <= 20, "the worker sent {from_worker} pull requests in 3 s while they were refused");
+    worker.stop().await
+}
