@@ -1020,3 +1020,43 @@ async fn a_refused_idle_pull_waits_for_the_idle_poll() -> anyhow::Result<()> {
     assert!(from_worker <= 20, "the worker sent {from_worker} pull requests in 3 s while they were refused");
     worker.stop().await
 }
+
+/// A worker whose free slots are all its waiting pull request's cannot take
+/// a job of another band, so it leaves the wake-up group as a busy worker
+/// does: here its one other slot holds a band-0 run, and every band-0 job
+/// published next is woken on the idle worker beside it (both idle polls at
+/// two minutes, pull requests waiting 5 s). In the group it would take about
+/// half of those wake-ups and run them only once its request expired.
+#[tokio::test]
+async fn a_worker_whose_free_slots_are_its_pull_requests_leaves_the_group() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let gate = Arc::new(Notify::new());
+    let mut agents = agents::builtin();
+    agents.register(AgentName::new("gate")?, Gate(gate.clone()));
+    let mut config = env.config(2);
+    config.idle_poll = Duration::from_secs(120);
+    config.idle_pull = Duration::from_secs(5);
+    let reserved = env.worker(config.clone(), agents).await?;
+    wait_until(DEADLINE, || async {
+        Ok((waiting_pulls(&mut default_band_consumer(&env).await?).await? == 1).then_some(()))
+    })
+    .await?;
+    let blocker = env.submit("gate", json!({}), 0).await?;
+    wait_until(DEADLINE, || async { Ok((env.events(blocker).await?.len() >= 2).then_some(())) }).await?;
+
+    let idle = env.worker(config, agents::builtin()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..8 {
+        let run = env.submit("echo", json!(i), 0).await?;
+        let events = env.wait_terminal(run).await.with_context(|| format!("echo run {i}"))?;
+        assert_eq!(
+            events[1].worker_id.as_ref(),
+            Some(&idle.id),
+            "band-0 run {i} ran on the worker whose free slot its pull request held"
+        );
+    }
+    gate.notify_one();
+    env.wait_terminal(blocker).await?;
+    idle.stop().await?;
+    reserved.stop().await
+}

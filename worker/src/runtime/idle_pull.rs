@@ -15,7 +15,9 @@
 //! deliver ([`IdlePull::reserved`]) as taken: fetches of other consumers
 //! get only the rest (at least one slot when the request starts), and the
 //! worker never holds more jobs than slots. A worker with one free slot
-//! makes no request and waits for wake-ups alone.
+//! makes no request and waits for wake-ups alone. Once the rest is taken
+//! too, the worker leaves the wake-up group as a busy worker does: it could
+//! not act on a wake-up of another band before its request ends.
 //!
 //! **Its consumer's marks.** While the request waits, the loop does not
 //! fetch its consumer: the request covers it. A wake-up for it still marks

@@ -361,15 +361,14 @@ impl Worker {
             metrics.worker_running.set(i64::try_from(runs.len()).unwrap_or(i64::MAX));
             metrics.worker_free_slots.set(i64::try_from(free).unwrap_or(i64::MAX));
             if available == 0 {
-                if free == 0 {
-                    // Busy: leave the wake-up groups to idle workers, but keep
-                    // reading every wake-up (which bands got jobs), also because
-                    // a subscription left unread buffers up to the client's
-                    // subscription capacity.
-                    // (On failure it stays shared; the idle poll covers a
-                    // wake-up it then takes from an idle worker.)
-                    wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands, Instant::now())).await;
-                }
+                // Busy (or every free slot is the waiting pull request's):
+                // leave the wake-up groups to idle workers, but keep
+                // reading every wake-up (which bands got jobs), also because
+                // a subscription left unread buffers up to the client's
+                // subscription capacity.
+                // (On failure it stays shared; the idle poll covers a
+                // wake-up it then takes from an idle worker.)
+                wakeups.switch(Mode::Every, |subject| ready.woken(subject, &bands, Instant::now())).await;
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     Some(done) = runs.join_next() => report_join(done),
