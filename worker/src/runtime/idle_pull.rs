@@ -24,7 +24,8 @@
 //! it, so when the request expires with a wake-up marked (the job may have
 //! come just as the request expired at the server) the next round fetches
 //! it once; a request that got all it asked for marks it too (there may be
-//! more).
+//! more). A request the server refuses (say, the consumer's `max_waiting`
+//! reached) is not followed by another before the next `idle_poll`.
 //!
 //! **Shutdown.** The request is read to its end and what it still delivers
 //! is NAKed, so no job waits for its ack wait behind a worker that has
