@@ -150,6 +150,18 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Says so when the runtime kept tokio's LIFO slot ([`runfleet_ops::runtime`]):
+/// it works, but every NATS connection writes in smaller chunks.
+fn warn_if_lifo_slot() {
+    if runfleet_ops::runtime::lifo_slot().unwrap_or(true) {
+        tracing::warn!(
+            "tokio's LIFO slot is on ({}=1, or a build without --cfg tokio_unstable): \
+             NATS writes are batched less and each run costs more CPU",
+            runfleet_ops::runtime::LIFO_SLOT_ENV
+        );
+    }
+}
+
 pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::Result<()> {
     let config = coordinator_config(file, &args)?;
     if args.check {
@@ -158,6 +170,7 @@ pub async fn coordinator(file: Option<&Path>, args: CoordinatorArgs) -> anyhow::
     let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-coordinator", "info")?;
     let metrics = runfleet_ops::metrics::get();
     metrics.set_component("coordinator");
+    warn_if_lifo_slot();
     let shutdown = shutdown_on_signals();
     let health = Health::new();
     let endpoint = serve_endpoint(config.metrics_addr, &health).await?;
@@ -183,6 +196,7 @@ pub async fn worker(file: Option<&Path>, args: WorkerArgs) -> anyhow::Result<()>
     }
     let telemetry = runfleet_ops::telemetry::init(&config.telemetry, "runfleet-worker", "info")?;
     runfleet_ops::metrics::get().set_component("worker");
+    warn_if_lifo_slot();
     let shutdown = shutdown_on_signals();
     let health = Health::new();
     let endpoint = serve_endpoint(config.metrics_addr, &health).await?;

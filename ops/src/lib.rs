@@ -8,7 +8,8 @@
 //!   `runfleet_protocol::semconv`;
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`;
 //! - [`heap`]: heap accounting, the bytes the allocator has handed out;
-//! - [`redact`]: secrets removed from event payloads before they are published.
+//! - [`redact`]: secrets removed from event payloads before they are published;
+//! - [`runtime`]: the tokio runtime, without its LIFO slot.
 
 pub mod heap;
 pub mod http;
@@ -16,4 +17,5 @@ pub mod metrics;
 pub mod nats;
 pub mod ready;
 pub mod redact;
+pub mod runtime;
 pub mod telemetry;

@@ -278,6 +278,10 @@ pub struct Machine {
     pub os: String,
     pub nats_server: String,
     pub runfleet: String,
+    /// Whether the bench's runtime kept tokio's LIFO slot
+    /// ([`runfleet_ops::runtime`]): only a build without `--cfg tokio_unstable` or
+    /// `RUNFLEET_TOKIO_LIFO_SLOT=1` does, and both run slower.
+    pub tokio_lifo_slot: bool,
 }
 
 impl Machine {
@@ -304,6 +308,7 @@ impl Machine {
             os,
             nats_server: crate::embedded::server_version().unwrap_or_else(|e| format!("unknown: {e}")),
             runfleet: env!("CARGO_PKG_VERSION").to_owned(),
+            tokio_lifo_slot: runfleet_ops::runtime::lifo_slot().unwrap_or(true),
         }
     }
 }

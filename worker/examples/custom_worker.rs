@@ -53,8 +53,15 @@ impl Agent for WordCount {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// On runfleet's runtime rather than `#[tokio::main]`'s: the same, without
+/// tokio's LIFO slot, so the worker's NATS writes batch under load
+/// (`runfleet_ops::runtime`; a binary in another workspace also needs
+/// `--cfg tokio_unstable`, as in this repository's `.cargo/config.toml`).
+fn main() -> anyhow::Result<()> {
+    runfleet_ops::runtime::build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
     let mut config = WorkerConfig::default();
     if let Some(url) = std::env::args().nth(1) {
