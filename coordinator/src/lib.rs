@@ -168,7 +168,7 @@ impl Coordinator {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let stop = shutdown.child_token();
         let api = tokio::spawn(self.api.run(self.listening, stop.clone()));
-        let projector = tokio::spawn(self.projector.run(stop.clone()));
+        let projector = self.projector.spawn_thread(stop.clone());
         let recovery = tokio::spawn(self.recovery.run(stop.clone()));
         let (api, projector, recovery) = tokio::join!(
             supervise("api", api, &shutdown, &stop),

@@ -35,6 +35,16 @@
 //! projects and lose the lock silently with that connection; and the row
 //! tells an operator who projects and since when.
 //!
+//! **A thread of its own.** A coordinator runs its projector on a thread of
+//! its own with a single-threaded tokio runtime and a registry pool of its
+//! own ([`Projector::spawn_thread`]), not among the API's tasks. Every batch
+//! awaits the database a few times (the position, the inserts, the updates,
+//! the commit); on the shared runtime each wake-up queued behind every task
+//! ready at that moment, and under load that is hundreds of API requests
+//! and run tasks: the projection fell behind the runs by about a second per
+//! 20,000 (`docs/performance.md`). On its own thread the operating system
+//! schedules it alongside the runtime's threads, so it keeps up.
+//!
 //! **Failures.** A retryable registry failure (the database is down or
 //! busy) keeps the batch in memory and retries it every [`RETRY_DELAY`]:
 //! nothing is skipped. A message that does not decode (or whose content
@@ -76,6 +86,12 @@ pub const LEASE: Duration = Duration::from_secs(10);
 /// How often an idle owner renews its lease, and a standby tries to take
 /// over: a third of [`LEASE`].
 pub const HEARTBEAT: Duration = Duration::from_millis(LEASE.as_millis() as u64 / 3);
+/// The projector's registry pool on its own thread: it writes one batch at
+/// a time, and renews its lease or reads its position between batches.
+const THREAD_CONNECTIONS: u32 = 2;
+/// The name of the projector's thread (in `top -H`, `perf`, core dumps;
+/// Linux keeps 15 bytes of it).
+const THREAD_NAME: &str = "rf-projector";
 /// Delay before a failed write, pull or takeover is tried again.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Idle heartbeats in a row with events in the stream past the position
@@ -106,6 +122,10 @@ pub enum Error {
     },
     #[error(transparent)]
     Registry(#[from] registry::Error),
+    /// The projector's thread or its runtime could not be started, or the
+    /// thread ended without a result (it panicked: a bug).
+    #[error("the projector thread: {0}")]
+    Thread(String),
 }
 
 /// Projects run events into the registry until cancelled.
@@ -180,6 +200,54 @@ impl Projector {
     /// sequence minus the stored position.
     pub async fn lag(&self) -> Result<u64, Error> {
         lag(&self.events, &self.registry, &self.names).await
+    }
+
+    /// Runs [`run`](Self::run) on a thread of its own, named
+    /// `rf-projector`, with a single-threaded tokio runtime and a
+    /// registry pool of its own ([`Registry::reopen`]), closed when it ends.
+    /// The handle yields `run`'s result. Must be called within a tokio
+    /// runtime; the NATS connection stays on that one.
+    ///
+    /// The handle's task stands for the projector on the calling runtime:
+    /// if it is dropped without finishing (aborted, or its runtime dropped)
+    /// the projector stops where it is, without releasing the projection,
+    /// as a task of that runtime would.
+    pub fn spawn_thread(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<Result<(), Error>> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let abandoned = CancellationToken::new();
+        let guard = abandoned.clone().drop_guard();
+        let thread = std::thread::Builder::new().name(THREAD_NAME.to_owned()).spawn(move || {
+            let _ = done.send(self.run_on_own_runtime(shutdown, abandoned));
+        });
+        tokio::spawn(async move {
+            let _guard = guard;
+            thread.map_err(|e| Error::Thread(format!("could not start it: {e}")))?;
+            result.await.unwrap_or_else(|_| Err(Error::Thread("it ended without a result".to_owned())))
+        })
+    }
+
+    fn run_on_own_runtime(
+        self,
+        shutdown: CancellationToken,
+        abandoned: CancellationToken,
+    ) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Thread(format!("could not build its runtime: {e}")))?;
+        runtime.block_on(async move {
+            let registry = self.registry.reopen(THREAD_CONNECTIONS)?;
+            let projector = Self { registry: registry.clone(), ..self };
+            let result = tokio::select! {
+                result = projector.run(shutdown) => result,
+                () = abandoned.cancelled() => {
+                    debug!("projector abandoned: its handle's task was dropped");
+                    Ok(())
+                }
+            };
+            registry.close().await;
+            result
+        })
     }
 
     /// Projects (while it owns the projection) or stands by until `shutdown`

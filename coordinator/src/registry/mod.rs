@@ -23,6 +23,8 @@ mod sqlite;
 
 pub use position::{Lease, Projection, Takeover};
 
+use std::sync::Arc;
+
 use runfleet_protocol::api::{EventsResponse, ListFilter, ListResponse, RunView};
 use runfleet_protocol::event::{Event, EventBody, RunCreated, RunError};
 use runfleet_protocol::{ErrorCode, RunId, RunState, TenantId};
@@ -163,10 +165,23 @@ pub(crate) fn outcome_of(event: &Event) -> (Option<serde_json::Value>, Option<Ru
 }
 
 /// The run registry. Cheap to clone (a connection pool).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
+    /// The database's URL, for [`reopen`](Self::reopen); may hold a
+    /// password, so `Debug` prints it redacted.
+    url: Arc<str>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("backend", &self.backend)
+            .field("url", &redact(&self.url))
+            .field("pool", &self.pool)
+            .finish()
+    }
 }
 
 const RUN_COLUMNS: &str = "run_id, tenant, agent, queue, priority, state, attempt, max_attempts, \
@@ -188,16 +203,25 @@ impl Registry {
             Backend::Postgres => postgres::migrate(url).await?,
         }
         sqlx::any::install_default_drivers();
-        let mut options = AnyPoolOptions::new().max_connections(pool_size(backend));
-        if backend == Backend::Sqlite {
-            options = options.after_connect(|conn, _| Box::pin(sqlite::tune(conn)));
-        }
-        let pool = options
+        let pool = pool_options(backend, pool_size(backend))
             .connect(url)
             .await
             .map_err(|source| Error::Connect { backend: backend.name(), source })?;
         info!(backend = backend.name(), url = %redact(url), "registry connected");
-        Ok(Self { pool, backend })
+        Ok(Self { pool, backend, url: url.into() })
+    }
+
+    /// A registry of its own on the same database, of at most `connections`
+    /// connections, opened as they are needed (a database that is down
+    /// fails the first query, not this call). Connections belong to the
+    /// tokio runtime that opens them (a PostgreSQL socket is driven by that
+    /// runtime's I/O driver), so a component that runs on a runtime of its
+    /// own calls this from that runtime rather than share this pool.
+    pub fn reopen(&self, connections: u32) -> Result<Self, Error> {
+        let pool = pool_options(self.backend, connections.max(1))
+            .connect_lazy(&self.url)
+            .map_err(|source| Error::Connect { backend: self.backend.name(), source })?;
+        Ok(Self { pool, backend: self.backend, url: self.url.clone() })
     }
 
     /// Which database this registry runs on.
@@ -468,6 +492,16 @@ impl Registry {
             .await
             .map_err(query_error("reading events"))?;
         Ok(row.is_some())
+    }
+}
+
+/// A pool of at most `connections`; SQLite connections are tuned
+/// ([`sqlite::tune`]).
+fn pool_options(backend: Backend, connections: u32) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new().max_connections(connections);
+    match backend {
+        Backend::Sqlite => options.after_connect(|conn, _| Box::pin(sqlite::tune(conn))),
+        Backend::Postgres => options,
     }
 }
 
