@@ -92,6 +92,17 @@ const THREAD_CONNECTIONS: u32 = 2;
 /// The name of the projector's thread (in `top -H`, `perf`, core dumps;
 /// Linux keeps 15 bytes of it).
 const THREAD_NAME: &str = "rf-projector";
+/// After a small batch (fewer than [`LINGER_BELOW`] messages) the projector
+/// lets events gather until this long after that batch arrived before it
+/// reads the next: under a light steady flow it commits every 5 ms rather
+/// than once per message, each of which cost the database a commit and the
+/// machine a wake-up of this thread. An event after a quiet spell is
+/// written at once; lists lag by at most this more. Under load batches are
+/// larger and follow each other without a pause.
+const LINGER: Duration = Duration::from_millis(5);
+/// Batches of fewer messages than this are followed by [`LINGER`]: about
+/// 13,000 messages/s, above which the projector never pauses.
+const LINGER_BELOW: usize = 64;
 /// Delay before a failed write, pull or takeover is tried again.
 pub const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Idle heartbeats in a row with events in the stream past the position
@@ -450,6 +461,8 @@ impl Projector {
                 debug!("projector consumer ended");
                 return Stop::Restart;
             };
+            let received = Instant::now();
+            let small = chunk.len() < LINGER_BELOW;
             let (batch, went_back) = self.collect(chunk, position);
             if let Some(batch) = batch {
                 let to = batch.to;
@@ -468,6 +481,12 @@ impl Projector {
                 // consumer that has delivered nothing yet): start again
                 // from the position rather than read the stream through.
                 return Stop::Restart;
+            }
+            if small {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Stop::Shutdown,
+                    () = tokio::time::sleep_until(received + LINGER) => {}
+                }
             }
         }
     }
