@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use harness::stream::{by_run, check_run_log, eventually, tenant_events};
 use harness::{Fleet, FleetOptions, TestDb};
-use runfleet_coordinator::runs::{Cancelled, Runs};
+use runfleet_coordinator::runs::{Cancelled, Runs, StartedRun};
 use runfleet_coordinator::setup::Topology;
 use runfleet_protocol::api::SubmitRequest;
 use runfleet_protocol::control::CancelRecord;
@@ -527,9 +527,10 @@ async fn cancel_racing_parking_is_never_dropped() {
 
 /// A cancel record stored before a worker takes a fresh run (as a
 /// coordinator does first thing) does not stop the run by itself: a
-/// submission's first claim reads no control record. When the coordinator
-/// then finds the lease held, it writes the record again, and the holder's
-/// control watch, registered before the lease was created, delivers it:
+/// submission's first claim reads no control record (and takes no lease
+/// until its first heartbeat). When the coordinator then finds the run
+/// started by a worker, or its lease held, it writes the record again, and
+/// the worker's control watch, registered before the claim, delivers it:
 /// the worker ends the run with `run.cancelled` long before the run would
 /// have completed on its own (60 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -552,7 +553,7 @@ async fn cancel_finding_a_fresh_claim_reaches_its_worker() {
     fleet.add_worker(&["default"], 4);
     wait_for(&fleet, run, "the worker to run the run", |e| count(e, "agent.event") > 0).await;
 
-    // Its second: the lease, which the worker holds.
+    // Its second: the lease step, which finds the run started by the worker.
     let stream = |name: String| {
         let js = js.clone();
         async move { js.get_stream(name).await.unwrap_or_else(|e| panic!("stream: {e}")) }
@@ -577,7 +578,13 @@ async fn cancel_finding_a_fresh_claim_reaches_its_worker() {
         .unwrap_or_else(|e| panic!("facts: {e}"))
         .unwrap_or_else(|| panic!("run {run} has no facts"));
     let outcome = runs
-        .cancel_unowned(&TenantId::default_tenant(), &facts.job, facts.last.event.attempt, &request)
+        .cancel_unowned(
+            &TenantId::default_tenant(),
+            &facts.job,
+            facts.last.event.attempt,
+            &request,
+            StartedRun::AskTheWorker,
+        )
         .await
         .unwrap_or_else(|e| panic!("cancel: {e}"));
     assert!(

@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::registry::{Registry, StaleRun};
-use crate::runs::{self, Cancelled, RunFacts, Runs};
+use crate::runs::{self, Cancelled, RunFacts, Runs, StartedRun};
 
 /// Runs fetched from the registry per query.
 const PAGE: u32 = 500;
@@ -224,7 +224,9 @@ impl Recovery {
             // Cancelled while a worker held it, and that worker let go
             // without ending the run (it parked it, or died): finish the
             // cancel rather than wait for a claimant that may never come.
-            let outcome = runs.cancel_unowned(&run.tenant, &facts.job, last.attempt, &request).await?;
+            let outcome = runs
+                .cancel_unowned(&run.tenant, &facts.job, last.attempt, &request, StartedRun::Cancel)
+                .await?;
             return Ok(match outcome {
                 Cancelled::Written => {
                     warn!(run_id = %run.run_id, tenant = %run.tenant, seq = last.seq, "run recovered: its cancel was requested but no worker finished it; cancelled");

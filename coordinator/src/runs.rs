@@ -116,9 +116,23 @@ pub enum Cancelled {
     /// The run had ended meanwhile, in this state; nothing was written.
     AlreadyTerminal(RunState),
     /// Someone holds the run's lease (a worker, or another coordinator
-    /// cancelling it); the holder or the next claimant writes
-    /// `run.cancelled`, prompted by the control record.
+    /// cancelling it), or a worker started the run and holds it without a
+    /// lease yet ([`StartedRun::AskTheWorker`]); the holder or the next
+    /// claimant writes `run.cancelled`, prompted by the control record.
     LeaseHeld { holder: Option<WorkerId> },
+}
+
+/// What a cancel that took the lease does with a run a worker has started
+/// (its last event is the worker's and leaves it running).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartedRun {
+    /// Ask the worker (write the cancel record again, release the lease): a
+    /// submission's first attempt runs without a lease until its first
+    /// heartbeat, so a live worker may be running it. The API's cancel.
+    AskTheWorker,
+    /// Write `run.cancelled`: the run is known to be let go of (the recovery
+    /// loop found it stale, with no lease).
+    Cancel,
 }
 
 /// Where a lookup in a run's event subject starts.
@@ -477,16 +491,20 @@ impl Runs {
     /// (see [`Runs::request_cancel`]).
     ///
     /// If the lease is held, the record is written again. A worker
-    /// registers a run with its control watch before it creates the lease,
-    /// and a fresh run's first claim does not read the control bucket, so a
+    /// registers a run with its control watch before it claims it, and a
+    /// fresh run's first claim does not read the control bucket, so a
     /// record stored before that registration may have passed it by; this
-    /// write, made after the lease was found held, reaches it.
+    /// write, made after the lease was found held, reaches it. The same
+    /// goes for a run found started by a worker when `started` says to ask
+    /// it: a submission's first attempt holds no lease until its first
+    /// heartbeat, and its `run.started` follows the registration.
     pub async fn cancel_unowned(
         &self,
         tenant: &TenantId,
         job: &Job,
         attempt: u32,
         request: &CancelRecord,
+        started: StartedRun,
     ) -> Result<Cancelled, Error> {
         let run_id = job.run_id;
         let key = self.names.lease_key(run_id);
@@ -511,7 +529,16 @@ impl Runs {
             }
             Err(error) => return Err(jetstream_error("take the run's lease", key)(error.to_string())),
         };
-        let written = self.append_cancelled(tenant, run_id, request.reason.clone()).await;
+        let written = self.append_cancelled(tenant, run_id, request.reason.clone(), started).await;
+        if let Ok(Cancelled::LeaseHeld { .. }) = &written {
+            // Released before the record is written again, so the worker's
+            // heartbeat does not find our lease in place of its own.
+            if let Err(error) = self.leases.delete_expect_revision(&key, Some(revision)).await {
+                warn!(run_id = %run_id, error = %error, "could not release the coordinator's lease; it expires after the lease TTL");
+            }
+            self.request_cancel(run_id, request).await?;
+            return written;
+        }
         if matches!(written, Ok(Cancelled::Written)) {
             runfleet_ops::metrics::get()
                 .runs_cancelled
@@ -534,12 +561,19 @@ impl Runs {
         tenant: &TenantId,
         run_id: RunId,
         reason: Option<String>,
+        started: StartedRun,
     ) -> Result<Cancelled, Error> {
         for _ in 0..CANCEL_ROUNDS {
             let last = self.last_event(tenant, run_id).await?.ok_or(Error::Vanished { run_id })?;
             let state = last.event.state_after();
             if state.is_terminal() {
                 return Ok(Cancelled::AlreadyTerminal(state));
+            }
+            if started == StartedRun::AskTheWorker
+                && state == RunState::Running
+                && last.event.worker_id.is_some()
+            {
+                return Ok(Cancelled::LeaseHeld { holder: last.event.worker_id });
             }
             let event = Event {
                 run_id,

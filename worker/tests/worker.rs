@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::consumer::PullConsumer;
+use futures::TryStreamExt as _;
 use runfleet_protocol::control::CancelRecord;
 use runfleet_protocol::event::{Event, EventBody, RunCancelled, RunCompleted};
+use runfleet_protocol::job::Job;
 use runfleet_protocol::lease::Lease;
 use runfleet_protocol::worker::WorkerInfo;
 use runfleet_protocol::{codec, time, AgentName, ErrorCode, QueueName, RunId, WorkerId};
@@ -258,13 +260,17 @@ fn foreign_lease(run_id: RunId) -> anyhow::Result<Vec<u8>> {
     Ok(codec::encode(&lease)?)
 }
 
+/// A claim that reads the log (any job but a submission's first delivery)
+/// takes the lease first, and leaves a run leased elsewhere alone.
 #[tokio::test]
 async fn job_of_a_run_leased_elsewhere_is_left_alone() -> anyhow::Result<()> {
     let env = Env::start(LEASE_TTL).await?;
     let worker = env.worker(env.config(2), agents::builtin()).await?;
 
-    // Another worker holds the lease when the job arrives.
-    let job = env.create_run("echo", json!("x"), 2).await?;
+    // Another worker holds the lease when the job, a later dispatch (no
+    // `run.created` sequence), arrives.
+    let mut job = env.create_run("echo", json!("x"), 2).await?;
+    job.created_seq = None;
     let run = job.run_id;
     env.leases.create(env.names.lease_key(run), foreign_lease(run)?.into()).await?;
     env.publish_job(&job).await?;
@@ -286,6 +292,50 @@ async fn job_of_a_run_leased_elsewhere_is_left_alone() -> anyhow::Result<()> {
     let events = env.wait_terminal(run).await?;
     assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
     assert_gapless(&events);
+    worker.stop().await
+}
+
+/// A submission's first claim takes no lease: a run that ends within a
+/// heartbeat period never writes one, and a longer run gets its lease from
+/// the first heartbeat and releases it when it ends.
+#[tokio::test]
+async fn fast_claim_leases_only_runs_that_outlive_a_heartbeat() -> anyhow::Result<()> {
+    async fn lease_messages(env: &Env, run: RunId) -> anyhow::Result<usize> {
+        let bucket = env.names.leases_bucket();
+        let stream = env.js.get_stream(format!("KV_{bucket}")).await?;
+        let mut subjects =
+            stream.info_with_subjects(format!("$KV.{bucket}.{}", env.names.lease_key(run))).await?;
+        Ok(subjects.try_next().await?.map_or(0, |(_, count)| count))
+    }
+
+    // A 60 s TTL (a beat every 20 s): a run of a few milliseconds misses the
+    // beat all but once in thousands of times.
+    let env = Env::start(Duration::from_secs(60)).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let short = env.submit("echo", json!("quick"), 2).await?;
+    let events = env.wait_terminal(short).await?;
+    assert_eq!(types(&events), ["run.created", "run.started", "run.completed"]);
+    assert_eq!(lease_messages(&env, short).await?, 0, "a run shorter than a heartbeat wrote a lease");
+    worker.stop().await?;
+
+    // A 3 s TTL (a beat every second) and a 4 s run.
+    let env = Env::start(Duration::from_secs(3)).await?;
+    let worker = env.worker(env.config(2), agents::builtin()).await?;
+    let long = env.submit("sleep", json!({ "steps": 40, "ms": 100 }), 2).await?;
+    let lease = wait_until(DEADLINE, || async {
+        let entry = env.leases.get(env.names.lease_key(long)).await?;
+        Ok(entry.map(|value| codec::decode::<Lease>(&value)).transpose()?)
+    })
+    .await?;
+    assert_eq!((&lease.worker_id, lease.attempt), (&worker.id, 1), "the heartbeat leased the run");
+    let events = env.wait_terminal(long).await?;
+    assert_eq!(events.last().map(|e| e.body.type_name()), Some("run.completed"));
+    assert_gapless(&events);
+    wait_until(DEADLINE, || async {
+        Ok(env.leases.get(env.names.lease_key(long)).await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(lease_messages(&env, long).await? >= 1, "the lease was written");
     worker.stop().await
 }
 
@@ -640,6 +690,8 @@ async fn refused_append_stops_the_run_even_if_the_agent_ignores_it() -> anyhow::
     let worker = env.worker(env.config(1), agents).await?;
     let run = env.submit("ignores_errors", json!({}), 2).await?;
     wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+    // A submission's first attempt is leased by its first heartbeat.
+    wait_until(DEADLINE, || async { Ok(env.leases.get(env.names.lease_key(run)).await?.map(drop)) }).await?;
 
     // Another writer moves the log on while the lease still names this
     // worker: the next emit is refused by the server.
@@ -676,12 +728,15 @@ async fn reclaiming_a_run_keeps_the_new_attempt_heartbeating() -> anyhow::Result
     let run = job.run_id;
     env.publish_job(&job).await?;
     wait_until(DEADLINE, || async { Ok((env.events(run).await?.len() >= 3).then_some(())) }).await?;
+    // A submission's first attempt is leased by its first heartbeat.
+    wait_until(DEADLINE, || async { Ok(env.leases.get(env.names.lease_key(run)).await?.map(drop)) }).await?;
 
     // The lease vanishes (as when it expired during a partition) and the run
-    // is dispatched again: this worker claims it a second time while the
-    // first attempt still runs.
+    // is dispatched again, as the recovery loop does (a job that names no
+    // `run.created`): this worker claims it a second time while the first
+    // attempt still runs.
     env.leases.delete(env.names.lease_key(run)).await?;
-    env.dispatch_job(&job, 1).await?;
+    env.dispatch_job(&Job { created_seq: None, ..job.clone() }, 1).await?;
     wait_until(DEADLINE, || async {
         let events = env.events(run).await?;
         Ok(events
@@ -918,13 +973,22 @@ async fn a_waiting_pull_keeps_a_slot_for_other_bands() -> anyhow::Result<()> {
     let third = env.submit("echo", json!("third"), 2).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(env.events(third).await?.len(), 1, "a third run started on a worker with two slots");
-    let mut leases = env.leases.keys().await?;
-    let mut held = 0;
-    while let Some(key) = futures::StreamExt::next(&mut leases).await {
-        key?;
-        held += 1;
-    }
-    assert_eq!(held, 2, "leases held by a two-slot worker");
+    // Leased by the first heartbeat (a submission's first attempt runs
+    // without a lease until then): two, never three.
+    let held = || async {
+        let mut leases = env.leases.keys().await?;
+        let mut held = 0;
+        while let Some(key) = leases.try_next().await? {
+            drop(key);
+            held += 1;
+        }
+        anyhow::Ok(held)
+    };
+    wait_until(DEADLINE, || async { Ok((held().await? == 2).then_some(())) })
+        .await
+        .context("leases held by a two-slot worker")?;
+    assert_eq!(env.events(third).await?.len(), 1, "a third run started on a worker with two slots");
+    assert_eq!(held().await?, 2, "leases held by a two-slot worker");
 
     gate.notify_one();
     gate.notify_one();

@@ -23,7 +23,7 @@ use tracing::{info, instrument};
 
 use super::read::not_found;
 use super::{runs_error, Api};
-use crate::runs::{Cancelled, RunFacts};
+use crate::runs::{Cancelled, RunFacts, StartedRun};
 
 impl Api {
     #[instrument(skip_all, fields(tenant = %tenant))]
@@ -100,7 +100,7 @@ impl Api {
         let record = CancelRecord { reason, requested_ms: time::now_ms() };
         runs.request_cancel(run, &record).await.map_err(runs_error)?;
         let outcome = runs
-            .cancel_unowned(&tenant, &facts.job, facts.last.event.attempt, &record)
+            .cancel_unowned(&tenant, &facts.job, facts.last.event.attempt, &record, StartedRun::AskTheWorker)
             .await
             .map_err(runs_error)?;
         let reply = match outcome {

@@ -5,6 +5,11 @@
 //! released with a revision-checked delete. The bucket's `max_age` is the
 //! lease TTL: a lease that is not renewed ages out, which is how a crashed
 //! worker's runs become claimable again.
+//!
+//! A submission's first claim takes no lease ([`NO_LEASE`]): its first
+//! append, fenced on the `run.created` the job names, decides the claim, and
+//! the heartbeat creates the lease if the run is still going a period later.
+//! A run that ends within a heartbeat period never writes a lease.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +39,11 @@ pub enum Error {
     #[error("lease operation on run {run_id} failed: {message}")]
     Kv { run_id: RunId, message: String },
 }
+
+/// The revision of a run held without a lease: KV revisions start at 1.
+/// A submission's first claim holds its run so until the heartbeat creates
+/// the lease ([`Held::beat`]); nothing releases a lease it never wrote.
+pub const NO_LEASE: u64 = 0;
 
 /// Creates the lease of `lease.run_id`; returns its revision.
 pub async fn acquire(leases: &kv::Store, key: &str, lease: &Lease) -> Result<u64, Error> {
@@ -148,14 +158,16 @@ impl Held {
         self.lost.load(Ordering::SeqCst)
     }
 
-    /// Renews the lease (CAS on the last revision) and, unless the lease was
-    /// lost, sends the job an in-progress ack. Both happen under the state
-    /// lock, so neither can follow the run's [`Held::finish`]: no renewal
-    /// races the release, and no in-progress ack follows the final ack or
-    /// NAK (which would reset a delayed NAK's redelivery to the full ack
-    /// wait). A failed CAS marks the lease lost (stopping the run) before
-    /// the lock is released. `Ok(false)` if the run is already done with its
-    /// lease.
+    /// Renews the lease (CAS on the last revision; a run held without a
+    /// lease gets it created) and, unless the lease was lost, sends the job
+    /// an in-progress ack. Both happen under the state lock, so neither can
+    /// follow the run's [`Held::finish`]: no renewal races the release, and
+    /// no in-progress ack follows the final ack or NAK (which would reset a
+    /// delayed NAK's redelivery to the full ack wait). A failed CAS, or a
+    /// create that finds the lease held (a newer attempt claimed the run
+    /// while this one was paused, or a cancel holds it), marks the lease
+    /// lost (stopping the run) before the lock is released. `Ok(false)` if
+    /// the run is already done with its lease.
     pub async fn beat(&self, leases: &kv::Store) -> Result<bool, Error> {
         let mut state = self.state.lock().await;
         if state.done || self.is_lost() {
@@ -163,7 +175,15 @@ impl Held {
         }
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
-        let renewed = match update(leases, &self.key, &lease, state.revision).await {
+        let written = if state.revision == NO_LEASE {
+            acquire(leases, &self.key, &lease).await.map_err(|e| match e {
+                Error::Held { run_id } => Error::Lost { run_id },
+                e => e,
+            })
+        } else {
+            update(leases, &self.key, &lease, state.revision).await
+        };
+        let renewed = match written {
             Ok(revision) => {
                 state.lease = lease;
                 state.revision = revision;
@@ -186,14 +206,14 @@ impl Held {
     }
 
     /// Ends the heartbeat's interest in this run and returns the revision to
-    /// release the lease with, or `None` if that already happened. Call it
-    /// before the run's final ack or NAK.
+    /// release the lease with, or `None` if that already happened or no
+    /// lease was ever written. Call it before the run's final ack or NAK.
     pub async fn finish(&self) -> Option<u64> {
         let mut state = self.state.lock().await;
         if state.done {
             return None;
         }
         state.done = true;
-        Some(state.revision)
+        Some(state.revision).filter(|revision| *revision != NO_LEASE)
     }
 }

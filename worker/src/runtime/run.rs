@@ -187,15 +187,19 @@ async fn claim(
     };
     // A submission's own job on its first delivery names the stream sequence
     // of its run's `run.created` (the fast claim): the run is almost surely
-    // fresh, so neither the log nor the control bucket is read and the lease
-    // is created for attempt 1. A cancel made while the run was queued has
-    // either taken the lease first (the create fails) or written
-    // `run.cancelled` (the first append, fenced on `run.created`, fails), or
-    // it found our lease held and wrote its record again *after* that, which
-    // the control watch delivers to the slot registered before the create.
-    // Otherwise the run's last event and cancel request are read before the
-    // lease is created, both at once, and the lease is created with the
-    // attempt it will hold.
+    // fresh, so neither the log nor the control bucket is read, and no lease
+    // is created: the first append, fenced on that `run.created`, decides
+    // the claim, and the heartbeat creates the lease for attempt 1 if the
+    // run is still going a period later (`lease::NO_LEASE`). No other
+    // claimant can hold the run meanwhile: this is the job's first delivery,
+    // and a redelivery comes only after the ack wait, which in-progress acks
+    // from the same heartbeat keep from running out. A cancel made while the
+    // run was queued has either written `run.cancelled` (the first append
+    // fails) or found the run started and written its record again *after*
+    // that, which the control watch delivers to the slot registered before
+    // the claim. Otherwise the run's last event and cancel request are read
+    // before the lease is created, both at once, and the lease is created
+    // with the attempt it will hold.
     //
     // Either way, what was assumed or read before the lease is trusted only
     // to start a fresh run or to ack a finished one, and every append is
@@ -205,10 +209,12 @@ async fn claim(
     // under the lease.
     let (mut reads, mut lease, acquired) = match job.created_seq.filter(|_| delivered == 1) {
         Some(created_seq) => {
-            let lease = lease_for(1);
-            let acquired = lease::acquire(&shared.leases, &key, &lease).await;
             let request = cancel.request();
-            (Some(Ok(Some((LastEvent::created(&job, created_seq), request)))), lease, acquired)
+            (
+                Some(Ok(Some((LastEvent::created(&job, created_seq), request)))),
+                lease_for(1),
+                Ok(lease::NO_LEASE),
+            )
         }
         None => {
             let reads = read_state(shared, &job, cancel).await;
@@ -385,6 +391,8 @@ async fn claim(
         let attempt = last.event.attempt.saturating_add(1);
         if lease.attempt != attempt {
             lease.attempt = attempt;
+            // Never without a lease: only a fast claim holds none, and it
+            // is created for the attempt it starts.
             revision = match lease::update(&shared.leases, &key, &lease, revision).await {
                 Ok(revision) => revision,
                 Err(lease::Error::Lost { .. }) => {
@@ -496,10 +504,15 @@ async fn claim(
     None
 }
 
-/// Renews the lease to prove it is still ours; `None` (after logging) if it
-/// is not.
+/// Renews the lease to prove it is still ours (creates it, for a run held
+/// without one); `None` (after logging) if it is not.
 async fn still_ours(shared: &Shared, key: &str, lease: &Lease, revision: u64) -> Option<u64> {
-    match lease::update(&shared.leases, key, lease, revision).await {
+    let written = if revision == lease::NO_LEASE {
+        lease::acquire(&shared.leases, key, lease).await
+    } else {
+        lease::update(&shared.leases, key, lease, revision).await
+    };
+    match written {
         Ok(revision) => Some(revision),
         Err(e) => {
             warn!(run_id = %lease.run_id, error = %e, "lease not ours any more while claiming; run left alone");
@@ -792,6 +805,13 @@ async fn settle(
     let revision = held.finish().await;
     let refused = ctx.is_lost() || matches!(&outcome, Outcome::Interrupted(Some(e)) if e.is_lease_lost());
     let first_append_refused = fresh && refused && ctx.log_mut().wrote_nothing();
+    if first_append_refused && revision.is_none() && !held.is_lost() {
+        // The same, claimed without a lease (see `claim`): nothing to let
+        // go of but the job.
+        info!(run_id = %run_id, attempt, "the run's log moved after the run.created the claim assumed; job nak'd to be claimed again");
+        nak(&held.acker, run_id, None).await;
+        return;
+    }
     if let Some(revision) = revision.filter(|_| first_append_refused && !held.is_lost()) {
         // The append carrying the held `run.started` was refused: someone
         // wrote after the `run.created` the claim assumed (a coordinator's
@@ -1024,8 +1044,9 @@ async fn finish(shared: &Shared, acker: &Acker, key: &str, run_id: RunId, revisi
     if let Err(e) = acker.ack().await {
         warn!(run_id = %run_id, error = %e, "could not ack job; the next delivery will only ack it");
     }
-    // No revision: the heartbeat already gave the lease up.
-    let Some(revision) = revision else { return };
+    // No revision: the heartbeat already gave the lease up, or none was
+    // ever written.
+    let Some(revision) = revision.filter(|revision| *revision != lease::NO_LEASE) else { return };
     if let Err(e) =
         lease::release_unconfirmed(&shared.leases, &shared.js.client(), key, run_id, revision).await
     {
@@ -1042,6 +1063,9 @@ async fn nak(acker: &Acker, run_id: RunId, delay: Option<Duration>) {
 }
 
 async fn release(shared: &Shared, key: &str, run_id: RunId, revision: u64) {
+    if revision == lease::NO_LEASE {
+        return;
+    }
     if let Err(e) = lease::release(&shared.leases, key, run_id, revision).await {
         warn!(run_id = %run_id, error = %e, "could not release lease; it will age out");
     }

@@ -301,8 +301,9 @@ impl RunContext {
     }
 
     /// The fencing token of this attempt: the run's lease revision at claim,
-    /// higher than any earlier attempt's. Hand it to external systems that
-    /// can refuse writes from a stale token.
+    /// higher than any earlier attempt's; 0 for a submission's first attempt,
+    /// which is claimed without a lease (no earlier attempt to fence off).
+    /// Hand it to external systems that can refuse writes from a stale token.
     pub fn fencing_token(&self) -> u64 {
         self.checkpoints.fencing_token()
     }

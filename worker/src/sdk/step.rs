@@ -160,9 +160,10 @@ impl StepContext {
         format!("{}:{}", self.run_id, self.index)
     }
 
-    /// The lease revision this run attempt holds: greater than that of any
-    /// earlier attempt. An external system that remembers the largest token
-    /// it saw per key can refuse writes from a stale worker.
+    /// The lease revision this run attempt claimed with: greater than that
+    /// of any earlier attempt (0 for a submission's first attempt, claimed
+    /// without a lease). An external system that remembers the largest
+    /// token it saw per key can refuse writes from a stale worker.
     pub fn fencing_token(&self) -> u64 {
         self.fencing_token
     }
