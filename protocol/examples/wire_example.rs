@@ -148,7 +148,11 @@ fn main() -> Result<()> {
         acquired_ms: T0_MS + 11,
         renewed_ms: T0_MS + 11,
     };
-    println!("== lease (worker -> KV {}, key {}, KV create)", names.leases_bucket(), names.lease_key(run_id));
+    println!(
+        "== lease (worker -> KV {}, key {}, KV create; a first attempt's at its first heartbeat)",
+        names.leases_bucket(),
+        names.lease_key(run_id)
+    );
     println!("{}", json_view(&encode(&lease)?)?);
     println!();
 
