@@ -19,10 +19,14 @@
 //! - **failover**: kill → the bench's subscription receives the run's
 //!   `run.resumed` (written by the surviving worker);
 //! - **lease age at kill**: how long before the kill the bench saw the
-//!   lease's last renewal in a watch of the leases bucket. The lease expires
-//!   TTL after that renewal, so `TTL − age` is the least failover possible;
+//!   claim last renewed: the lease's last write in a watch of the leases
+//!   bucket, or, for a run killed before the heartbeat's first beat (a
+//!   submission's first claim takes no lease until then), its
+//!   `run.started`. The lease, or the job's ack wait, runs out TTL after
+//!   that, so `TTL − age` is the least failover possible;
 //! - **kill → lease expiry**: when the watch shows the lease's `MaxAge`
-//!   expiry marker, and **expiry → resumed**, the rest.
+//!   expiry marker (none for a run that had no lease), and **expiry →
+//!   resumed**, the rest.
 //!
 //! A run's failover is then about `TTL − age` + the time the server takes
 //! to expire the lease and redeliver the job + up to one idle poll of the
@@ -102,10 +106,11 @@ pub struct FailoverTrial {
     pub failover_ms: Vec<f64>,
     pub median_ms: f64,
     pub max_ms: f64,
-    /// Last lease renewal seen → kill, per killed run (same order as the
-    /// runs, not sorted).
+    /// Last lease write (or, for a run not leased yet, `run.started`) seen
+    /// → kill, per killed run (same order as the runs, not sorted).
     pub lease_age_at_kill_ms: Vec<f64>,
-    /// Kill → lease expiry marker seen, per killed run (same order).
+    /// Kill → lease expiry marker seen, per killed run (same order); none
+    /// for a run that held no lease.
     pub kill_to_lease_expiry_ms: Vec<Option<f64>>,
     /// Kill → `run.resumed`, per killed run (same order).
     pub kill_to_resumed_ms: Vec<f64>,
@@ -306,7 +311,8 @@ struct Observations {
     started: HashMap<RunId, WorkerId>,
     /// When `run.resumed` arrived.
     resumed: HashMap<RunId, Instant>,
-    /// When the latest lease write arrived (by lease key = run id).
+    /// When the claim was last seen renewed: the latest lease write (by
+    /// lease key = run id), or `run.started` before any.
     renewed: HashMap<RunId, Instant>,
     /// When the first removal of the lease arrived (its expiry, for a run
     /// of the killed worker).
@@ -321,6 +327,8 @@ impl Observations {
                     if let Some(worker) = event.worker_id {
                         self.started.entry(event.run_id).or_insert(worker);
                     }
+                    // A slow claim writes its lease before `run.started`.
+                    self.renewed.entry(event.run_id).or_insert(at);
                 }
                 EventBody::Resumed(_) => {
                     self.resumed.entry(event.run_id).or_insert(at);
@@ -337,6 +345,7 @@ impl Observations {
                     self.expired.entry(run).or_insert(at);
                 }
             }
+            Observation::JobAcked(_) => {}
         }
     }
 }
@@ -459,5 +468,42 @@ mod tests {
         assert_eq!(seen.renewed.get(&run), Some(&t1));
         assert_eq!(seen.expired.get(&run), Some(&t1));
         assert_eq!(seen.renewed.len(), 1);
+    }
+
+    #[test]
+    fn a_claim_not_leased_yet_counts_from_its_start() {
+        use runfleet_protocol::event::{Event, RunStarted};
+        let started = |run: RunId| {
+            let body = EventBody::Started(RunStarted { delivery: 1 });
+            let (tenant, worker) = (runfleet_protocol::TenantId::default_tenant(), WorkerId::generate());
+            let event = Event {
+                run_id: run,
+                tenant,
+                seq: 2,
+                ts_ms: 0,
+                attempt: 1,
+                worker_id: Some(worker),
+                trace_id: None,
+                body,
+            };
+            Box::new(event)
+        };
+        let (fast, slow) = (RunId::generate(), RunId::generate());
+        let mut seen = Observations::default();
+        let (t0, t1, t2) = (
+            Instant::now(),
+            Instant::now() + Duration::from_millis(5),
+            Instant::now() + Duration::from_millis(9),
+        );
+        // A fast claim: `run.started`, then the first beat's lease.
+        seen.note(Observation::Event(t0, started(fast)));
+        assert_eq!(seen.renewed.get(&fast), Some(&t0));
+        seen.note(Observation::LeaseWritten(t2, fast.to_string()));
+        assert_eq!(seen.renewed.get(&fast), Some(&t2));
+        // A slow claim: the lease, then `run.started`.
+        seen.note(Observation::LeaseWritten(t0, slow.to_string()));
+        seen.note(Observation::Event(t1, started(slow)));
+        assert_eq!(seen.renewed.get(&slow), Some(&t0));
+        assert!(seen.expired.is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! What the bench sees of a fleet, stamped on arrival: every event of the
 //! tenant (a core-NATS subscription to the events subjects, as an external
-//! subscriber sees them) and every write and removal in the leases bucket
-//! (a KV watch).
+//! subscriber sees them), every write and removal in the leases bucket (a
+//! KV watch) and every job ack (a core-NATS subscription to the jobs
+//! stream's ack subjects, where the workers' acks go to the server).
 
 use std::time::Instant;
 
@@ -20,9 +21,20 @@ pub(super) enum Observation {
     LeaseWritten(Instant, String),
     /// A lease was removed: expired (`MaxAge` marker) or released.
     LeaseRemoved(Instant, String),
+    /// A worker acked a job (settled it for good: parked or ended the run;
+    /// naks and in-progress acks are not reported). The ack names the job
+    /// by its stream sequence only, not by run.
+    JobAcked(Instant),
 }
 
-/// Subscribes to the tenant's events and watches the leases bucket; each
+/// Whether an ack's payload settles the job: `+ACK`, or the empty payload
+/// the server takes for one (not `-NAK`, `+WPI`, `+NXT` or `+TERM`).
+fn is_positive_ack(payload: &[u8]) -> bool {
+    payload.is_empty() || payload.starts_with(b"+ACK")
+}
+
+/// Subscribes to the tenant's events and the jobs' acks and watches the
+/// leases bucket; each
 /// observation is stamped on arrival by a task of its own (so a busy bench
 /// loop cannot delay the stamp) and sent down the returned channel. The
 /// tasks end when `stop` is cancelled or the channel is dropped.
@@ -36,11 +48,32 @@ pub(super) async fn observe(
         .subscribe(client.names().tenant_events(client.tenant()))
         .await
         .context("could not subscribe to the run events")?;
+    // `$JS.ACK.<stream>.<consumer>.…`: every band's consumer of the jobs
+    // stream.
+    let mut acks = client
+        .nats()
+        .subscribe(format!("$JS.ACK.{}.>", client.names().jobs_stream()))
+        .await
+        .context("could not subscribe to the jobs' acks")?;
     let js = async_nats::jetstream::new(client.nats().clone());
     let leases =
         js.get_key_value(client.names().leases_bucket()).await.context("could not open the leases bucket")?;
     let mut lease_updates = leases.watch_all().await.context("could not watch the leases bucket")?;
 
+    let (acks_tx, acks_stop) = (tx.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                () = acks_stop.cancelled() => return,
+                message = acks.next() => message,
+            };
+            let Some(message) = message else { return };
+            let at = Instant::now();
+            if is_positive_ack(&message.payload) && acks_tx.send(Observation::JobAcked(at)).is_err() {
+                return;
+            }
+        }
+    });
     let (events_tx, events_stop) = (tx.clone(), stop.clone());
     tokio::spawn(async move {
         loop {
@@ -76,4 +109,19 @@ pub(super) async fn observe(
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_positive_ack;
+
+    #[test]
+    fn only_acks_that_settle_the_job_count() {
+        for settles in [&b""[..], b"+ACK", b"+ACK ", b"+ACK {}"] {
+            assert!(is_positive_ack(settles), "{}", String::from_utf8_lossy(settles));
+        }
+        for keeps in [&b"-NAK"[..], b"-NAK {\"delay\": 5}", b"+WPI", b"+NXT", b"+TERM"] {
+            assert!(!is_positive_ack(keeps), "{}", String::from_utf8_lossy(keeps));
+        }
+    }
 }

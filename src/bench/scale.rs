@@ -14,7 +14,8 @@
 //! 2. **Running.** `--scale-running` runs of the built-in `sleep` agent
 //!    (one step of an hour: each holds a slot and its lease for the whole
 //!    trial), submitted in two halves; after each half, once every run of
-//!    it has `run.started` and a lease, the RSS again. Then a heartbeat
+//!    it has `run.started` and a lease (written by the heartbeat's first
+//!    beat: a submission's first claim takes none before), the RSS again. Then a heartbeat
 //!    window. Worker bytes per running run are (RSS − idle RSS) / runs,
 //!    which also counts what claiming left in the allocator (an upper
 //!    bound), and the *marginal* figure of the second half alone, (RSS −
@@ -23,9 +24,10 @@
 //! 3. **Waiting.** With the running runs still held, `--scale-runs` runs of
 //!    the test agent `await` (a key of their own, no timeout: they wait for
 //!    a signal that never comes), again in two halves, each complete once
-//!    every run of it has `run.waiting` *and* none of them is left in the
-//!    leases bucket (the worker releases the lease after `run.waiting`, so
-//!    only then is a run parked). RSS after each half, then a heartbeat
+//!    every run of it has `run.waiting`, none of them is left in the
+//!    leases bucket and the jobs stream holds the running runs' jobs alone
+//!    (the worker releases the lease, if the run had one yet, and acks the
+//!    job after `run.waiting`, so only then is a run parked). RSS after each half, then a heartbeat
 //!    window, and the sizes (messages, bytes) of the events and jobs
 //!    streams and of the checkpoints, leases, control and signals buckets,
 //!    with every run in flight. Target: nothing per waiting run. RSS says
@@ -627,6 +629,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
         offset += count;
         tracker.wait_for(&runs, Milestone::Waiting).await?;
         await_leases(client, &runs, false).await?;
+        await_jobs(client, running.len()).await?;
         waiting.extend(runs);
         settle(client, &fleet.registry).await?;
         if i == 0 {
@@ -649,6 +652,7 @@ async fn fleet_phases(args: &BenchArgs, fleet: &ScaleFleet, ticks: u64) -> anyho
     let finished = submit_all(client, waiting_second, echo_request).await?;
     tracker.wait_for(&finished, Milestone::Completed).await?;
     await_leases(client, &finished, false).await?;
+    await_jobs(client, running.len()).await?;
     settle(client, &fleet.registry).await?;
     let rss_finished = fleet.memory().await?;
     tracker.ensure_none_ended(&[running, waiting].concat())?;
@@ -780,6 +784,29 @@ async fn await_leases(client: &Client, runs: &[RunId], held: bool) -> anyhow::Re
             "{missing} of {} runs {} after {}s",
             wanted.len(),
             if held { "held no lease" } else { "still held a lease" },
+            PHASE_TIMEOUT.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the jobs stream holds `jobs` messages: those of the running
+/// runs alone once every other run's job is acked (a work-queue stream
+/// drops a job when it is acked).
+async fn await_jobs(client: &Client, jobs: usize) -> anyhow::Result<()> {
+    let js = jetstream::new(client.nats().clone());
+    let name = client.names().jobs_stream();
+    let mut stream = js.get_stream(&name).await.with_context(|| format!("could not read stream {name}"))?;
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    loop {
+        let held =
+            stream.info().await.with_context(|| format!("could not read stream {name}"))?.state.messages;
+        if held == jobs as u64 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the jobs stream held {held} jobs, not the {jobs} of the running runs, after {}s",
             PHASE_TIMEOUT.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -7,25 +7,29 @@
 //! ones. Each trial is two runs, one at a time on an otherwise idle fleet:
 //!
 //! - an `await` run (input `{"key": "go"}`: waits for signal `go` without
-//!   timeout). Once the bench has seen its `run.waiting` *and* the removal
-//!   of its lease in the leases bucket (the worker acks the job and releases
-//!   the lease after writing `run.waiting`, so only then is the run fully
-//!   parked, holding no slot, no lease and no job; a signal sent earlier
-//!   takes another path, where the coordinator finds the job still queued),
-//!   the bench notes t0 and sends signal `go` with the client. It measures,
-//!   on its own clock, t0 → the signal API's reply (which comes once the
-//!   payload is stored and the wake job published), t0 → `run.resumed`
-//!   received (coordinator → JetStream → job wake-up → fetch → lease →
-//!   `run.resumed`) and t0 → `run.completed` received (plus replaying the
-//!   wait, recording its outcome as a durable step and completing);
+//!   timeout). Once the bench has seen its `run.waiting` *and* the worker's
+//!   ack of its job (the worker acks the job after writing `run.waiting`
+//!   and letting go of the lease, if the run had one yet: only then is the
+//!   run fully parked, holding no slot, no lease and no job; a signal sent
+//!   earlier takes another path, where the coordinator finds the job still
+//!   queued), the bench notes t0 and sends signal `go` with the client. It
+//!   measures, on its own clock, t0 → the signal API's reply (which comes
+//!   once the payload is stored and the wake job published), t0 →
+//!   `run.resumed` received (coordinator → JetStream → job wake-up → fetch
+//!   → lease → `run.resumed`) and t0 → `run.completed` received (plus
+//!   replaying the wait, recording its outcome as a durable step and
+//!   completing);
 //! - the baseline, measured on the same fleet in the same trial: an `echo`
 //!   run, from just before its submit request is sent to `run.started`
 //!   received, the plain dispatch path (coordinator → JetStream → job
-//!   wake-up → fetch → lease → `run.started`); t0 → the submit API's reply
-//!   is noted too, the API half of the baseline to set beside the signal's.
+//!   wake-up → fetch → `run.started`: a submission's first claim takes no
+//!   lease); t0 → the submit API's reply is noted too, the API half of the
+//!   baseline to set beside the signal's.
 //!
-//! Each run's end (its terminal event and the release of its lease) is
-//! awaited before the next run starts, so runs never overlap. Events are
+//! Each run's end (its terminal event and the ack of its job) is awaited
+//! before the next run starts, so runs never overlap. Acks name no run, so
+//! the bench counts them: a trial's `await` run acks twice (its park, then
+//! its end) and its `echo` run once. Events are
 //! received through a core-NATS subscription to the tenant's events, as an
 //! external subscriber sees them, and stamped on arrival by a task of their
 //! own. The report gives p50 / p90 / p99 / max of each, and signal→resumed
@@ -79,7 +83,7 @@ pub struct SignalResult {
     pub submit_reply: Quantiles,
     /// `signal_to_resumed` p50 over `submit_to_started` p50.
     pub resumed_per_started_p50: f64,
-    /// `run.waiting` received → lease removal received: how long after
+    /// `run.waiting` received → the job's ack received: how long after
     /// `run.waiting` the worker is done parking the run.
     pub waiting_to_parked: Quantiles,
     /// Signals whose reply said the run was not woken (expected 0).
@@ -96,14 +100,15 @@ struct Seen {
     resumed: Option<Instant>,
     /// The terminal event: when it arrived and whether it was `run.completed`.
     ended: Option<(Instant, bool)>,
-    /// Every removal of the run's lease, in arrival order.
-    lease_removals: Vec<Instant>,
 }
 
-/// The observations of the scenario's runs, by run.
+/// The observations of the scenario's runs, by run, and every job ack.
 struct Tracker {
     observed: mpsc::UnboundedReceiver<Observation>,
     runs: HashMap<RunId, Seen>,
+    /// Every job ack, in arrival order (one run at a time: a trial's runs
+    /// own the acks after those of the trials before).
+    acks: Vec<Instant>,
 }
 
 impl Tracker {
@@ -127,20 +132,23 @@ impl Tracker {
                     _ => {}
                 }
             }
-            Observation::LeaseRemoved(at, key) => {
-                if let Ok(run) = key.parse::<RunId>() {
-                    self.runs.entry(run).or_default().lease_removals.push(at);
-                }
-            }
-            Observation::LeaseWritten(..) => {}
+            Observation::JobAcked(at) => self.acks.push(at),
+            Observation::LeaseWritten(..) | Observation::LeaseRemoved(..) => {}
         }
     }
 
-    /// Notes observations until `done` holds for `run`'s, or fails after
-    /// [`STEP_TIMEOUT`] naming `what` was awaited.
-    async fn until(&mut self, run: RunId, what: &str, done: impl Fn(&Seen) -> bool) -> anyhow::Result<()> {
+    /// Notes observations until `run` has `done` and `acks` jobs have been
+    /// acked in all, or fails after [`STEP_TIMEOUT`] naming `what` was
+    /// awaited.
+    async fn until(
+        &mut self,
+        run: RunId,
+        acks: usize,
+        what: &str,
+        done: impl Fn(&Seen) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-        while !self.runs.get(&run).is_some_and(&done) {
+        while !(self.runs.get(&run).is_some_and(&done) && self.acks.len() >= acks) {
             let next = tokio::time::timeout_at(deadline, self.observed.recv())
                 .await
                 .with_context(|| format!("run {run}: no {what} within {}s", STEP_TIMEOUT.as_secs()))?;
@@ -207,7 +215,7 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet) -> anyhow::Result<SignalRes
     let stop_observing = CancellationToken::new();
     let _stop_on_exit = stop_observing.clone().drop_guard();
     let observed = observe(&client, stop_observing).await?;
-    let mut tracker = Tracker { observed, runs: HashMap::new() };
+    let mut tracker = Tracker { observed, runs: HashMap::new(), acks: Vec::new() };
 
     let mut samples = Samples::new()?;
     let (mut not_woken, mut failed) = (0, 0);
@@ -253,27 +261,27 @@ async fn measure_on(args: &BenchArgs, fleet: &Fleet) -> anyhow::Result<SignalRes
 
 /// One `await` run signalled once parked, then one `echo` run.
 async fn trial(client: &Client, tracker: &mut Tracker, i: u32) -> anyhow::Result<Trial> {
+    let acked = tracker.acks.len();
     let run = submit(client, "await", json!({ "key": KEY })).await?;
-    // The first removal of the lease is the park's release.
-    tracker.until(run, "park", |seen| seen.waiting.is_some() && !seen.lease_removals.is_empty()).await?;
+    // The trial's first ack is the park's.
+    tracker.until(run, acked + 1, "park", |seen| seen.waiting.is_some()).await?;
     let signalled = Instant::now();
     let woke = client.signal(run, KEY, json!({ "trial": i })).await?.woke;
     let replied = Instant::now();
-    // The end of the run: its terminal event and the resumed attempt's
-    // release of the lease.
-    tracker.until(run, "end", |seen| seen.ended.is_some() && seen.lease_removals.len() >= 2).await?;
+    // The end of the run: its terminal event and the resumed attempt's ack.
+    tracker.until(run, acked + 2, "end", |seen| seen.ended.is_some()).await?;
     let seen = tracker.seen(run)?;
     let since = |at: Instant| micros(at.saturating_duration_since(signalled));
     let resumed = since(seen.resumed.with_context(|| format!("run {run} ended without run.resumed"))?);
     let (ended, ok) = seen.ended.context("no terminal event")?;
-    let (waiting, released) = (seen.waiting.context("no run.waiting")?, seen.lease_removals[0]);
-    let parked = micros(released.saturating_duration_since(waiting));
+    let parked =
+        micros(tracker.acks[acked].saturating_duration_since(seen.waiting.context("no run.waiting")?));
     let (completed, reply) = (since(ended), since(replied));
 
     let submitted = Instant::now();
     let echo = submit(client, "echo", json!({ "trial": i })).await?;
     let submit_reply = micros(submitted.elapsed());
-    tracker.until(echo, "end", |seen| seen.ended.is_some() && !seen.lease_removals.is_empty()).await?;
+    tracker.until(echo, acked + 3, "end", |seen| seen.ended.is_some()).await?;
     let started =
         tracker.seen(echo)?.started.with_context(|| format!("run {echo} ended without run.started"))?;
     let started = micros(started.saturating_duration_since(submitted));
@@ -342,28 +350,28 @@ mod tests {
     }
 
     #[test]
-    fn tracker_keeps_first_arrivals_and_every_lease_removal() {
+    fn tracker_keeps_first_arrivals_and_every_ack() {
         let (_tx, observed) = mpsc::unbounded_channel();
-        let mut tracker = Tracker { observed, runs: HashMap::new() };
+        let mut tracker = Tracker { observed, runs: HashMap::new(), acks: Vec::new() };
         let run = RunId::generate();
         let t: Vec<Instant> = (0..4).map(|ms| Instant::now() + Duration::from_millis(ms)).collect();
         let waiting = || EventBody::Waiting(RunWaiting { key: None, deadline_ms: None, failures: 0 });
         tracker.note(Observation::Event(t[0], Box::new(event(run, waiting()))));
         tracker.note(Observation::Event(t[1], Box::new(event(run, waiting()))));
-        tracker.note(Observation::LeaseRemoved(t[1], run.to_string()));
+        tracker.note(Observation::JobAcked(t[1]));
         tracker.note(Observation::LeaseWritten(t[2], run.to_string()));
         let resumed = EventBody::Resumed(RunResumed { delivery: 2, steps_replayed: 0, failures: 0 });
         tracker.note(Observation::Event(t[2], Box::new(event(run, resumed))));
         let completed = EventBody::Completed(RunCompleted { output: json!({}) });
         tracker.note(Observation::Event(t[3], Box::new(event(run, completed))));
         tracker.note(Observation::LeaseRemoved(t[3], run.to_string()));
-        tracker.note(Observation::LeaseRemoved(t[3], "not-a-run".to_owned()));
+        tracker.note(Observation::JobAcked(t[3]));
 
         let seen = tracker.seen(run).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(seen.waiting, Some(t[0]));
         assert_eq!(seen.resumed, Some(t[2]));
         assert_eq!(seen.ended, Some((t[3], true)));
-        assert_eq!(seen.lease_removals, vec![t[1], t[3]]);
+        assert_eq!(tracker.acks, vec![t[1], t[3]]);
         assert_eq!(tracker.runs.len(), 1);
     }
 }
