@@ -424,3 +424,89 @@ async fn a_hard_hand_off_mid_step_is_not_a_failure() {
 fn libc_sigterm() -> i32 {
     nix::sys::signal::Signal::SIGTERM as i32
 }
+
+/// A submission's first claim takes no lease until its worker's first
+/// heartbeat. A worker paused (SIGSTOP) before that beat, and past its
+/// job's ack wait, loses the job to another worker, which takes the run over
+/// and hands it off (SIGTERM). When the paused worker is let go on, its
+/// heartbeat finds the lease key free: it must not lease a run that moved
+/// on (the run's next claimant would then wait for as long as its agent
+/// runs, ten minutes here). It reads the run's log, finds the newer
+/// attempt's events, lets go and stops; the run resumes as attempt 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_claim_paused_past_its_ack_wait_lets_go_of_a_run_that_moved_on() {
+    harness::init_tracing();
+    let env = [("RUNFLEET_WORKER__ACK_WAIT", "3s"), ("RUNFLEET_WORKER__HEARTBEAT_INTERVAL", "2900ms")];
+    let options = FleetOptions {
+        workers: 1,
+        slots: 2,
+        lease_ttl: Some("4s".to_owned()),
+        test_agents: true,
+        worker_args: ["--shutdown-grace", "500ms", "--handoff-timeout", "500ms"].map(str::to_owned).to_vec(),
+        worker_env: env.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec(),
+        ..Default::default()
+    };
+    let mut fleet = Fleet::start_with(TestDb::sqlite(), options).await;
+    let names = Names::default();
+    let nats = fleet.nats.client().await;
+    let mut live = nats
+        .subscribe(names.tenant_events(&TenantId::default_tenant()))
+        .await
+        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    let run = submit(&fleet, "sleep", json!({ "steps": 1, "ms": 600_000 }), None).await;
+
+    // Pause the worker as soon as its `run.started` is out: long before its
+    // first beat (2.9 s), so the run holds no lease.
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(message) = live.next().await {
+            let events = runfleet_protocol::event::decode_log_message(&message.payload).unwrap_or_default();
+            if events.iter().any(|e| e.run_id == run && matches!(e.body, EventBody::Started(_))) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no run.started"));
+    fleet.workers[0].signal(nix::sys::signal::Signal::SIGSTOP as i32);
+    let paused_id = wait_for(&fleet, run, "run.started", |e| e.len() >= 2)
+        .await
+        .iter()
+        .find_map(|e| matches!(e.body, EventBody::Started(_)).then(|| e.worker_id.clone()).flatten())
+        .unwrap_or_else(|| panic!("run.started names no worker"));
+
+    // Past the ack wait the job goes to a second worker, which resumes the
+    // run and then, stopped, hands it off.
+    fleet.add_worker(&["default"], 2);
+    wait_for(&fleet, run, "the takeover", |e| e.iter().any(|e| matches!(e.body, EventBody::Resumed(_))))
+        .await;
+    fleet.workers[1].signal(libc_sigterm());
+    let handed =
+        wait_for(&fleet, run, "the hand-off", |e| e.iter().any(|e| matches!(e.body, EventBody::Handoff(_))))
+            .await
+            .len();
+    fleet.workers[1].wait_exit(DEADLINE).unwrap_or_else(|| panic!("the second worker did not exit"));
+
+    // A third worker, then the paused one goes on: the run resumes (on
+    // either), and the paused attempt writes nothing more.
+    fleet.add_worker(&["default"], 2);
+    fleet.workers[0].signal(nix::sys::signal::Signal::SIGCONT as i32);
+    let resumed = |e: &Event| matches!(e.body, EventBody::Resumed(_)) && e.attempt >= 3;
+    let events = wait_for(&fleet, run, "attempt 3 to resume the run", |e| e.iter().any(resumed)).await;
+    assert!(events[handed..].iter().all(|e| e.attempt != 1), "the paused attempt wrote again: {events:#?}");
+    eventually(DEADLINE, "the paused worker to let go of the run", || async {
+        fleet.workers[0].logs().contains("lease lost").then_some(())
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.attempt == 1)
+            .all(|e| e.worker_id.as_ref() == Some(&paused_id) || e.worker_id.is_none()),
+        "{events:#?}"
+    );
+
+    fleet.client("default").await.cancel(run, None).await.unwrap_or_else(|e| panic!("cancel: {e}"));
+    let events = wait_for(&fleet, run, "the run to end", terminal).await;
+    assert!(matches!(events.last().map(|e| &e.body), Some(EventBody::Cancelled(_))), "{events:#?}");
+    check_run_log(run, &events).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -118,6 +118,8 @@ pub struct FleetOptions {
     pub coordinator_env: Vec<(String, String)>,
     /// Extra arguments of every worker, e.g. `--shutdown-grace 1s`.
     pub worker_args: Vec<String>,
+    /// Extra environment of every worker, e.g. `RUNFLEET_WORKER__ACK_WAIT`.
+    pub worker_env: Vec<(String, String)>,
 }
 
 /// A NATS server, a registry database, one coordinator and some workers, all
@@ -129,6 +131,8 @@ pub struct Fleet {
     pub nats: NatsServer,
     /// Extra arguments every worker of this fleet gets.
     worker_extra: Vec<String>,
+    /// Extra environment every worker of this fleet gets.
+    worker_env: Vec<(String, String)>,
     /// How the coordinator was started, to restart it the same way.
     coordinator_args: Vec<String>,
     coordinator_env: Vec<(String, String)>,
@@ -184,6 +188,7 @@ impl Fleet {
             db,
             nats,
             worker_extra,
+            worker_env: options.worker_env,
             coordinator_args,
             coordinator_env: options.coordinator_env,
         };
@@ -229,7 +234,7 @@ impl Fleet {
         let name = format!("worker-{}", self.workers.len());
         let mut args = Self::worker_args(&self.nats, queues, slots);
         args.extend(self.worker_extra.iter().cloned());
-        self.workers.push(RunfleetProcess::spawn(&name, &args));
+        self.workers.push(RunfleetProcess::spawn_with_env(&name, &args, &self.worker_env));
     }
 
     /// The index in `workers` of the process registered as `worker_id`.

@@ -1124,3 +1124,25 @@ async fn a_worker_whose_free_slots_are_its_pull_requests_leaves_the_group() -> a
     idle.stop().await?;
     reserved.stop().await
 }
+
+/// A submission's first claim keeps its job only through the heartbeat's
+/// in-progress acks until the heartbeat leases it, so a heartbeat no faster
+/// than the job's ack wait is refused at start, naming both settings.
+#[tokio::test]
+async fn a_heartbeat_slower_than_the_ack_wait_is_refused() -> anyhow::Result<()> {
+    let env = Env::start(LEASE_TTL).await?;
+    let mut config = env.config(1);
+    config.ack_wait = Some(Duration::from_secs(2));
+    config.heartbeat_interval = Some(Duration::from_secs(3));
+    let error = match runfleet_worker::Worker::start(config, agents::builtin()).await {
+        Ok(_) => anyhow::bail!("a worker started with a heartbeat slower than its ack wait"),
+        Err(error) => error,
+    };
+    assert!(matches!(error, runfleet_worker::Error::HeartbeatSlowerThanAckWait { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("worker.heartbeat_interval") && message.contains("worker.ack_wait"),
+        "{message}"
+    );
+    Ok(())
+}

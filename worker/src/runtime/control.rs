@@ -8,10 +8,10 @@
 //! run registers its interest ([`Cancels::register`]) *before* it reads the
 //! key, so a request is either seen by that read or delivered by the watch.
 //!
-//! A submission's first claim reads no key: it registers, then creates the
-//! lease. A cancel that came earlier took the lease first or wrote
-//! `run.cancelled` (the claim's first append is refused); one that finds the
-//! lease held writes its record again, after the registration, and the
+//! A submission's first claim reads no key and creates no lease: it
+//! registers and runs. A cancel that came earlier wrote `run.cancelled` (the
+//! claim's first append is refused); one that finds the run started (or its
+//! lease held) writes its record again, after the registration, and the
 //! watch delivers that one.
 
 use std::collections::HashMap;

@@ -2,10 +2,11 @@
 //! running job's message alive.
 //!
 //! Every period it CAS-updates each held lease on the revision this worker
-//! last wrote and sends an in-progress ack for the run's job. A failed CAS
-//! means the lease is lost: the run is stopped at once (its agent future is
-//! dropped) and writes nothing more. The cost is O(running runs) KV updates
-//! per period.
+//! last wrote (or creates the lease of a run claimed without one, see
+//! `lease::Held::beat`) and sends an in-progress ack for the run's job. A
+//! failed CAS means the lease is lost: the run is stopped at once (its agent
+//! future is dropped) and writes nothing more. The cost is O(running runs)
+//! KV updates per period.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::lease::{self, Held};
+use super::lease::{self, Held, RunLog};
 use super::Shared;
 
 /// The heartbeat period: a third of the shorter of the lease TTL and the
@@ -31,7 +32,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     debug!(period_ms = period.as_millis() as u64, "heartbeat started");
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // The first tick completes at once; a fresh lease needs no renewal.
+    // The first tick completes at once: a run claimed just now needs no beat.
     tick.tick().await;
     loop {
         tokio::select! {
@@ -45,7 +46,8 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 async fn beat(shared: &Shared, held: &Arc<Held>) {
     let metrics = runfleet_ops::metrics::get();
-    match held.beat(&shared.leases).await {
+    let log = RunLog { events: &shared.events, names: &shared.names };
+    match held.beat(&shared.leases, &log).await {
         Ok(true) => metrics.lease_renewals.inc(),
         Ok(false) => {}
         // Counted in `mark_lost`, once per lease, however the loss was found.

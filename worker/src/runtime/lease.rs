@@ -9,15 +9,22 @@
 //! A submission's first claim takes no lease ([`NO_LEASE`]): its first
 //! append, fenced on the `run.created` the job names, decides the claim, and
 //! the heartbeat creates the lease if the run is still going a period later.
-//! A run that ends within a heartbeat period never writes a lease.
+//! A run that ends within a heartbeat period never writes a lease. Creating
+//! the lease late is checked against the run's log: an attempt paused past
+//! the job's ack wait may find the key free only because a newer attempt
+//! already claimed the run and let go of it ([`Held::beat`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::stream;
+use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::lease::Lease;
-use runfleet_protocol::{codec, time, RunId};
+use runfleet_protocol::{codec, time, Names, RunId, TenantId};
+
+use super::events;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -38,6 +45,23 @@ pub enum Error {
     /// retrying may succeed.
     #[error("lease operation on run {run_id} failed: {message}")]
     Kv { run_id: RunId, message: String },
+}
+
+/// Where the heartbeat reads a run's log (see [`Held::create`]).
+pub(crate) struct RunLog<'a> {
+    pub events: &'a stream::Stream,
+    pub names: &'a Names,
+}
+
+/// Whether `last`, a run's last event, leaves the run to the attempt that
+/// holds `lease` and claimed it without one: the `run.created` its claim
+/// was fenced on, or an event of that attempt. Another attempt's event, or
+/// the coordinator's `run.cancelled`, means the run moved on without it.
+fn written_by_claim(last: &Event, lease: &Lease) -> bool {
+    match &last.body {
+        EventBody::Created(_) => true,
+        _ => last.attempt == lease.attempt && last.worker_id.as_ref() == Some(&lease.worker_id),
+    }
 }
 
 /// The revision of a run held without a lease: KV revisions start at 1.
@@ -117,6 +141,9 @@ pub(crate) struct LeaseState {
 /// One run this worker holds: small on purpose, the heartbeat walks all of them.
 pub(crate) struct Held {
     pub run_id: RunId,
+    /// The run's tenant: where its log is, read when the lease is created
+    /// late.
+    pub tenant: TenantId,
     pub key: String,
     pub state: tokio::sync::Mutex<LeaseState>,
     /// Acks the run's job message (in-progress acks from the heartbeat, the
@@ -130,6 +157,7 @@ pub(crate) struct Held {
 impl Held {
     pub fn new(
         run_id: RunId,
+        tenant: TenantId,
         key: String,
         lease: Lease,
         revision: u64,
@@ -138,6 +166,7 @@ impl Held {
     ) -> Arc<Self> {
         Arc::new(Self {
             run_id,
+            tenant,
             key,
             state: tokio::sync::Mutex::new(LeaseState { lease, revision, done: false }),
             acker,
@@ -159,16 +188,15 @@ impl Held {
     }
 
     /// Renews the lease (CAS on the last revision; a run held without a
-    /// lease gets it created) and, unless the lease was lost, sends the job
-    /// an in-progress ack. Both happen under the state lock, so neither can
-    /// follow the run's [`Held::finish`]: no renewal races the release, and
-    /// no in-progress ack follows the final ack or NAK (which would reset a
-    /// delayed NAK's redelivery to the full ack wait). A failed CAS, or a
-    /// create that finds the lease held (a newer attempt claimed the run
-    /// while this one was paused, or a cancel holds it), marks the lease
-    /// lost (stopping the run) before the lock is released. `Ok(false)` if
-    /// the run is already done with its lease.
-    pub async fn beat(&self, leases: &kv::Store) -> Result<bool, Error> {
+    /// lease gets it created, see [`Held::create`]) and, unless the lease
+    /// was lost, sends the job an in-progress ack. Both happen under the
+    /// state lock, so neither can follow the run's [`Held::finish`]: no
+    /// renewal races the release, and no in-progress ack follows the final
+    /// ack or NAK (which would reset a delayed NAK's redelivery to the full
+    /// ack wait). A failed CAS, or a create that finds the run claimed by
+    /// someone else, marks the lease lost (stopping the run) before the lock
+    /// is released. `Ok(false)` if the run is already done with its lease.
+    pub async fn beat(&self, leases: &kv::Store, log: &RunLog<'_>) -> Result<bool, Error> {
         let mut state = self.state.lock().await;
         if state.done || self.is_lost() {
             return Ok(false);
@@ -176,10 +204,7 @@ impl Held {
         let mut lease = state.lease.clone();
         lease.renewed_ms = time::now_ms();
         let written = if state.revision == NO_LEASE {
-            acquire(leases, &self.key, &lease).await.map_err(|e| match e {
-                Error::Held { run_id } => Error::Lost { run_id },
-                e => e,
-            })
+            self.create(leases, log, &lease).await
         } else {
             update(leases, &self.key, &lease, state.revision).await
         };
@@ -203,6 +228,34 @@ impl Held {
             warn!(run_id = %self.run_id, error = %e, "in-progress ack failed");
         }
         renewed
+    }
+
+    /// Creates the lease of a run claimed without one, then reads the run's
+    /// last event: the lease is ours only if nobody but this attempt wrote
+    /// to the log since the claim. A held key means another claimant (or a
+    /// cancel) has the run. A free key proves less: an attempt paused past
+    /// the job's ack wait may find it free because the job was redelivered
+    /// and a newer attempt claimed the run, wrote to it and let go of the
+    /// lease (parked, retried, handed off, or ended); its events are then
+    /// the last ones, and the lease just created is deleted again, so the
+    /// run's next claimant does not wait behind a lease nobody will use.
+    async fn create(&self, leases: &kv::Store, log: &RunLog<'_>, lease: &Lease) -> Result<u64, Error> {
+        let run_id = self.run_id;
+        let revision = acquire(leases, &self.key, lease).await.map_err(|e| match e {
+            Error::Held { run_id } => Error::Lost { run_id },
+            e => e,
+        })?;
+        let last = events::read_last(log.events, log.names, &self.tenant, run_id).await;
+        if matches!(&last, Ok(Some(last)) if written_by_claim(&last.event, lease)) {
+            return Ok(revision);
+        }
+        if let Err(e) = release(leases, &self.key, run_id, revision).await {
+            warn!(run_id = %run_id, error = %e, "could not delete a lease created too late; it will age out");
+        }
+        match last {
+            Err(e) => Err(Error::Kv { run_id, message: format!("could not read the run's log: {e}") }),
+            Ok(_) => Err(Error::Lost { run_id }),
+        }
     }
 
     /// Ends the heartbeat's interest in this run and returns the revision to

@@ -80,6 +80,8 @@ pub enum Error {
     Register(#[from] registry::Error),
     #[error("worker.heartbeat_interval ({interval:?}) must be below the lease TTL ({lease_ttl:?}, the coordinator's lease_ttl); a third of it is a good value")]
     HeartbeatTooSlow { interval: Duration, lease_ttl: Duration },
+    #[error("worker.heartbeat_interval ({interval:?}) must be below worker.ack_wait ({ack_wait:?}): a run claimed without a lease keeps its job only through the heartbeat's in-progress acks; a third of it is a good value")]
+    HeartbeatSlowerThanAckWait { interval: Duration, ack_wait: Duration },
 }
 
 /// State shared by the pull loop, the run tasks and the two background tasks.
@@ -220,6 +222,9 @@ impl Worker {
             config.heartbeat_interval.unwrap_or_else(|| heartbeat::period(lease_ttl, ack_wait));
         if heartbeat_interval >= lease_ttl {
             return Err(Error::HeartbeatTooSlow { interval: heartbeat_interval, lease_ttl });
+        }
+        if heartbeat_interval >= ack_wait {
+            return Err(Error::HeartbeatSlowerThanAckWait { interval: heartbeat_interval, ack_wait });
         }
 
         let mut bands = Vec::with_capacity(usize::from(PRIORITY_BANDS));

@@ -1,6 +1,7 @@
 //! Claiming and executing one job: the run path of DESIGN.md, steps 2–5.
 //!
-//! Claim: decode the job, create the lease, read the run's last event. Run:
+//! Claim: decode the job, create the lease, read the run's last event (a
+//! submission's first claim does neither: see `claim`). Run:
 //! append `run.started`, execute the agent under the run's stop token. Finish:
 //! append the terminal event, ack the job, release the lease. Whatever
 //! happens between those steps is repaired by the next claimant, which sees
@@ -613,7 +614,7 @@ async fn execute(shared: &Shared, claim: Claim, cancel: &CancelSlot, shutdown: S
     let run_id = job.run_id;
     let attempt = lease.attempt;
     let stop = shutdown.handoff.child_token();
-    let held = Held::new(run_id, key, lease, revision, acker, stop.clone());
+    let held = Held::new(run_id, job.tenant.clone(), key, lease, revision, acker, stop.clone());
     let _registration = shared.hold(held.clone());
     let fresh = started.is_some();
     let started = match started {
@@ -806,10 +807,11 @@ async fn settle(
     let refused = ctx.is_lost() || matches!(&outcome, Outcome::Interrupted(Some(e)) if e.is_lease_lost());
     let first_append_refused = fresh && refused && ctx.log_mut().wrote_nothing();
     if first_append_refused && revision.is_none() && !held.is_lost() {
-        // The same, claimed without a lease (see `claim`): nothing to let
-        // go of but the job.
-        info!(run_id = %run_id, attempt, "the run's log moved after the run.created the claim assumed; job nak'd to be claimed again");
-        nak(&held.acker, run_id, None).await;
+        // Claimed without a lease (see `claim`), so nothing shows that the
+        // job is still this attempt's: if it was redelivered (this worker
+        // paused past its ack wait), a newer attempt wrote first and may own
+        // it now, and a NAK would hand its job out again.
+        settle_refused_fast_claim(shared, job, held, attempt).await;
         return;
     }
     if let Some(revision) = revision.filter(|_| first_append_refused && !held.is_lost()) {
@@ -1014,6 +1016,41 @@ fn retry_delay(shared: &Shared, failures: u32) -> Duration {
     let min = shared.config.retry_backoff_min;
     let max = shared.config.retry_backoff_max.max(min);
     min.saturating_mul(1u32 << failures.saturating_sub(1).min(20)).min(max)
+}
+
+/// Settles the job of a fast claim (no lease) whose first append was
+/// refused. A run that is over (a cancel that raced the claim wrote
+/// `run.cancelled`) needs only its job acked. A run whose lease is held
+/// belongs to whoever holds it: the job is left alone. Otherwise nobody
+/// holds the run (the attempt that wrote after `run.created` is gone, or let
+/// go of it): the job is NAK'd to be claimed again at once, by a claim that
+/// reads the log.
+async fn settle_refused_fast_claim(shared: &Shared, job: &Job, held: &Held, attempt: u32) {
+    let run_id = job.run_id;
+    let last = match events::read_last(&shared.events, &shared.names, &job.tenant, run_id).await {
+        Ok(last) => last,
+        Err(e) => {
+            warn!(run_id = %run_id, attempt, error = %e, "the run's log moved after the run.created the claim assumed and could not be read; job left to its ack wait");
+            return;
+        }
+    };
+    if last.is_some_and(|last| last.event.body.is_terminal()) {
+        info!(run_id = %run_id, attempt, "the run ended before its claim's first append; job acked");
+        ack(&held.acker, run_id).await;
+        return;
+    }
+    match shared.leases.get(&held.key).await {
+        Ok(None) => {
+            info!(run_id = %run_id, attempt, "the run's log moved after the run.created the claim assumed; job nak'd to be claimed again");
+            nak(&held.acker, run_id, None).await;
+        }
+        Ok(Some(_)) => {
+            warn!(run_id = %run_id, attempt, "another attempt holds the run this claim assumed fresh; run stopped, its job left to that attempt")
+        }
+        Err(e) => {
+            warn!(run_id = %run_id, attempt, error = %e, "the run's log moved after the run.created the claim assumed and its lease could not be read; job left to its ack wait")
+        }
+    }
 }
 
 async fn append_terminal(log: &mut EventLog, stop: &CancellationToken, body: EventBody) -> Outcome {
