@@ -458,6 +458,52 @@ async fn concurrent_connects_migrate_once_postgres() {
     concurrent_connects_migrate_once(&TestDb::postgres().await).await;
 }
 
+/// A batch that fails after some of its statements ran (here: a stored
+/// event the registry cannot decode, found while the batch's new run looks
+/// for events stored before its `run.created`) leaves nothing of itself
+/// behind, and the registry writes the next batch normally: on SQLite the
+/// native writer rolls its connection back before anyone else uses it.
+async fn a_batch_failing_midway_leaves_nothing(db: &TestDb) {
+    let registry = connect(db).await;
+    let t = tenant("midway");
+    let (damaged, bystander) = (RunId::generate(), RunId::generate());
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::AnyPool::connect(&db.url).await.unwrap_or_else(|e| panic!("raw connect: {e}"));
+    sqlx::query(
+        "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
+         VALUES ($1, 3, $2, 'run.completed', 1, 1, NULL, 'not json')",
+    )
+    .bind(damaged.to_string())
+    .bind(t.as_str())
+    .execute(&raw)
+    .await
+    .unwrap_or_else(|e| panic!("hand-damaging the registry: {e}"));
+    raw.close().await;
+
+    let mut batch = full_log(&t, bystander);
+    batch.push(created(&t, damaged, "echo", "default"));
+    let error =
+        registry.apply(&batch).await.err().unwrap_or_else(|| panic!("an undecodable stored event passed"));
+    assert!(matches!(&error, Error::Corrupt { run_id, .. } if *run_id == damaged.to_string()), "{error}");
+    assert_eq!(get(&registry, &t, bystander).await, None, "the failed batch's runs were rolled back");
+    assert_eq!(get(&registry, &t, damaged).await, None);
+    let events = registry.events(&t, bystander, 0, 10).await.unwrap_or_else(|e| panic!("events: {e}"));
+    assert_eq!(events, None, "the failed batch's events were rolled back");
+
+    apply(&registry, &full_log(&t, bystander)).await;
+    assert_eq!(get(&registry, &t, bystander).await.map(|v| v.state), Some(RunState::Completed));
+}
+
+#[tokio::test]
+async fn a_batch_failing_midway_leaves_nothing_sqlite() {
+    a_batch_failing_midway_leaves_nothing(&TestDb::sqlite()).await;
+}
+
+#[tokio::test]
+async fn a_batch_failing_midway_leaves_nothing_postgres() {
+    a_batch_failing_midway_leaves_nothing(&TestDb::postgres().await).await;
+}
+
 /// `stale_runs` (the recovery loop's query): only non-terminal rows not
 /// updated since the cut, across tenants, paged by run id.
 async fn stale_runs_pages_non_terminal_rows_older_than_the_cut(registry: &Registry) {

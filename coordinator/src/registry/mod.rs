@@ -17,9 +17,11 @@
 //! Tenants are isolated: every read filters on the tenant, so a run of one
 //! tenant does not exist for another.
 
+mod native;
 mod position;
 mod postgres;
 mod sqlite;
+mod tx;
 
 pub use position::{Lease, Projection, Takeover};
 
@@ -29,8 +31,10 @@ use runfleet_protocol::api::{EventsResponse, ListFilter, ListResponse, RunView};
 use runfleet_protocol::event::{Event, EventBody, RunCreated, RunError};
 use runfleet_protocol::{ErrorCode, RunId, RunState, TenantId};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{Any, AnyPool, Row, Transaction};
+use sqlx::{AnyPool, Row};
 use tracing::info;
+
+use tx::{Tx, Value};
 
 /// A registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,15 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A statement of the native SQLite writer failed (see
+    /// [`Registry::apply`]). Usually retryable (the file is locked or
+    /// unreadable).
+    #[error("registry query failed while {what}: {source}")]
+    Sqlite {
+        what: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
     /// A stored row does not decode: a bug or a hand-edited database.
     #[error("registry row for run {run_id} is corrupt: {reason}")]
     Corrupt { run_id: String, reason: String },
@@ -82,7 +95,7 @@ impl Error {
     /// the data itself is wrong.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::Query { .. } => true,
+            Self::Connect { .. } | Self::Query { .. } | Self::Sqlite { .. } => true,
             Self::UnsupportedUrl(_)
             | Self::Migrate { .. }
             | Self::Corrupt { .. }
@@ -169,6 +182,10 @@ pub(crate) fn outcome_of(event: &Event) -> (Option<serde_json::Value>, Option<Ru
 pub struct Registry {
     pool: AnyPool,
     backend: Backend,
+    /// On a SQLite file, the connection batches are written through
+    /// ([`native`]); shared by clones, not by [`reopen`](Self::reopen)ed
+    /// registries.
+    native: Option<Arc<native::Writer>>,
     /// The database's URL, for [`reopen`](Self::reopen); may hold a
     /// password, so `Debug` prints it redacted.
     url: Arc<str>,
@@ -208,7 +225,7 @@ impl Registry {
             .await
             .map_err(|source| Error::Connect { backend: backend.name(), source })?;
         info!(backend = backend.name(), url = %redact(url), "registry connected");
-        Ok(Self { pool, backend, url: url.into() })
+        Ok(Self { pool, backend, native: native_writer(backend, url), url: url.into() })
     }
 
     /// A registry of its own on the same database, of at most `connections`
@@ -221,7 +238,12 @@ impl Registry {
         let pool = pool_options(self.backend, connections.max(1))
             .connect_lazy(&self.url)
             .map_err(|source| Error::Connect { backend: self.backend.name(), source })?;
-        Ok(Self { pool, backend: self.backend, url: self.url.clone() })
+        Ok(Self {
+            pool,
+            backend: self.backend,
+            native: native_writer(self.backend, &self.url),
+            url: self.url.clone(),
+        })
     }
 
     /// Which database this registry runs on.
@@ -264,6 +286,12 @@ impl Registry {
     /// their run's `run.created` arrived (only for runs created in this
     /// batch), and multi-row updates of the rows whose run moved; each in
     /// statements of power-of-two sizes ([`statement_chunks`]).
+    ///
+    /// On a SQLite file the batch runs on the calling thread, which it
+    /// blocks for the transaction: SQLite's own work, without sqlx's hop to
+    /// a connection thread per statement ([`native`]). The projector calls
+    /// this from a thread of its own; other callers should too, or accept a
+    /// blocked runtime thread for a few milliseconds.
     pub async fn apply(&self, events: &[Event]) -> Result<(), Error> {
         if events.is_empty() {
             return Ok(());
@@ -292,53 +320,16 @@ impl Registry {
     /// events.
     async fn write(&self, events: &[Event], position: Option<(&Lease, u64, u64)>) -> Result<(), Error> {
         let runs = BatchRuns::of(events)?;
-        // Rows and events in key order, so concurrent projectors (replicas
-        // on PostgreSQL) lock them in the same order and cannot deadlock.
-        let mut sorted: Vec<&Event> = events.iter().collect();
-        sorted.sort_by_key(|event| (event.run_id, event.seq));
-        let mut tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
-        if let Some((lease, from, to)) = position {
-            position::advance(&mut tx, lease, from, to).await?;
-        }
-        if events.is_empty() {
-            return tx.commit().await.map_err(query_error("committing the projector position"));
-        }
-        insert_events(&mut tx, self.backend, &sorted).await?;
-        let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
-        let new_rows: Vec<NewRow<'_>> = runs
-            .values()
-            .filter_map(|run| {
-                run.created.map(|(event, body)| NewRow { created: event, body, latest: run.latest })
-            })
-            .collect();
-        insert_runs(&mut tx, self.backend, &new_rows).await?;
-        // A run created in this batch may have later events stored by an
-        // earlier batch (they arrived first): its row takes the highest.
-        let mut stored_later = Vec::new();
-        let created_tenant: std::collections::HashMap<RunId, &TenantId> =
-            created.iter().map(|(event, _)| (event.run_id, &event.tenant)).collect();
-        for (run, seq) in max_stored_seqs(&mut tx, self.backend, &created).await? {
-            let Some(batch) = created_tenant.get(&run).and_then(|tenant| runs.get(&(run, *tenant))) else {
-                continue;
-            };
-            if seq <= 1 || batch.latest.is_some_and(|latest| latest.seq >= seq) {
-                continue;
+        match &self.native {
+            Some(native) => {
+                let mut conn = native.begin().await?;
+                write_batch(Tx::Native(conn.get()), self.backend, events, &runs, position).await
             }
-            if let Some(event) = last_stored_event(&mut tx, run, &batch.tenant).await? {
-                stored_later.push(event);
+            None => {
+                let tx = self.pool.begin().await.map_err(query_error("starting a transaction"))?;
+                write_batch(Tx::Any(tx), self.backend, events, &runs, position).await
             }
         }
-        let mut latest: Vec<&Event> = runs
-            .values()
-            .filter_map(|run| run.latest)
-            .filter(|event| {
-                !stored_later.iter().any(|later| later.run_id == event.run_id && later.tenant == event.tenant)
-            })
-            .collect();
-        latest.extend(stored_later.iter());
-        latest.sort_by_key(|event| event.run_id);
-        update_runs(&mut tx, self.backend, &latest).await?;
-        tx.commit().await.map_err(query_error("committing events"))
     }
 
     /// One run of `tenant`, or `None` if the registry does not know it (yet).
@@ -495,6 +486,73 @@ impl Registry {
     }
 }
 
+/// One batch in `tx`: the position's compare-and-set first (so concurrent
+/// projectors queue on its row and the loser writes nothing), then the
+/// events, the new rows and the moved ones, then the commit.
+async fn write_batch(
+    mut tx: Tx<'_>,
+    backend: Backend,
+    events: &[Event],
+    runs: &Runs<'_>,
+    position: Option<(&Lease, u64, u64)>,
+) -> Result<(), Error> {
+    if let Some((lease, from, to)) = position {
+        position::advance(&mut tx, lease, from, to).await?;
+    }
+    if events.is_empty() {
+        return tx.commit("committing the projector position").await;
+    }
+    // Rows and events in key order, so concurrent projectors (replicas
+    // on PostgreSQL) lock them in the same order and cannot deadlock.
+    let mut sorted: Vec<&Event> = events.iter().collect();
+    sorted.sort_by_key(|event| (event.run_id, event.seq));
+    insert_events(&mut tx, backend, &sorted).await?;
+    let created: Vec<(&Event, &RunCreated)> = runs.values().filter_map(|run| run.created).collect();
+    let new_rows: Vec<NewRow<'_>> = runs
+        .values()
+        .filter_map(|run| {
+            run.created.map(|(event, body)| NewRow { created: event, body, latest: run.latest })
+        })
+        .collect();
+    insert_runs(&mut tx, backend, &new_rows).await?;
+    // A run created in this batch may have later events stored by an
+    // earlier batch (they arrived first): its row takes the highest.
+    let mut stored_later = Vec::new();
+    let created_tenant: std::collections::HashMap<RunId, &TenantId> =
+        created.iter().map(|(event, _)| (event.run_id, &event.tenant)).collect();
+    for (run, seq) in max_stored_seqs(&mut tx, backend, &created).await? {
+        let Some(batch) = created_tenant.get(&run).and_then(|tenant| runs.get(&(run, *tenant))) else {
+            continue;
+        };
+        if seq <= 1 || batch.latest.is_some_and(|latest| latest.seq >= seq) {
+            continue;
+        }
+        if let Some(event) = last_stored_event(&mut tx, run, &batch.tenant).await? {
+            stored_later.push(event);
+        }
+    }
+    let mut latest: Vec<&Event> = runs
+        .values()
+        .filter_map(|run| run.latest)
+        .filter(|event| {
+            !stored_later.iter().any(|later| later.run_id == event.run_id && later.tenant == event.tenant)
+        })
+        .collect();
+    latest.extend(stored_later.iter());
+    latest.sort_by_key(|event| event.run_id);
+    update_runs(&mut tx, backend, &latest).await?;
+    tx.commit("committing events").await
+}
+
+/// The native writer of a SQLite file (`None` on PostgreSQL and for an
+/// in-memory SQLite database).
+fn native_writer(backend: Backend, url: &str) -> Option<Arc<native::Writer>> {
+    match backend {
+        Backend::Sqlite => native::Writer::for_url(url).map(Arc::new),
+        Backend::Postgres => None,
+    }
+}
+
 /// A pool of at most `connections`; SQLite connections are tuned
 /// ([`sqlite::tune`]).
 fn pool_options(backend: Backend, connections: u32) -> AnyPoolOptions {
@@ -559,14 +617,16 @@ struct BatchRun<'a> {
     latest: Option<&'a Event>,
 }
 
+/// A batch's runs, by run and tenant.
+type Runs<'a> = std::collections::BTreeMap<(RunId, &'a TenantId), BatchRun<'a>>;
+
 struct BatchRuns;
 
 impl BatchRuns {
     /// Groups a batch by run and tenant (an event naming another tenant
     /// than the run's never moves its row, so it must not hide the run's
     /// own latest event). Seq 1 must be `run.created`.
-    #[allow(clippy::type_complexity)]
-    fn of(events: &[Event]) -> Result<std::collections::BTreeMap<(RunId, &TenantId), BatchRun<'_>>, Error> {
+    fn of(events: &[Event]) -> Result<Runs<'_>, Error> {
         let mut runs = std::collections::BTreeMap::new();
         for event in events {
             let run = runs.entry((event.run_id, &event.tenant)).or_insert_with(|| BatchRun {
@@ -616,30 +676,27 @@ fn placeholders(backend: Backend, rows: usize, columns: usize) -> String {
     sql
 }
 
-async fn insert_events(
-    tx: &mut Transaction<'_, Any>,
-    backend: Backend,
-    events: &[&Event],
-) -> Result<(), Error> {
+async fn insert_events(tx: &mut Tx<'_>, backend: Backend, events: &[&Event]) -> Result<(), Error> {
     for chunk in statement_chunks(events) {
         let sql = format!(
             "INSERT INTO run_events (run_id, seq, tenant, type, ts_ms, attempt, worker_id, body) \
              VALUES {} ON CONFLICT (run_id, seq) DO NOTHING",
             placeholders(backend, chunk.len(), 8)
         );
-        let mut query = sqlx::query(&sql);
+        let mut values = Vec::with_capacity(chunk.len() * 8);
         for event in chunk {
-            query = query
-                .bind(event.run_id.to_string())
-                .bind(to_i64(event.seq))
-                .bind(event.tenant.as_str())
-                .bind(event.body.type_name())
-                .bind(event.ts_ms)
-                .bind(i64::from(event.attempt))
-                .bind(event.worker_id.as_ref().map(ToString::to_string))
-                .bind(json_text(event, event.run_id)?);
+            values.extend([
+                Value::text(event.run_id.to_string()),
+                Value::Int(to_i64(event.seq)),
+                Value::text(event.tenant.as_str()),
+                Value::text(event.body.type_name()),
+                Value::Int(event.ts_ms),
+                Value::Int(i64::from(event.attempt)),
+                Value::opt_text(event.worker_id.as_ref().map(ToString::to_string)),
+                Value::text(json_text(event, event.run_id)?),
+            ]);
         }
-        query.execute(&mut **tx).await.map_err(query_error("inserting events"))?;
+        tx.execute("inserting events", &sql, &values).await?;
     }
     Ok(())
 }
@@ -657,66 +714,67 @@ struct NewRow<'a> {
 /// often one batch: one row write instead of an insert and an update that
 /// moves every index entry again); rows that exist are left alone, and
 /// [`update_runs`] moves them.
-async fn insert_runs(
-    tx: &mut Transaction<'_, Any>,
-    backend: Backend,
-    rows: &[NewRow<'_>],
-) -> Result<(), Error> {
+async fn insert_runs(tx: &mut Tx<'_>, backend: Backend, rows: &[NewRow<'_>]) -> Result<(), Error> {
     for chunk in statement_chunks(rows) {
         let sql = format!(
             "INSERT INTO runs ({RUN_COLUMNS}) VALUES {} ON CONFLICT (run_id) DO NOTHING",
             placeholders(backend, chunk.len(), 16)
         );
-        let mut query = sqlx::query(&sql);
+        let mut values = Vec::with_capacity(chunk.len() * 16);
         for NewRow { created, body, latest } in chunk {
             let now = latest.unwrap_or(created);
             let (output, error) = outcome_of(now);
-            query = query
-                .bind(created.run_id.to_string())
-                .bind(created.tenant.as_str())
-                .bind(body.agent.as_str())
-                .bind(body.queue.as_str())
-                .bind(i64::from(body.priority))
-                .bind(now.state_after().as_str())
-                .bind(i64::from(now.attempt))
-                .bind(i64::from(body.max_attempts))
-                .bind(json_text(&body.input, created.run_id)?)
-                .bind(output.map(|output| json_text(&output, created.run_id)).transpose()?)
-                .bind(error.map(|error| json_text(&error, created.run_id)).transpose()?)
-                .bind(body.idempotency_key.clone())
-                .bind(now.worker_id.as_ref().map(ToString::to_string))
-                .bind(created.ts_ms)
-                .bind(now.ts_ms)
-                .bind(to_i64(now.seq));
+            values.extend([
+                Value::text(created.run_id.to_string()),
+                Value::text(created.tenant.as_str()),
+                Value::text(body.agent.as_str()),
+                Value::text(body.queue.as_str()),
+                Value::Int(i64::from(body.priority)),
+                Value::text(now.state_after().as_str()),
+                Value::Int(i64::from(now.attempt)),
+                Value::Int(i64::from(body.max_attempts)),
+                Value::text(json_text(&body.input, created.run_id)?),
+                Value::opt_text(output.map(|output| json_text(&output, created.run_id)).transpose()?),
+                Value::opt_text(error.map(|error| json_text(&error, created.run_id)).transpose()?),
+                Value::opt_text(body.idempotency_key.as_deref()),
+                Value::opt_text(now.worker_id.as_ref().map(ToString::to_string)),
+                Value::Int(created.ts_ms),
+                Value::Int(now.ts_ms),
+                Value::Int(to_i64(now.seq)),
+            ]);
         }
-        query.execute(&mut **tx).await.map_err(query_error("inserting runs"))?;
+        tx.execute("inserting runs", &sql, &values).await?;
     }
     Ok(())
 }
 
 /// The highest stored seq of each run created in the batch.
 async fn max_stored_seqs(
-    tx: &mut Transaction<'_, Any>,
+    tx: &mut Tx<'_>,
     backend: Backend,
     created: &[(&Event, &RunCreated)],
 ) -> Result<Vec<(RunId, u64)>, Error> {
+    const WHAT: &str = "reading stored events";
     let mut found = Vec::new();
     for chunk in statement_chunks(created) {
         let params = placeholders(backend, 1, chunk.len());
         let sql = format!(
             "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN {params} GROUP BY run_id"
         );
-        let mut query = sqlx::query(&sql);
-        for (event, _) in chunk {
-            query = query.bind(event.run_id.to_string());
-        }
-        let rows = query.fetch_all(&mut **tx).await.map_err(query_error("reading stored events"))?;
-        for row in &rows {
-            let run: String = row.try_get("run_id").map_err(query_error("reading stored events"))?;
-            let seq: i64 = row.try_get("seq").map_err(query_error("reading stored events"))?;
+        let values: Vec<Value<'_>> =
+            chunk.iter().map(|(event, _)| Value::text(event.run_id.to_string())).collect();
+        for row in tx.fetch(WHAT, &sql, &values).await? {
+            let (Some(run), Some(seq)) =
+                (row.first().and_then(Value::as_str), row.get(1).and_then(Value::as_int))
+            else {
+                return Err(Error::Corrupt {
+                    run_id: "?".to_owned(),
+                    reason: format!("{WHAT}: got {row:?}"),
+                });
+            };
             let run_id = run
                 .parse()
-                .map_err(|e| Error::Corrupt { run_id: run.clone(), reason: format!("run_id: {e}") })?;
+                .map_err(|e| Error::Corrupt { run_id: run.to_owned(), reason: format!("run_id: {e}") })?;
             found.push((run_id, u64::try_from(seq).unwrap_or(0)));
         }
     }
@@ -728,11 +786,7 @@ async fn max_stored_seqs(
 /// which then looks for later stored events). One statement per chunk:
 /// `UPDATE … FROM (VALUES …)`, which SQLite (≥ 3.33) and PostgreSQL share;
 /// both name a `VALUES` list's columns `column1`, `column2`, ….
-async fn update_runs(
-    tx: &mut Transaction<'_, Any>,
-    backend: Backend,
-    latest: &[&Event],
-) -> Result<(), Error> {
+async fn update_runs(tx: &mut Tx<'_>, backend: Backend, latest: &[&Event]) -> Result<(), Error> {
     for chunk in statement_chunks(latest) {
         let sql = format!(
             "UPDATE runs SET state = v.column3, attempt = v.column4, output = v.column5, error = v.column6, \
@@ -741,46 +795,54 @@ async fn update_runs(
              WHERE runs.run_id = v.column1 AND runs.tenant = v.column2 AND runs.last_seq < v.column9",
             placeholders(backend, chunk.len(), 9)
         );
-        let mut query = sqlx::query(&sql);
+        let mut values = Vec::with_capacity(chunk.len() * 9);
         for event in chunk {
             let (output, error) = outcome_of(event);
-            query = query
-                .bind(event.run_id.to_string())
-                .bind(event.tenant.as_str())
-                .bind(event.state_after().as_str())
-                .bind(i64::from(event.attempt))
-                .bind(output.map(|output| json_text(&output, event.run_id)).transpose()?)
-                .bind(error.map(|error| json_text(&error, event.run_id)).transpose()?)
-                .bind(event.worker_id.as_ref().map(ToString::to_string))
-                .bind(event.ts_ms)
-                .bind(to_i64(event.seq));
+            values.extend([
+                Value::text(event.run_id.to_string()),
+                Value::text(event.tenant.as_str()),
+                Value::text(event.state_after().as_str()),
+                Value::Int(i64::from(event.attempt)),
+                Value::opt_text(output.map(|output| json_text(&output, event.run_id)).transpose()?),
+                Value::opt_text(error.map(|error| json_text(&error, event.run_id)).transpose()?),
+                Value::opt_text(event.worker_id.as_ref().map(ToString::to_string)),
+                Value::Int(event.ts_ms),
+                Value::Int(to_i64(event.seq)),
+            ]);
         }
-        query.execute(&mut **tx).await.map_err(query_error("updating runs"))?;
+        tx.execute("updating runs", &sql, &values).await?;
     }
     Ok(())
 }
 
 /// The highest-seq stored event of `run` that belongs to `tenant`.
-async fn last_stored_event(
-    tx: &mut Transaction<'_, Any>,
-    run: RunId,
-    tenant: &TenantId,
-) -> Result<Option<Event>, Error> {
-    let row = sqlx::query(
-        "SELECT body FROM run_events WHERE run_id = $1 AND tenant = $2 ORDER BY seq DESC LIMIT 1",
-    )
-    .bind(run.to_string())
-    .bind(tenant.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(query_error("reading stored events"))?;
-    row.as_ref().map(|row| event_from_row(row, run)).transpose()
+async fn last_stored_event(tx: &mut Tx<'_>, run: RunId, tenant: &TenantId) -> Result<Option<Event>, Error> {
+    let rows = tx
+        .fetch(
+            "reading stored events",
+            "SELECT body FROM run_events WHERE run_id = $1 AND tenant = $2 ORDER BY seq DESC LIMIT 1",
+            &[Value::text(run.to_string()), Value::text(tenant.as_str())],
+        )
+        .await?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let body = row.first().and_then(Value::as_str).ok_or_else(|| Error::Corrupt {
+        run_id: run.to_string(),
+        reason: format!("stored event body: got {row:?}"),
+    })?;
+    decode_event(body, run).map(Some)
 }
 
 fn event_from_row(row: &AnyRow, run: RunId) -> Result<Event, Error> {
-    let corrupt = |reason: String| Error::Corrupt { run_id: run.to_string(), reason };
-    let body: String = row.try_get("body").map_err(|e| corrupt(e.to_string()))?;
-    serde_json::from_str(&body).map_err(|e| corrupt(format!("stored event does not decode: {e}")))
+    let body: String =
+        row.try_get("body").map_err(|e| Error::Corrupt { run_id: run.to_string(), reason: e.to_string() })?;
+    decode_event(&body, run)
+}
+
+fn decode_event(body: &str, run: RunId) -> Result<Event, Error> {
+    serde_json::from_str(body).map_err(|e| Error::Corrupt {
+        run_id: run.to_string(),
+        reason: format!("stored event does not decode: {e}"),
+    })
 }
 
 /// Reads typed columns of one `runs` row, reporting any mismatch as corrupt.

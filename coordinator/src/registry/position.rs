@@ -16,8 +16,9 @@
 //! that runs behind late, and neither breaks the compare-and-set. The same
 //! SQL runs on SQLite and PostgreSQL.
 
-use sqlx::{Any, Row, Transaction};
+use sqlx::Row;
 
+use super::tx::{Tx, Value};
 use super::{query_error, to_i64, Error, Registry};
 
 /// A projector's claim on a projection: who holds it, and until when.
@@ -192,28 +193,25 @@ impl Registry {
 /// `lease.owner` still owns the projection (or nobody does, or the owner's
 /// lease expired). Anything else is [`Error::Superseded`]: the caller must
 /// roll back.
-pub(super) async fn advance(
-    tx: &mut Transaction<'_, Any>,
-    lease: &Lease,
-    from: u64,
-    to: u64,
-) -> Result<(), Error> {
-    let done = sqlx::query(
-        "UPDATE projector_positions SET position = $1, owner = $2, lease_until_ms = $3, updated_ms = $4 \
-         WHERE name = $5 AND position = $6 AND (owner = $7 OR owner IS NULL OR lease_until_ms < $8)",
-    )
-    .bind(to_i64(to))
-    .bind(&lease.owner)
-    .bind(lease.until_ms)
-    .bind(lease.now_ms)
-    .bind(&lease.projection)
-    .bind(to_i64(from))
-    .bind(&lease.owner)
-    .bind(lease.now_ms)
-    .execute(&mut **tx)
-    .await
-    .map_err(query_error("moving the projector position"))?;
-    if done.rows_affected() == 1 {
+pub(super) async fn advance(tx: &mut Tx<'_>, lease: &Lease, from: u64, to: u64) -> Result<(), Error> {
+    let moved = tx
+        .execute(
+            "moving the projector position",
+            "UPDATE projector_positions SET position = $1, owner = $2, lease_until_ms = $3, updated_ms = $4 \
+             WHERE name = $5 AND position = $6 AND (owner = $7 OR owner IS NULL OR lease_until_ms < $8)",
+            &[
+                Value::Int(to_i64(to)),
+                Value::text(lease.owner.as_str()),
+                Value::Int(lease.until_ms),
+                Value::Int(lease.now_ms),
+                Value::text(lease.projection.as_str()),
+                Value::Int(to_i64(from)),
+                Value::text(lease.owner.as_str()),
+                Value::Int(lease.now_ms),
+            ],
+        )
+        .await?;
+    if moved == 1 {
         Ok(())
     } else {
         Err(Error::Superseded { projection: lease.projection.clone(), from })

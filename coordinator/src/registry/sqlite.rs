@@ -40,14 +40,12 @@ const MIGRATE_ATTEMPTS: u32 = 3;
 /// Statement journals (multi-row statements inside a transaction keep one
 /// to undo a failed statement) live in memory rather than in temp files.
 pub(super) async fn tune(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
-    sqlx::Executor::execute(
-        conn,
-        "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA mmap_size = 1073741824; \
-         PRAGMA temp_store = MEMORY",
-    )
-    .await
-    .map(drop)
+    sqlx::Executor::execute(conn, TUNING).await.map(drop)
 }
+
+/// The settings [`tune`] applies, also to the native writer's connection.
+pub(super) const TUNING: &str = "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; \
+     PRAGMA mmap_size = 1073741824; PRAGMA temp_store = MEMORY";
 
 /// Creates the database file if missing, sets WAL journaling (persistent in
 /// the file, so the pool's connections inherit it) and applies migrations.
