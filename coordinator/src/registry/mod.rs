@@ -3,7 +3,9 @@
 //! One [`Registry`] serves SQLite (embedded, the default) and PostgreSQL
 //! (fleets), chosen by the URL. Queries go through sqlx's `Any` driver so each
 //! is written once; only connecting and migrating differ per backend (see
-//! [`sqlite`] and [`postgres`]).
+//! [`sqlite`] and [`postgres`]). The projector's batches are also written
+//! once ([`tx`]) and, on a SQLite file, run through rusqlite on the calling
+//! thread rather than through sqlx's connection thread ([`native`]).
 //!
 //! The registry is never on a run's path from submit to finish: JetStream is
 //! the source of truth and the registry may lag it by the projector's delay.

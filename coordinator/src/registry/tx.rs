@@ -1,6 +1,7 @@
 //! One transaction of a projected batch, on either executor: sqlx's `Any`
-//! driver (PostgreSQL, and SQLite files the native writer cannot open), or
-//! [`native`](super::native), which runs SQLite on the calling thread.
+//! driver (PostgreSQL, and an in-memory SQLite database, whose connections
+//! are databases of their own), or [`native`](super::native), which runs a
+//! SQLite file on the calling thread.
 //!
 //! A batch's statements are built once ([`Value`]s bound in order to the
 //! same SQL text) and run by whichever executor the registry holds, so the
