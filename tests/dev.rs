@@ -43,6 +43,16 @@ async fn dev_serves_runs_and_stops_everything_on_sigint() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The child nats-server collects garbage less often than Go's default
+    // (runfleet's own `GOGC`, if the suite runs with one, reaches it as is).
+    let server = child_nats_server(port).unwrap_or_else(|| panic!("no nats-server on port {port}"));
+    let expected = std::env::var("GOGC").unwrap_or_else(|_| "400".to_owned());
+    assert_eq!(
+        environ_var(server, "GOGC").as_deref(),
+        Some(expected.as_str()),
+        "the child nats-server's GOGC"
+    );
+
     let out = run_cli(&[
         "submit".into(),
         "--agent".into(),
@@ -68,6 +78,29 @@ async fn dev_serves_runs_and_stops_everything_on_sigint() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "nats-server still accepts connections after dev stopped"
     );
+}
+
+/// The pid of the nats-server process started with `-p <port>`.
+fn child_nats_server(port: u16) -> Option<u32> {
+    let port = port.to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_server = args.first().is_some_and(|exe| exe.ends_with(b"nats-server"));
+        let on_port = args.windows(2).any(|pair| pair[0] == b"-p" && pair[1] == port.as_bytes());
+        (is_server && on_port).then_some(pid)
+    })
+}
+
+/// One variable of a process's environment, as it was started.
+fn environ_var(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    environ.split(|b| *b == 0).find_map(|entry| {
+        let entry = std::str::from_utf8(entry).ok()?;
+        entry.strip_prefix(prefix.as_str()).map(str::to_owned)
+    })
 }
 
 #[test]

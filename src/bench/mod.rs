@@ -282,6 +282,10 @@ pub struct Machine {
     /// ([`runfleet_ops::runtime`]): only a build without `--cfg tokio_unstable` or
     /// `RUNFLEET_TOKIO_LIFO_SLOT=1` does, and both run slower.
     pub tokio_lifo_slot: bool,
+    /// The `GOGC` every nats-server of the bench ran with, the floor's and
+    /// the fleet's alike ([`crate::embedded::DEFAULT_GOGC`] unless the
+    /// environment set one).
+    pub nats_gogc: String,
 }
 
 impl Machine {
@@ -309,6 +313,7 @@ impl Machine {
             nats_server: crate::embedded::server_version().unwrap_or_else(|e| format!("unknown: {e}")),
             runfleet: env!("CARGO_PKG_VERSION").to_owned(),
             tokio_lifo_slot: runfleet_ops::runtime::lifo_slot().unwrap_or(true),
+            nats_gogc: crate::embedded::nats_gogc(),
         }
     }
 }
