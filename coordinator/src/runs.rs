@@ -245,18 +245,14 @@ impl Runs {
         let run_id = event.run_id;
         let payload =
             codec::encode(event).map_err(|source| Error::Encode { what: "event", run_id, source })?;
-        let mut headers = content_headers(&self.names.event_msg_id(run_id, event.seq));
-        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, expected_stream_seq.to_string().as_str());
+        let headers = event_headers(expected_stream_seq);
         let subject = self.names.run_events(&event.tenant, run_id);
         let published = match self.js.publish_with_headers(subject.clone(), headers, payload.into()).await {
             Ok(ack) => ack.await,
             Err(error) => Err(error),
         };
         match published {
-            // A duplicate: an event with this seq's msg id is already stored,
-            // so someone else wrote it and the log moved. (nats-server 2.12+
-            // checks the expected sequence first, which answers the same.)
-            Ok(ack) => Ok(!ack.duplicate),
+            Ok(_) => Ok(true),
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
             Err(error) => Err(jetstream_error("append to the run's log", subject)(error.to_string())),
         }
@@ -649,6 +645,19 @@ pub(crate) fn content_headers(msg_id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
     headers.insert(HEADER_MSG_ID, msg_id);
+    headers
+}
+
+/// Headers of an append to a run's log whose previous message is at
+/// stream sequence `expected_last` (0: the log must be empty). No msg id:
+/// the expected sequence already refuses a second copy of an append (any
+/// message on the subject after `expected_last` fails it), so a msg id
+/// would only cost the server a de-duplication entry per event for the
+/// whole duplicate window (see `docs/protocol.md`, Headers).
+pub(crate) fn event_headers(expected_last: u64) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
+    headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, expected_last.to_string().as_str());
     headers
 }
 

@@ -18,8 +18,8 @@ use runfleet_protocol::api::{
 use runfleet_protocol::event::{Event, EventBody};
 use runfleet_protocol::job::Job;
 use runfleet_protocol::names::{
-    API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, HEADER_MSG_ID, VERB_EVENTS, VERB_GET, VERB_LIST,
-    VERB_SUBMIT,
+    API_VERBS, HEADER_CONTENT_TYPE, HEADER_ERROR_CODE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID,
+    VERB_EVENTS, VERB_GET, VERB_LIST, VERB_SUBMIT,
 };
 use runfleet_protocol::{codec, ApiError, ErrorCode, Names, RunId, RunState, TenantId};
 use serde::de::DeserializeOwned;
@@ -187,9 +187,19 @@ async fn submit_publishes_run_created_then_job() {
         .await
         .unwrap_or_else(|e| panic!("job: {e}"));
     let job: Job = codec::decode(&job_msg.payload).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((job.run_id, job.tenant, job.max_attempts), (reply.run_id, t, 3));
+    assert_eq!((job.run_id, job.tenant, job.max_attempts), (reply.run_id, t.clone(), 3));
     let msg_id = job_msg.headers.get(HEADER_MSG_ID).map(|v| v.as_str().to_owned());
     assert_eq!(msg_id, Some(f.names.job_msg_id(reply.run_id, 0)));
+    // The event is fenced on an empty log and carries no msg id: the fence
+    // alone refuses a second `run.created`.
+    let log = f.js.get_stream(f.names.events_stream()).await.unwrap_or_else(|e| panic!("{e}"));
+    let created_msg = log
+        .get_last_raw_message_by_subject(&f.names.run_events(&t, reply.run_id))
+        .await
+        .unwrap_or_else(|e| panic!("run.created: {e}"));
+    assert!(created_msg.headers.get(HEADER_MSG_ID).is_none(), "{:?}", created_msg.headers);
+    let fence = created_msg.headers.get(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE).map(|v| v.as_str().to_owned());
+    assert_eq!(fence.as_deref(), Some("0"));
     f.stop().await;
 }
 

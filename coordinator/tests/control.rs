@@ -228,7 +228,6 @@ impl Fixture {
         };
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.names.event_msg_id(run, event.seq).as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, last_message.sequence.to_string().as_str());
         let ack = ok(self.js.publish_with_headers(subject, headers, ok(codec::encode(&event)).into()).await);
         ok(ack.await);

@@ -115,7 +115,7 @@ fn main() -> Result<()> {
     show(
         "event seq 1: run.created (coordinator -> JetStream RUNFLEET_EVENTS)",
         &events_subject,
-        &event_headers(&names, &created, 0),
+        &event_headers(0),
         &created,
         false,
     )?;
@@ -169,7 +169,7 @@ fn main() -> Result<()> {
     show(
         "event seq 2: run.started (worker -> JetStream)",
         &events_subject,
-        &event_headers(&names, &started, stream_seqs[0]),
+        &event_headers(stream_seqs[0]),
         &started,
         false,
     )?;
@@ -187,7 +187,7 @@ fn main() -> Result<()> {
     show(
         "event seq 3: agent.event (worker -> JetStream)",
         &events_subject,
-        &event_headers(&names, &progress, stream_seqs[1]),
+        &event_headers(stream_seqs[1]),
         &progress,
         false,
     )?;
@@ -206,7 +206,7 @@ fn main() -> Result<()> {
     show(
         "event seq 4: run.completed (worker -> JetStream), terminal",
         &events_subject,
-        &event_headers(&names, &completed, stream_seqs[2]),
+        &event_headers(stream_seqs[2]),
         &completed,
         true,
     )?;
@@ -312,10 +312,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn event_headers(names: &Names, event: &Event, previous_stream_seq: u64) -> Vec<(&'static str, String)> {
+fn event_headers(previous_stream_seq: u64) -> Vec<(&'static str, String)> {
     vec![
         (HEADER_CONTENT_TYPE, CONTENT_TYPE.to_owned()),
-        (HEADER_MSG_ID, names.event_msg_id(event.run_id, event.seq)),
         (HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, previous_stream_seq.to_string()),
     ]
 }

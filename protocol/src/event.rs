@@ -1,9 +1,10 @@
 //! Run events: the per-run log on `<prefix>.runs.<tenant>.<run_id>.events`.
 //!
 //! Each run's events have `seq` 1..n with no gap. Every append is published
-//! with `Nats-Msg-Id: <run_id>:<seq>` and `Nats-Expected-Last-Subject-Sequence`
-//! set to the stream sequence of the run's previous message, so only the
-//! holder of the run's lease can extend its log.
+//! with `Nats-Expected-Last-Subject-Sequence` set to the stream sequence of
+//! the run's previous message, so only the holder of the run's lease can
+//! extend its log, and a second copy of an append is refused like any other
+//! write that lost the race (appends carry no `Nats-Msg-Id`).
 //!
 //! A message of the log carries one event (envelope version 1, `data` an
 //! [`Event`]) or several consecutive ones (envelope version

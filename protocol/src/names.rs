@@ -251,11 +251,6 @@ impl Names {
         format!("{}.runs.{tenant}.*.events", self.prefix)
     }
 
-    /// The de-duplication id of an event: `<run_id>:<seq>`.
-    pub fn event_msg_id(&self, run: RunId, seq: u64) -> String {
-        format!("{run}:{seq}")
-    }
-
     /// The durable consumer that projected events into the SQL registry
     /// before the projector kept its position in SQL: the coordinator now
     /// only seeds its position from this consumer's ack floor and deletes it.

@@ -16,8 +16,8 @@
 //!   so what differs from the runfleet phase is runfleet's event path alone.
 //! - **runfleet**: one run of [`Producer`] per producer. Each calls
 //!   `ctx.emit` on its schedule: an `agent.event` appended to the run's log,
-//!   one acknowledged, fenced JetStream publish (`Nats-Msg-Id`,
-//!   `Nats-Expected-Last-Subject-Sequence`) on the run's events subject.
+//!   one acknowledged, fenced JetStream publish
+//!   (`Nats-Expected-Last-Subject-Sequence`) on the run's events subject.
 //!
 //! The baseline goes first so that the work the runfleet phase leaves behind
 //! (the coordinator projecting every event into SQLite) cannot slow it down;

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use async_nats::jetstream::context::PublishErrorKind;
 use common::{assert_gapless, Env};
 use runfleet_protocol::event::{AgentEvent, Event, EventBody, RunStarted, StepCompleted, StepStarted};
 use runfleet_protocol::job::Job;
+use runfleet_protocol::names::{HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
 use runfleet_protocol::{time, WorkerId};
 use runfleet_worker::runtime::events::{Error, EventLog, LastEvent, LogWriter};
 use serde_json::json;
@@ -119,6 +121,31 @@ async fn an_unacknowledged_append_is_sent_again_and_stored_once() -> anyhow::Res
     Ok(())
 }
 
+/// Appends carry no `Nats-Msg-Id`: the expected sequence alone refuses a
+/// second copy of a stored append, so the server keeps no de-duplication
+/// entry per event.
+#[tokio::test]
+async fn a_second_copy_of_an_append_is_refused_without_a_msg_id() -> anyhow::Result<()> {
+    let env = Env::start(Duration::from_secs(5)).await?;
+    let (job, _log) = started_log(&env, Duration::ZERO).await?;
+    let subject = env.names.run_events(&job.tenant, job.run_id);
+    let stored = env.events.get_last_raw_message_by_subject(&subject).await?;
+    assert!(stored.headers.get(HEADER_MSG_ID).is_none(), "an append carries no msg id: {:?}", stored.headers);
+    let fence = stored.headers.get(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE).map(|v| v.as_str().to_owned());
+    let created_seq = job.created_seq.context("a created run has its created_seq")?;
+    assert_eq!(fence, Some(created_seq.to_string()), "the append is fenced on run.created");
+
+    // The same message again, as a resend after a lost acknowledgement.
+    let again = env.js.publish_with_headers(subject, stored.headers.clone(), stored.payload.clone()).await?;
+    match again.await {
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {}
+        other => panic!("a second copy must be refused by its expected sequence: {other:?}"),
+    }
+    let events = env.events(job.run_id).await?;
+    assert_eq!(types(&events), ["run.created", "run.started"], "stored once");
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_resent_append_that_finds_another_writers_event_is_lost() -> anyhow::Result<()> {
     let env = Env::start(Duration::from_secs(5)).await?;
@@ -127,8 +154,8 @@ async fn a_resent_append_that_finds_another_writers_event_is_lost() -> anyhow::R
     let log =
         EventLog::new(&writer(&env, &WorkerId::generate()), &job, 1, &LastEvent::created(&job, created_seq));
 
-    // A newer attempt on another worker already wrote seq 2, with the msg
-    // id our append will carry.
+    // A newer attempt on another worker already wrote seq 2, the seq our
+    // append will carry.
     let other = WorkerId::generate();
     let theirs = Event {
         run_id: job.run_id,

@@ -4,9 +4,10 @@
 //! `run.created` event (seq 1, published with expected last subject sequence
 //! 0, so a run's log can only start once) and its job. With an idempotency
 //! key, a KV `create` decides which request creates the run; a retry with
-//! the same key and the same request re-publishes the same event and job
-//! (same content, same message ids), which repairs a submitter that crashed
-//! half-way and is otherwise a no-op.
+//! the same key and the same request publishes the same event again (which
+//! the expected sequence refuses once the log exists) and the same job
+//! (same msg id, a duplicate within the window), which repairs a submitter
+//! that crashed half-way and is otherwise a no-op.
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv;
@@ -18,12 +19,11 @@ use runfleet_protocol::api::{SubmitRequest, SubmitResponse, ValidSubmit};
 use runfleet_protocol::event::{Event, EventBody, RunCreated};
 use runfleet_protocol::idempotency::{self, IdempotencyRecord};
 use runfleet_protocol::job::Job;
-use runfleet_protocol::names::HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE;
 use runfleet_protocol::{codec, time, ApiError, ErrorCode, IdempotencyKey, RunId, RunState, TenantId};
 use tracing::{info, instrument, warn};
 
 use super::{unavailable, Api};
-use crate::runs::content_headers;
+use crate::runs::{content_headers, event_headers};
 
 /// How often a submit retries when its idempotency key vanishes between a
 /// failed create and the read (the key expired or was deleted meanwhile).
@@ -220,10 +220,8 @@ impl Api {
                 .map_err(|e| unavailable(format!("could not store the input of run {run_id}"), e))?;
         }
         let event = codec::encode(&created).map_err(|e| internal("run.created event", e))?;
-        let mut headers = content_headers(&names.event_msg_id(run_id, 1));
-        headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
         let subject = names.run_events(&run.tenant, run_id);
-        let created_seq = match self.publish(subject.clone(), headers, event).await {
+        let created_seq = match self.publish(subject.clone(), event_headers(0), event).await {
             Ok(seq) => {
                 if redacted {
                     runfleet_ops::metrics::get().events_redacted.inc();
@@ -233,8 +231,8 @@ impl Api {
             Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
                 // The log exists. If nothing moved the run past `run.created`,
                 // its job may be what a crashed submitter never published:
-                // publish it again. Within the duplicate window the msg id
-                // makes this a no-op; after it, a second job for a queued run
+                // publish it again. Within the duplicate window the job's
+                // msg id makes this a no-op; after it, a second job for a queued run
                 // is harmless (its claimant finds the lease held or the run
                 // terminal and only acks).
                 let started = self.last_event(&subject).await?.is_some_and(|last| last.seq > 1);
@@ -258,7 +256,7 @@ impl Api {
     }
 
     /// Publishes and awaits the acknowledgement; the stored message's stream
-    /// sequence (the original's, for a duplicate).
+    /// sequence (the original's, for a duplicate job).
     async fn publish(
         &self,
         subject: String,

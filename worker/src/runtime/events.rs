@@ -1,9 +1,11 @@
 //! Appending to one run's event log.
 //!
-//! Every append carries `Nats-Msg-Id: <run_id>:<seq>` and
-//! `Nats-Expected-Last-Subject-Sequence` set to the stream sequence of the
-//! run's previous event, so the server refuses the append if anyone else wrote
-//! to the log since this worker read it: at most one worker commits for a run.
+//! Every append carries `Nats-Expected-Last-Subject-Sequence` set to the
+//! stream sequence of the run's previous event, so the server refuses the
+//! append if anyone else wrote to the log since this worker read it: at most
+//! one worker commits for a run. The same check refuses a second copy of an
+//! append (a resend), so appends carry no `Nats-Msg-Id`: it would only cost
+//! the server a de-duplication entry per message for its duplicate window.
 //!
 //! An event may also be *held* ([`EventLog::hold`]): numbered and encoded
 //! but sent only with the log's next event, both in one message (a
@@ -35,7 +37,7 @@ use runfleet_ops::redact::Redactor;
 use runfleet_ops::telemetry;
 use runfleet_protocol::event::{self as log_message, Event, EventBody, RunCreated};
 use runfleet_protocol::job::Job;
-use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, HEADER_MSG_ID};
+use runfleet_protocol::names::{HEADER_CONTENT_TYPE, HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE};
 use runfleet_protocol::{codec, time, Names, RunId, TenantId, WorkerId};
 use sync_wrapper::SyncFuture;
 use tokio_util::sync::CancellationToken;
@@ -339,8 +341,6 @@ struct InFlight {
 struct Outgoing {
     subject: String,
     payload: bytes::Bytes,
-    /// `<run_id>:<seq>` of the message's last event.
-    msg_id: String,
     /// The stream sequence of the run's last stored message.
     expected_last: u64,
 }
@@ -353,7 +353,6 @@ impl Outgoing {
     ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.msg_id.as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, self.expected_last.to_string().as_str());
         js.publish_with_headers(self.subject.clone(), headers, self.payload.clone()).await
     }
@@ -431,10 +430,9 @@ struct Resend {
 }
 
 impl Resend {
-    /// Sends the append again after `delay`. If the server refuses it (as a
-    /// duplicate of its msg id, or for its expected last sequence, which
-    /// nats-server 2.12+ checks first), the first send may have been stored:
-    /// the run's last event says whether it is this attempt's own.
+    /// Sends the append again after `delay`. If the server refuses it for
+    /// its expected last sequence, the first send may have been stored: the
+    /// run's last event says whether it is this attempt's own.
     async fn send(self, delay: std::time::Duration) -> Answer {
         tokio::time::sleep(delay).await;
         let acked = match self.sent.publish(&self.writer.js).await {
@@ -442,8 +440,7 @@ impl Resend {
             Err(e) => Err(e),
         };
         match acked {
-            Ok(ack) if !ack.duplicate => Answer::Ack(Ok(ack)),
-            Ok(_) => Answer::Checked(self.stored_last().await),
+            Ok(ack) => Answer::Ack(Ok(ack)),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 Answer::Checked(self.stored_last().await)
             }
@@ -695,12 +692,7 @@ impl EventLog {
                 .map(bytes::Bytes::from)
                 .map_err(|source| Error::Encode { run_id: self.run_id, source })?,
         };
-        Ok(Outgoing {
-            subject: self.subject.clone(),
-            payload,
-            msg_id: self.writer.names.event_msg_id(self.run_id, last.event.seq),
-            expected_last: self.last_stream_seq,
-        })
+        Ok(Outgoing { subject: self.subject.clone(), payload, expected_last: self.last_stream_seq })
     }
 
     /// Waits for the acknowledgement of the event [`EventLog::begin`] sent,
@@ -715,9 +707,9 @@ impl EventLog {
             match (&mut in_flight.ack).await {
                 // No answer (a server restarting, a connection re-made): the
                 // event may or may not be stored. Send the same append again
-                // (same msg id, same expected last sequence): stored
-                // already, it is refused and the run's
-                // last event shows it ours; else it is stored now. So an
+                // (same expected last sequence): stored already, it is
+                // refused and the run's last event shows it ours; else it is
+                // stored now. So an
                 // event whose step already started work is not lost to a
                 // restart of the server. The resend replaces the wait in the
                 // log, so a dropped `confirm` resumes it.
@@ -743,12 +735,7 @@ impl EventLog {
         let (run_id, seq) = (last.event.run_id, last.event.seq);
         let stored = match answer {
             Answer::Checked(checked) => checked,
-            Answer::Ack(Ok(ack)) if !ack.duplicate => Ok(ack.sequence),
-            // A duplicate means an event with our msg id (`<run_id>:<seq>`)
-            // is already in the stream and we never publish the same seq
-            // twice (resends aside, checked when sent): someone else wrote
-            // this seq.
-            Answer::Ack(Ok(_)) => Err(Error::LeaseLost { run_id, seq }),
+            Answer::Ack(Ok(ack)) => Ok(ack.sequence),
             Answer::Ack(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 Err(Error::LeaseLost { run_id, seq })
             }

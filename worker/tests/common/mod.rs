@@ -211,7 +211,6 @@ impl Env {
     pub async fn append_event(&self, event: &Event, expected_last: u64) -> anyhow::Result<u64> {
         let mut headers = HeaderMap::new();
         headers.insert(HEADER_CONTENT_TYPE, codec::CONTENT_TYPE);
-        headers.insert(HEADER_MSG_ID, self.names.event_msg_id(event.run_id, event.seq).as_str());
         headers.insert(HEADER_EXPECTED_LAST_SUBJECT_SEQUENCE, expected_last.to_string().as_str());
         let ack = self
             .js
