@@ -106,6 +106,13 @@ pub struct CoordinatorConfig {
     /// `60s`, more than `0s`.
     #[serde(with = "humantime_serde")]
     pub recovery_min_age: Duration,
+    /// How long after a run ends the retention sweep leaves its checkpoints
+    /// (and their large outputs), signals, cancel request and real input in
+    /// JetStream; `0s` keeps them for good. The sweep runs every
+    /// `recovery_interval` on the replica that projects
+    /// ([`crate::retention`]). The run's events and registry row stay.
+    #[serde(with = "humantime_serde")]
+    pub ended_run_retention: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -130,6 +137,7 @@ impl Default for CoordinatorConfig {
             max_signal_bytes: limits::DEFAULT_MAX_INPUT_BYTES,
             recovery_interval: Duration::from_secs(30),
             recovery_min_age: Duration::from_secs(60),
+            ended_run_retention: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }
@@ -183,6 +191,9 @@ impl CoordinatorConfig {
         if self.recovery_min_age.is_zero() {
             return Err(invalid("recovery_min_age", "must be longer than 0s"));
         }
+        if !self.ended_run_retention.is_zero() {
+            at_least_a_second("ended_run_retention", self.ended_run_retention)?;
+        }
         if !(1..=5).contains(&self.stream_replicas) {
             return Err(invalid("stream_replicas", format!("{} is outside 1..=5", self.stream_replicas)));
         }
@@ -235,6 +246,10 @@ mod tests {
                 "recovery_min_age",
                 CoordinatorConfig { recovery_min_age: Duration::ZERO, ..Default::default() },
             ),
+            (
+                "ended_run_retention",
+                CoordinatorConfig { ended_run_retention: Duration::from_millis(500), ..Default::default() },
+            ),
         ];
         for (key, config) in cases {
             match config.validate() {
@@ -253,6 +268,12 @@ mod tests {
         assert_eq!(config.recovery_interval, Duration::from_millis(200));
         assert_eq!(config.recovery_min_age, Duration::from_secs(60));
         assert_eq!(config.events_max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(config.ended_run_retention, Duration::from_secs(7 * 24 * 3600));
+        let keep: CoordinatorConfig =
+            serde_json::from_value(serde_json::json!({"ended_run_retention": "0s"}))
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keep.ended_run_retention, Duration::ZERO);
+        assert!(keep.validate().is_ok(), "0s keeps ended runs' leftovers for good");
         assert_eq!(config.worker_ttl, Duration::from_secs(15));
     }
 }

@@ -1,6 +1,6 @@
 //! The runfleet coordinator: the API service, submission and idempotency,
-//! signals and cancellation, the SQL registry, the event projector and the
-//! recovery of runs nothing owns.
+//! signals and cancellation, the SQL registry, the event projector, the
+//! recovery of runs nothing owns and the retention of ended runs.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), runfleet_coordinator::Error> {
@@ -14,10 +14,11 @@
 //! [`Coordinator::start`] connects to NATS, creates or updates the JetStream
 //! topology ([`setup`]), connects to the registry and migrates it
 //! ([`registry`]); [`Coordinator::run`] serves the API ([`api`]), projects
-//! events ([`projector`]) and recovers runs nothing owns ([`recovery`]) until
-//! cancelled. Any number of replicas may run against the same NATS account
-//! and database. [`runs`] reads and writes one run's JetStream state for the
-//! API and the recovery loop.
+//! events ([`projector`]), recovers runs nothing owns ([`recovery`]) and
+//! removes what ended runs left in JetStream ([`retention`]) until cancelled.
+//! Any number of replicas may run against the same NATS account and
+//! database. [`runs`] reads and writes one run's JetStream state for the API
+//! and the recovery loop.
 //!
 //! Architecture invariant: this is the only crate that talks SQL.
 
@@ -26,6 +27,7 @@ pub mod config;
 pub mod projector;
 pub mod recovery;
 pub mod registry;
+pub mod retention;
 pub mod runs;
 pub mod setup;
 
@@ -46,6 +48,7 @@ use crate::api::{Api, ApiLimits, Listening};
 use crate::projector::Projector;
 use crate::recovery::{Recovery, RecoveryConfig};
 use crate::registry::Registry;
+use crate::retention::{Retention, RetentionConfig};
 use crate::runs::Runs;
 
 /// The coordinator could not start, or a component failed while running.
@@ -67,6 +70,8 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error(transparent)]
     Recovery(#[from] recovery::Error),
+    #[error(transparent)]
+    Retention(#[from] retention::Error),
     /// A component's task panicked: a bug.
     #[error("coordinator {component} task failed: {reason}")]
     Task { component: &'static str, reason: String },
@@ -84,6 +89,7 @@ pub struct Coordinator {
     listening: Listening,
     projector: Projector,
     recovery: Recovery,
+    retention: Retention,
 }
 
 impl Coordinator {
@@ -123,10 +129,19 @@ impl Coordinator {
             registry.clone(),
             RecoveryConfig { interval: config.recovery_interval, min_age: config.recovery_min_age },
         );
+        let retention = Retention::open(
+            &js,
+            names.clone(),
+            &topology,
+            registry.clone(),
+            projector.owner().to_owned(),
+            RetentionConfig { retention: config.ended_run_retention, interval: config.recovery_interval },
+        )
+        .await?;
         let api = Api::new(client.clone(), names.clone(), &topology, registry.clone(), limits, redactor);
         let listening = api.listen().await?;
         info!(prefix = %config.prefix, "coordinator started");
-        Ok(Self { client, names, topology, registry, api, listening, projector, recovery })
+        Ok(Self { client, names, topology, registry, api, listening, projector, recovery, retention })
     }
 
     /// What `/readyz` and `/metrics` ask this coordinator: ready when
@@ -159,28 +174,31 @@ impl Coordinator {
         self.projector.owner()
     }
 
-    /// Serves the API, runs the projector and the recovery loop until
-    /// `shutdown` is cancelled, then stops in order: the API stops taking
-    /// requests and answers those in flight, the projector finishes its
-    /// batch, the recovery loop finishes the run it is examining, the NATS
-    /// connection is flushed and the registry closed. If one component
+    /// Serves the API, runs the projector, the recovery loop and the
+    /// retention sweep until `shutdown` is cancelled, then stops in order:
+    /// the API stops taking requests and answers those in flight, the
+    /// projector finishes its batch, the recovery loop finishes the run it
+    /// is examining, the sweep the page it is purging, the NATS connection
+    /// is flushed and the registry closed. If one component
     /// fails, the others are stopped too and the failure returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let stop = shutdown.child_token();
         let api = tokio::spawn(self.api.run(self.listening, stop.clone()));
         let projector = self.projector.spawn_thread(stop.clone());
         let recovery = tokio::spawn(self.recovery.run(stop.clone()));
-        let (api, projector, recovery) = tokio::join!(
+        let retention = tokio::spawn(self.retention.run(stop.clone()));
+        let (api, projector, recovery, retention) = tokio::join!(
             supervise("api", api, &shutdown, &stop),
             supervise("projector", projector, &shutdown, &stop),
             supervise("recovery", recovery, &shutdown, &stop),
+            supervise("retention", retention, &shutdown, &stop),
         );
         if let Err(error) = self.client.flush().await {
             warn!(error = %error, "could not flush the nats connection");
         }
         self.registry.close().await;
         info!("coordinator stopped");
-        api.and(projector).and(recovery)
+        api.and(projector).and(recovery).and(retention)
     }
 }
 

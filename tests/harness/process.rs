@@ -215,6 +215,21 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("connect: {e}"))
     }
 
+    /// Submits a run of `agent` with `input` to the default queue of the
+    /// `default` tenant, with every other field left to the coordinator.
+    pub async fn submit(&self, agent: &str, input: serde_json::Value) -> runfleet_protocol::RunId {
+        let request = runfleet_protocol::api::SubmitRequest {
+            agent: agent.to_owned(),
+            input,
+            queue: None,
+            priority: None,
+            idempotency_key: None,
+            max_attempts: None,
+        };
+        let client = self.client("default").await;
+        client.submit(request).await.unwrap_or_else(|e| panic!("submit {agent}: {e}")).run_id
+    }
+
     /// Waits (up to 60 s) until the coordinator answers and all workers are registered.
     pub async fn wait_ready(&self) {
         let client = self.client("default").await;

@@ -22,10 +22,12 @@
 mod native;
 mod position;
 mod postgres;
+mod retention;
 mod sqlite;
 mod tx;
 
 pub use position::{Lease, Projection, Takeover};
+pub use retention::EndedRun;
 
 use std::sync::Arc;
 
@@ -463,10 +465,7 @@ impl Registry {
             .map_err(query_error("listing stale runs"))?;
         rows.iter()
             .map(|row| {
-                let run_id: String = row
-                    .try_get("run_id")
-                    .map_err(|e| Error::Corrupt { run_id: "?".to_owned(), reason: e.to_string() })?;
-                let r = RunRow { row, run_id };
+                let r = RunRow::of(row)?;
                 Ok(StaleRun {
                     run_id: r.parsed("run_id")?,
                     tenant: r.parsed("tenant")?,
@@ -853,7 +852,15 @@ struct RunRow<'a> {
     run_id: String,
 }
 
-impl RunRow<'_> {
+impl<'a> RunRow<'a> {
+    /// Starts reading `row`, whose `run_id` names it in errors.
+    fn of(row: &'a AnyRow) -> Result<Self, Error> {
+        let run_id: String = row
+            .try_get("run_id")
+            .map_err(|e| Error::Corrupt { run_id: "?".to_owned(), reason: e.to_string() })?;
+        Ok(Self { row, run_id })
+    }
+
     fn corrupt(&self, column: &str, reason: impl std::fmt::Display) -> Error {
         Error::Corrupt { run_id: self.run_id.clone(), reason: format!("{column}: {reason}") }
     }
@@ -889,10 +896,7 @@ impl RunRow<'_> {
 }
 
 fn run_view(row: &AnyRow) -> Result<RunView, Error> {
-    let run_id: String = row
-        .try_get("run_id")
-        .map_err(|e| Error::Corrupt { run_id: "?".to_owned(), reason: e.to_string() })?;
-    let r = RunRow { row, run_id };
+    let r = RunRow::of(row)?;
     Ok(RunView {
         run_id: r.parsed("run_id")?,
         tenant: r.parsed("tenant")?,
