@@ -438,6 +438,17 @@ fn password_user(user: &str, password: &str) -> NatsConfig {
     NatsConfig { user: Some(user.into()), password: Some(password.into()), ..Default::default() }
 }
 
+/// The subjects `stream` holds messages on under `filter`.
+async fn stored_subjects(js: &async_nats::jetstream::Context, stream: &str, filter: &str) -> Vec<String> {
+    let stream = js.get_stream(stream).await.unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+    let mut info = stream.info_with_subjects(filter).await.unwrap_or_else(|e| panic!("subjects: {e}"));
+    let mut subjects = Vec::new();
+    while let Some(item) = info.next().await {
+        subjects.push(item.unwrap_or_else(|e| panic!("subjects: {e}")).0);
+    }
+    subjects
+}
+
 /// A raw connection that reports the server's errors (permission
 /// violations) on a channel.
 async fn observed(
@@ -550,6 +561,7 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
     let recovery_env = [
         ("RUNFLEET_COORDINATOR__RECOVERY_INTERVAL".to_owned(), "1s".to_owned()),
         ("RUNFLEET_COORDINATOR__RECOVERY_MIN_AGE".to_owned(), "1s".to_owned()),
+        ("RUNFLEET_COORDINATOR__ENDED_RUN_RETENTION".to_owned(), "1s".to_owned()),
     ];
     // Their operations endpoints too: readiness and the sampled gauges need
     // JetStream calls the shipped permissions must allow.
@@ -585,7 +597,10 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
     }
     let metrics = harness::http::get(coordinator_ops, "/metrics").map(|(_, body)| body).unwrap_or_default();
     assert!(metrics.contains("runfleet_jobs_pending{"), "jobs pending not sampled:\n{metrics}");
-    run_to_completion(&url, &acme_env, "steps", &json!({"steps": 3, "ms": 10, "output_bytes": 4096})).await;
+    let stepped =
+        run_to_completion(&url, &acme_env, "steps", &json!({"steps": 3, "ms": 10, "output_bytes": 4096}))
+            .await;
+    let stepped = stepped["run_id"].as_str().unwrap_or_else(|| panic!("{stepped}")).to_owned();
     run_to_completion(&url, &acme_env, "timer", &json!({"sleep_ms": 200})).await;
 
     // An approval: the run waits, acme approves, the run completes.
@@ -594,6 +609,31 @@ async fn shipped_tenant_config_isolates_tenants_and_suffices_for_the_fleet() {
     cli_ok(&["approve", &approval_run, "--nats-url", &url], &acme_env).await;
     let types = watch_types(&url, &acme_env, &approval_run).await;
     assert_eq!(types.last().map(String::as_str), Some("run.completed"), "{types:?}");
+
+    // The retention sweep, under the coordinator's shipped permissions: a
+    // second after it ended, the `steps` run's checkpoints and the objects
+    // of its large outputs are gone.
+    let (coordinator_client, _) = observed(&url, &coordinator_nats).await;
+    let js = async_nats::jetstream::new(coordinator_client);
+    harness::stream::eventually(Duration::from_secs(60), "the ended run's leftovers to be purged", || {
+        let (js, run) = (js.clone(), stepped.clone());
+        async move {
+            let checkpoints =
+                stored_subjects(&js, "KV_runfleet-checkpoints", &format!("$KV.runfleet-checkpoints.{run}.>"))
+                    .await;
+            let objects = stored_subjects(&js, "OBJ_runfleet-blobs", "$O.runfleet-blobs.M.>").await;
+            let named = base64::engine::general_purpose::URL_SAFE;
+            let prefix = format!("checkpoints/{run}/");
+            let ours = objects
+                .iter()
+                .filter_map(|subject| subject.rsplit('.').next())
+                .filter_map(|name| named.decode(name).ok())
+                .filter(|name| name.starts_with(prefix.as_bytes()))
+                .count();
+            (checkpoints.is_empty() && ours == 0).then_some(())
+        }
+    })
+    .await;
 
     // A signal wakes a run waiting on it before its deadline (the worker
     // disarms its timer); a waiting run cancelled (the coordinator purges

@@ -9,9 +9,9 @@
 //! registry for runs that ended more than `ended_run_retention` ago and are
 //! not marked purged (a partial index, `runs_ended_unpurged`), and for each:
 //!
-//! 1. deletes the objects of its steps whose output went to the blobs object
-//!    store (the registry's `step.completed` events say which; the step's
-//!    checkpoint names the object), then purges the object's metadata;
+//! 1. purges the objects of its steps whose output went to the blobs object
+//!    store, chunks then metadata (the registry's `step.completed` events
+//!    say which steps; each step's checkpoint names its object);
 //! 2. purges its subjects in the checkpoints, signals, control and inputs
 //!    buckets (a stream purge by subject: no tombstone stays behind);
 //! 3. marks it purged in the registry (`runs.purged_ms`).
@@ -24,7 +24,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::object_store::{self, DeleteErrorKind};
+use async_nats::jetstream::object_store::{self, InfoErrorKind};
 use async_nats::jetstream::{self, kv, stream};
 use base64::Engine as _;
 use futures::StreamExt;
@@ -40,8 +40,8 @@ use crate::setup::Topology;
 
 /// Ended runs read from the registry per query.
 const PAGE: u32 = 200;
-/// Runs purged at once: each is four or five requests to nats-server, which
-/// answers them independently.
+/// Runs purged at once: each is four requests to nats-server (four more per
+/// large output), which it answers independently.
 const CONCURRENCY: usize = 16;
 
 /// The sweep could not start, or one run could not be purged.
@@ -231,10 +231,11 @@ impl Retention {
         Ok(run_id)
     }
 
-    /// Deletes the object holding step `step`'s output, named in its
-    /// checkpoint, and purges the object's metadata (a delete leaves a
-    /// marker). A checkpoint already gone (an earlier, interrupted pass)
-    /// leaves nothing to find.
+    /// Removes the object holding step `step`'s output, named in its
+    /// checkpoint: its chunks, then its metadata, both by purge (no delete
+    /// marker stays, and the coordinator needs no publish permission on the
+    /// object store). A checkpoint or object already gone (an earlier,
+    /// interrupted pass) leaves nothing to find.
     async fn delete_blob(&self, run_id: RunId, step: u32) -> Result<(), Error> {
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::Purge {
             run_id,
@@ -255,17 +256,14 @@ impl Retention {
             }
         };
         let StepOutput::Blob { object, .. } = checkpoint.output else { return Ok(()) };
-        match self.blobs.delete(&object).await {
-            Ok(()) => {}
-            Err(error) if error.kind() == DeleteErrorKind::NotFound => {}
+        let bucket = self.names.blobs_bucket();
+        match self.blobs.info(&object).await {
+            Ok(info) => purge(run_id, &self.blobs_stream, format!("$O.{bucket}.C.{}", info.nuid)).await?,
+            Err(error) if error.kind() == InfoErrorKind::NotFound => {}
             Err(error) => return Err(fail("the output object", &error)),
         }
-        let meta = format!(
-            "$O.{}.M.{}",
-            self.names.blobs_bucket(),
-            base64::engine::general_purpose::URL_SAFE.encode(&object)
-        );
-        purge(run_id, &self.blobs_stream, meta).await
+        let meta = base64::engine::general_purpose::URL_SAFE.encode(&object);
+        purge(run_id, &self.blobs_stream, format!("$O.{bucket}.M.{meta}")).await
     }
 }
 
