@@ -83,13 +83,20 @@ pub struct Retention {
     /// The projection whose holder sweeps, and this replica's projector id.
     projection: String,
     owner: String,
+    /// Boxed: each handle carries its stream's cached info, and the sweep is
+    /// moved into its task (and the coordinator around) by value.
+    stores: Box<Stores>,
+    config: RetentionConfig,
+}
+
+/// What the sweep purges.
+struct Stores {
     checkpoints: kv::Store,
     signals: kv::Store,
     control: kv::Store,
     inputs: kv::Store,
     blobs: object_store::ObjectStore,
     blobs_stream: stream::Stream,
-    config: RetentionConfig,
 }
 
 impl std::fmt::Debug for Retention {
@@ -131,12 +138,14 @@ impl Retention {
             names,
             registry,
             owner,
-            checkpoints,
-            signals: topology.signals.clone(),
-            control: topology.control.clone(),
-            inputs: topology.inputs.clone(),
-            blobs,
-            blobs_stream,
+            stores: Box::new(Stores {
+                checkpoints,
+                signals: topology.signals.clone(),
+                control: topology.control.clone(),
+                inputs: topology.inputs.clone(),
+                blobs,
+                blobs_stream,
+            }),
             config,
         })
     }
@@ -222,11 +231,16 @@ impl Retention {
         }
         let names = &self.names;
         let subject = |bucket: String, rest: String| format!("{KV_SUBJECT_PREFIX}.{bucket}.{rest}");
-        purge(run_id, &self.checkpoints.stream, names.checkpoint_run_filter(run_id)).await?;
-        purge(run_id, &self.signals.stream, subject(names.signals_bucket(), format!("{run_id}.>"))).await?;
-        purge(run_id, &self.control.stream, subject(names.control_bucket(), names.control_key(run_id)))
+        purge(run_id, &self.stores.checkpoints.stream, names.checkpoint_run_filter(run_id)).await?;
+        purge(run_id, &self.stores.signals.stream, subject(names.signals_bucket(), format!("{run_id}.>")))
             .await?;
-        purge(run_id, &self.inputs.stream, subject(names.inputs_bucket(), run_id.to_string())).await?;
+        purge(
+            run_id,
+            &self.stores.control.stream,
+            subject(names.control_bucket(), names.control_key(run_id)),
+        )
+        .await?;
+        purge(run_id, &self.stores.inputs.stream, subject(names.inputs_bucket(), run_id.to_string())).await?;
         debug!(run_id = %run_id, tenant = %run.tenant, ended_ms = run.ended_ms, "ended run purged");
         Ok(run_id)
     }
@@ -243,7 +257,8 @@ impl Retention {
             reason: e.to_string(),
         };
         let key = self.names.checkpoint_key(run_id, step);
-        let Some(bytes) = self.checkpoints.get(&key).await.map_err(|e| fail("the checkpoint", &e))? else {
+        let Some(bytes) = self.stores.checkpoints.get(&key).await.map_err(|e| fail("the checkpoint", &e))?
+        else {
             return Ok(());
         };
         let checkpoint: Checkpoint = match codec::decode(&bytes) {
@@ -257,13 +272,15 @@ impl Retention {
         };
         let StepOutput::Blob { object, .. } = checkpoint.output else { return Ok(()) };
         let bucket = self.names.blobs_bucket();
-        match self.blobs.info(&object).await {
-            Ok(info) => purge(run_id, &self.blobs_stream, format!("$O.{bucket}.C.{}", info.nuid)).await?,
+        match self.stores.blobs.info(&object).await {
+            Ok(info) => {
+                purge(run_id, &self.stores.blobs_stream, format!("$O.{bucket}.C.{}", info.nuid)).await?
+            }
             Err(error) if error.kind() == InfoErrorKind::NotFound => {}
             Err(error) => return Err(fail("the output object", &error)),
         }
         let meta = base64::engine::general_purpose::URL_SAFE.encode(&object);
-        purge(run_id, &self.blobs_stream, format!("$O.{bucket}.M.{meta}")).await
+        purge(run_id, &self.stores.blobs_stream, format!("$O.{bucket}.M.{meta}")).await
     }
 }
 
